@@ -1,0 +1,311 @@
+"""The AdaWarm optimizer class: parameter groups, state, checks; the math is in ``schedule``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from adawarm.functional import adawarm
+from adawarm.schedule import resolve_warmup_steps, step_schedule
+from adawarm.validation import check_group
+
+DEFAULT_WARMUP_STEPS: int | str = 0
+DEFAULT_RECTIFY = True
+
+# Keys torch.optim.AdamW/RAdam keep in their param groups that mean nothing to AdaWarm (AdaWarm's
+# decay is always decoupled; the others pick torch's implementations).
+_FOREIGN_GROUP_KEYS = (
+    "amsgrad",
+    "foreach",
+    "fused",
+    "capturable",
+    "differentiable",
+    "decoupled_weight_decay",
+)
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+
+def state_dtype_for(param: Tensor) -> torch.dtype:
+    """The dtype of ``exp_avg``/``exp_avg_sq``: fp32 for fp16/bf16 parameters (math in fp32),
+    otherwise the parameter's own dtype."""
+    return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+
+
+class AdaWarm(Optimizer):
+    r"""AdamW with variance-aware warmup: RAdam's rectification and a linear learning-rate ramp.
+
+    .. math::
+        \begin{aligned}
+        &\rho_\infty = 2/(1-\beta_2) - 1 \\
+        &\textbf{for}\ t = 1, 2, \ldots \\
+        &\quad g_t = \pm\nabla_\theta f_t(\theta_{t-1}) \quad (- \text{ with maximize}) \\
+        &\quad \gamma_t = \gamma \cdot \min(1, t / W) \quad (W = 0: \gamma_t = \gamma) \\
+        &\quad \theta_t = \theta_{t-1} (1 - \gamma_t \lambda) \\
+        &\quad m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+               v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        &\quad \hat m_t = m_t / (1-\beta_1^t), \quad \hat v_t = v_t / (1-\beta_2^t) \\
+        &\quad \textbf{if not}\ rectify:\ \theta_t = \theta_t - \gamma_t \hat m_t /
+               (\sqrt{\hat v_t} + \epsilon) \\
+        &\quad \textbf{else}: \rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t) \\
+        &\qquad \textbf{if}\ \rho_t > 5:\ r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}
+               {(\rho_\infty-4)(\rho_\infty-2)\rho_t}},\
+               \theta_t = \theta_t - \gamma_t r_t \hat m_t /
+               (\sqrt{\hat v_t} + \epsilon/\sqrt{1-\beta_2^t}) \\
+        &\qquad \textbf{else}:\ \theta_t = \theta_t - \gamma_t \hat m_t
+        \end{aligned}
+
+    With ``rectify=False, warmup_steps=0`` this is ``torch.optim.AdamW``; with ``rectify=True,
+    warmup_steps=0`` it is ``torch.optim.RAdam(decoupled_weight_decay=True)``; with
+    ``rectify=False, warmup_steps=W`` it is AdamW under ``LambdaLR(lambda s: min(1, (s+1)/W))``.
+    The ramp multiplies the group's ``lr``, so any ``torch.optim.lr_scheduler`` composes with it.
+
+    Args:
+        params: parameters or parameter groups; every hyper-parameter below can be set per group.
+        lr: learning rate (a float, or a one-element tensor).
+        betas: coefficients of the running averages of the gradient and of its square.
+        eps: added to the denominator for numerical stability.
+        weight_decay: decoupled weight decay coefficient.
+        warmup_steps: length W of the linear ramp (0: none), or ``"untuned"`` for
+            ``round(2 / (1 - beta2))`` steps (Ma & Yarats, 2019).
+        rectify: RAdam's variance rectification of the adaptive step (Liu et al., 2019).
+        maximize: maximize the objective instead of minimizing it.
+        backend: ``None`` (the fastest backend that serves the tensors), or ``"torch"``. An
+            explicit backend that cannot serve the tensors raises.
+
+    State per parameter: ``step`` (float32 scalar tensor), ``exp_avg``, ``exp_avg_sq`` (fp32 for
+    fp16/bf16 parameters), the names torch.optim.AdamW and RAdam use, so state_dicts interchange.
+    """
+
+    # step() takes grad_scale/found_inf from torch.amp.GradScaler and unscales inside the update.
+    _step_supports_amp_scaling = True
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float | Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        warmup_steps: int | str = DEFAULT_WARMUP_STEPS,
+        rectify: bool = DEFAULT_RECTIFY,
+        maximize: bool = False,
+        backend: str | None = None,
+    ) -> None:
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "weight_decay": weight_decay,
+            "warmup_steps": warmup_steps,
+            "rectify": rectify,
+            "maximize": maximize,
+            "backend": backend,
+        }
+        check_group(defaults)
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        super().add_param_group(param_group)
+        try:
+            check_group(self.param_groups[-1])
+        except (TypeError, ValueError):
+            self.param_groups.pop()
+            raise
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+
+    def _collect(self, group: dict[str, Any]) -> list[Tensor]:
+        """The group's parameters that have gradients, after checking those gradients."""
+        params = []
+        for param in group["params"]:
+            grad = param.grad
+            if grad is None:
+                continue
+            if grad.is_sparse:
+                raise RuntimeError(
+                    "AdaWarm does not support sparse gradients: got a sparse gradient for a "
+                    f"parameter of shape {tuple(param.shape)}; expected a dense gradient"
+                )
+            if grad.shape != param.shape or grad.dtype != param.dtype:
+                raise RuntimeError(
+                    f"Gradient of shape {tuple(grad.shape)} and dtype {grad.dtype} does not "
+                    f"match its parameter of shape {tuple(param.shape)} and dtype {param.dtype}"
+                )
+            if grad.device != param.device:
+                raise RuntimeError(
+                    f"Gradient on {grad.device} for a parameter on {param.device}; expected both "
+                    "on the same device"
+                )
+            params.append(param)
+        return params
+
+    def _state_for(self, param: Tensor) -> dict[str, Tensor]:
+        state = self.state[param]
+        if not state:
+            dtype = state_dtype_for(param)
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            state["exp_avg"] = torch.zeros_like(
+                param, dtype=dtype, memory_format=torch.preserve_format
+            )
+            state["exp_avg_sq"] = torch.zeros_like(
+                param, dtype=dtype, memory_format=torch.preserve_format
+            )
+        return state
+
+    @torch.no_grad()
+    def step(
+        self,
+        closure: Callable[[], float] | None = None,
+        *,
+        grad_scale: Tensor | None = None,
+        found_inf: Tensor | None = None,
+    ) -> float | None:
+        """Perform one optimization step.
+
+        Args:
+            closure: re-evaluates the model and returns the loss.
+            grad_scale: the GradScaler's scale; gradients are divided by it inside the update.
+            found_inf: when non-zero, the step is skipped entirely: no parameter or state changes
+                and the step counters (hence the warmup) do not advance. GradScaler sets both
+                (as attributes, which are read when the arguments are not given).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if grad_scale is None:
+            grad_scale = getattr(self, "grad_scale", None)
+        if found_inf is None:
+            found_inf = getattr(self, "found_inf", None)
+
+        # Check everything before the first tensor changes, so bad input leaves no half-update.
+        work = []
+        for group in self.param_groups:
+            check_group(group)
+            work.append((group, self._collect(group)))
+
+        for group, params in work:
+            if not params:
+                continue
+            states = [self._state_for(param) for param in params]
+            beta1, beta2 = group["betas"]
+            adawarm(
+                params,
+                [param.grad for param in params],
+                [state["exp_avg"] for state in states],
+                [state["exp_avg_sq"] for state in states],
+                [state["step"] for state in states],
+                lr=group["lr"],
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=group["weight_decay"],
+                warmup_steps=group["warmup_steps"],
+                rectify=group["rectify"],
+                maximize=group["maximize"],
+                backend=group["backend"],
+                grad_scale=grad_scale,
+                found_inf=found_inf,
+            )
+        return loss
+
+    def warmup_factor(self) -> list[float]:
+        """The warmup multiplier ``ramp_t * r_t`` that the next :meth:`step` puts on each group's
+        adaptive step (``r_t = 1`` without rectification, 0 on a momentum-only step).
+
+        ``t`` is one more than the largest step count among the group's parameters. Multiply by
+        the group's ``lr`` for the effective rate, e.g. to log it next to ``get_last_lr()``.
+        """
+        factors = []
+        for group in self.param_groups:
+            steps = [
+                int(self.state[p]["step"].item()) for p in group["params"] if "step" in self.state[p]
+            ]
+            beta1, beta2 = group["betas"]
+            schedule = step_schedule(
+                max(steps, default=0) + 1,
+                lr=1.0,
+                beta1=beta1,
+                beta2=beta2,
+                eps=group["eps"],
+                weight_decay=0.0,
+                warmup_steps=resolve_warmup_steps(group["warmup_steps"], beta2),
+                rectify=group["rectify"],
+            )
+            factors.append(schedule.warmup_factor)
+        return factors
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        # torch.optim.RAdam reads a group without this key as coupled (L2) decay; AdaWarm's decay
+        # is always decoupled, so say so for checkpoints loaded into torch's optimizers.
+        for group in state["param_groups"]:
+            group["decoupled_weight_decay"] = True
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state_dict of AdaWarm, or of torch.optim.AdamW / RAdam.
+
+        Hyper-parameters the checkpoint lacks (``warmup_steps``, ``rectify`` from torch's
+        optimizers) keep this optimizer's values; ``backend`` always stays this optimizer's. The
+        whole state_dict is checked (groups, sizes, shapes, hyper-parameters) before anything is
+        loaded.
+        """
+        saved_groups = state_dict["param_groups"]
+        if len(saved_groups) != len(self.param_groups):
+            raise ValueError(
+                f"Loaded state dict has {len(saved_groups)} parameter groups, expected "
+                f"{len(self.param_groups)}"
+            )
+        groups = []
+        for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(
+                    f"Loaded parameter group {index} has {len(saved['params'])} parameters, "
+                    f"expected {len(group['params'])}"
+                )
+            if saved.get("amsgrad", False):
+                raise ValueError(f"Loaded parameter group {index} uses amsgrad=True; AdaWarm has no AMSGrad")
+            if not saved.get("decoupled_weight_decay", True) and saved.get("weight_decay", 0):
+                raise ValueError(
+                    f"Loaded parameter group {index} uses coupled (L2) weight decay "
+                    f"{saved['weight_decay']!r}; AdaWarm's weight decay is decoupled"
+                )
+            merged = {k: v for k, v in saved.items() if k not in _FOREIGN_GROUP_KEYS}
+            for key, value in group.items():
+                if key != "params":
+                    merged.setdefault(key, value)
+            merged["backend"] = group["backend"]
+            check_group(merged)
+            groups.append(merged)
+            for param, param_id in zip(group["params"], saved["params"], strict=True):
+                _check_saved_state(state_dict["state"].get(param_id), param, param_id)
+        super().load_state_dict({**state_dict, "param_groups": groups})
+        for state in self.state.values():
+            for key in ("exp_avg", "exp_avg_sq"):
+                if key in state:
+                    state[key] = state[key].to(state_dtype_for(state[key]))
+
+
+def _check_saved_state(saved: dict[str, Any] | None, param: Tensor, param_id: Any) -> None:
+    if not saved:
+        return
+    for key in ("step", "exp_avg", "exp_avg_sq"):
+        if key not in saved:
+            raise ValueError(f"Loaded state of parameter {param_id} lacks {key!r}")
+    for key in ("exp_avg", "exp_avg_sq"):
+        shape = tuple(saved[key].shape)
+        if shape != tuple(param.shape):
+            raise ValueError(
+                f"Loaded {key} of parameter {param_id} has shape {shape}, expected "
+                f"{tuple(param.shape)} (the parameter's shape)"
+            )

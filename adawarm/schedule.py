@@ -1,0 +1,162 @@
+"""The AdaWarm schedule: every per-step scalar of the update, defined once.
+
+Every backend (the PyTorch implementations and the Triton kernel) takes its scalars from
+:func:`step_schedule`, so the math lives here and nowhere else. All scalars are Python floats
+(IEEE fp64), as in ``torch.optim.AdamW``/``RAdam``: RAdam's ``rho_t`` loses too much precision by
+cancellation in fp32 (``rho_6`` = 6.0005 instead of 5.9942 for beta2 = 0.999).
+
+With ``t = 1, 2, ...`` the step of a parameter, ``W`` the warmup length and ``lr`` the group's rate::
+
+    ramp_t  = min(1, t / W)                       (W = 0: 1)
+    lr_t    = lr * ramp_t
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t   = rho_inf - 2 t beta2^t / (1 - beta2^t)
+    r_t     = sqrt((rho_t - 4)(rho_t - 2) rho_inf / ((rho_inf - 4)(rho_inf - 2) rho_t))
+
+    p <- p (1 - lr_t wd)                                           (decoupled decay, every step)
+    m <- beta1 m + (1 - beta1) g ;  v <- beta2 v + (1 - beta2) g^2
+    rectify=False:            p <- p - lr_t       m_hat / (sqrt(v_hat) + eps)           (AdamW)
+    rectify=True, rho_t > 5:  p <- p - lr_t r_t   m_hat / (sqrt(v_hat) + eps / sqrt(1 - beta2^t))
+    rectify=True, rho_t <= 5: p <- p - lr_t       m_hat                         (momentum step)
+
+with ``m_hat = m / (1 - beta1^t)`` and ``v_hat = v / (1 - beta2^t)``. The rectified line is exactly
+``torch.optim.RAdam``'s update (which adds eps to the raw ``sqrt(v)``).
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+
+UNTUNED = "untuned"
+# torch.optim.RAdam takes the adaptive step only while the variance estimate is tractable.
+RECTIFICATION_THRESHOLD = 5.0
+
+
+def untuned_warmup_steps(beta2: float) -> int:
+    """Ma & Yarats' untuned linear warmup length, ``round(2 / (1 - beta2))`` (2000 for 0.999)."""
+    return round(2.0 / (1.0 - beta2))
+
+
+def resolve_warmup_steps(warmup_steps: int | str, beta2: float) -> int:
+    """The warmup length in steps: an int as given, ``"untuned"`` as :func:`untuned_warmup_steps`."""
+    if warmup_steps == UNTUNED:
+        return untuned_warmup_steps(beta2)
+    return int(warmup_steps)
+
+
+def ramp(step: int, warmup_steps: int) -> float:
+    """The linear ramp ``min(1, t / W)``; 1 when ``W = 0``."""
+    if warmup_steps == 0:
+        return 1.0
+    return min(1.0, step / warmup_steps)
+
+
+def rho_inf(beta2: float) -> float:
+    """The maximum length of RAdam's approximated simple moving average."""
+    return 2.0 / (1.0 - beta2) - 1.0
+
+
+def rho(step: int, beta2: float) -> float:
+    """The length ``rho_t`` of RAdam's approximated simple moving average at step ``t``."""
+    beta2_t = beta2**step
+    return rho_inf(beta2) - 2.0 * step * beta2_t / (1.0 - beta2_t)
+
+
+def can_rectify(beta2: float) -> bool:
+    """Whether rectification ever engages for this beta2 (``rho_inf > 5``, i.e. beta2 > 2/3)."""
+    return beta2 > 0.0 and rho_inf(beta2) > RECTIFICATION_THRESHOLD
+
+
+def rectification(step: int, beta2: float) -> float:
+    """RAdam's variance rectification ``r_t``, or 0.0 on a momentum-only step (``rho_t <= 5``)."""
+    rho_t = rho(step, beta2)
+    if not rho_t > RECTIFICATION_THRESHOLD:
+        return 0.0
+    rho_max = rho_inf(beta2)
+    return math.sqrt(
+        (rho_t - 4.0) * (rho_t - 2.0) * rho_max / ((rho_max - 4.0) * (rho_max - 2.0) * rho_t)
+    )
+
+
+@dataclass(frozen=True)
+class StepSchedule:
+    """The scalars of one AdaWarm step ``t`` of one parameter group.
+
+    ``rectification`` is ``r_t`` with rectification on (0.0 on a momentum-only step) and 1.0 with
+    it off. ``eps`` is the epsilon added to ``sqrt(v_hat)``.
+    """
+
+    step: int
+    ramp: float
+    rectification: float
+    lr: float
+    decay: float
+    bias_correction1: float
+    bias_correction2_sqrt: float
+    eps: float
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether this step divides by ``sqrt(v_hat)``; False on a momentum-only step."""
+        return self.rectification > 0.0
+
+    @property
+    def step_size(self) -> float:
+        """The coefficient of ``m`` (not ``m_hat``): ``lr_t r_t / (1 - beta1^t)``, or
+        ``lr_t / (1 - beta1^t)`` on a momentum-only step."""
+        scale = self.rectification if self.adaptive else 1.0
+        return self.lr * scale / self.bias_correction1
+
+    @property
+    def warmup_factor(self) -> float:
+        """The multiplier warmup puts on the adaptive step: ``ramp_t * r_t`` (0 on a momentum-only
+        step, whose size is ``lr_t m_hat`` instead)."""
+        return self.ramp * self.rectification
+
+
+def step_schedule(
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    warmup_steps: int,
+    rectify: bool,
+) -> StepSchedule:
+    """The scalars of step ``step`` (1-based) for one group's hyper-parameters.
+
+    ``warmup_steps`` must already be resolved to an int (see :func:`resolve_warmup_steps`).
+    """
+    ramp_t = ramp(step, warmup_steps)
+    lr_t = lr * ramp_t
+    bias_correction2 = 1.0 - beta2**step
+    bias_correction2_sqrt = math.sqrt(bias_correction2)
+    if rectify:
+        r_t = rectification(step, beta2)
+        eps_t = eps / bias_correction2_sqrt
+    else:
+        r_t = 1.0
+        eps_t = eps
+    return StepSchedule(
+        step=step,
+        ramp=ramp_t,
+        rectification=r_t,
+        lr=lr_t,
+        decay=1.0 - lr_t * weight_decay,
+        bias_correction1=1.0 - beta1**step,
+        bias_correction2_sqrt=bias_correction2_sqrt,
+        eps=eps_t,
+    )
+
+
+def warmup_factor(step: int, *, beta2: float, warmup_steps: int | str, rectify: bool) -> float:
+    """The warmup multiplier ``ramp_t * r_t`` at step ``t`` for plotting and logging."""
+    if not isinstance(step, numbers.Integral) or step < 1:
+        raise ValueError(f"Invalid step: {step!r}, expected an int >= 1")
+    resolved = resolve_warmup_steps(warmup_steps, beta2)
+    r_t = rectification(step, beta2) if rectify else 1.0
+    return ramp(step, resolved) * r_t

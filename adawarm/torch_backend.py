@@ -1,0 +1,223 @@
+"""The PyTorch backend: the AdaWarm step on any device, in three implementations.
+
+All three apply the same :class:`~adawarm.schedule.StepSchedule` to a *bucket*: tensors that share
+device, parameter dtype, state dtype and step count, so one set of scalars serves them all.
+
+- ``reference``: one tensor at a time with plain tensor ops, the formula as written.
+- ``foreach``: ``torch._foreach_*`` ops over the whole bucket.
+- ``fused``: ``torch._fused_adamw_`` (torch's fused AdamW kernel, which runs at about the memory
+  limit on CPU). It takes lr, eps and weight decay per call and computes the bias corrections
+  from the step tensors, so a rectified step is an AdamW step with ``lr_t r_t`` as the rate,
+  ``eps / sqrt(1 - beta2^t)`` as eps and ``wd / r_t`` as weight decay (so the decay stays
+  ``lr_t wd``). A momentum-only step is not an AdamW step; the fused implementation hands those
+  buckets to ``foreach``.
+
+Parameters in fp16/bf16 with fp32 states are updated in fp32 (upcast, step, cast back on store).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from adawarm.schedule import StepSchedule, step_schedule
+
+IMPLEMENTATIONS = ("reference", "foreach", "fused")
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether torch's fused AdamW kernel serves this device with CPU step counters."""
+    # The CUDA fused kernel wants its step counters on the GPU; ours live on the CPU, as in
+    # torch.optim.AdamW without fused/capturable, so state_dicts interchange unchanged.
+    return device.type == "cpu" and hasattr(torch, "_fused_adamw_")
+
+
+def _reference_bucket(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    schedule: StepSchedule,
+    *,
+    beta1: float,
+    beta2: float,
+    maximize: bool,
+) -> None:
+    for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
+        work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
+        grad = grad.to(exp_avg.dtype)
+        if maximize:
+            grad = -grad
+        work.mul_(schedule.decay)
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        if schedule.adaptive:
+            denom = (exp_avg_sq.sqrt() / schedule.bias_correction2_sqrt).add_(schedule.eps)
+            work.addcdiv_(exp_avg, denom, value=-schedule.step_size)
+        else:
+            work.add_(exp_avg, alpha=-schedule.step_size)
+        if work is not param:
+            param.copy_(work)
+
+
+def _foreach_bucket(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    schedule: StepSchedule,
+    *,
+    beta1: float,
+    beta2: float,
+    maximize: bool,
+) -> None:
+    work = _upcast(params, exp_avgs[0].dtype)
+    grads = _upcast(grads, exp_avgs[0].dtype)
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    if schedule.decay != 1.0:
+        torch._foreach_mul_(work, schedule.decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    if schedule.adaptive:
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, schedule.bias_correction2_sqrt)
+        torch._foreach_add_(denom, schedule.eps)
+        torch._foreach_addcdiv_(work, exp_avgs, denom, -schedule.step_size)
+    else:
+        torch._foreach_add_(work, exp_avgs, alpha=-schedule.step_size)
+    if work is not params:
+        torch._foreach_copy_(params, work)
+
+
+def _fused_bucket(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    schedule: StepSchedule,
+    *,
+    beta1: float,
+    beta2: float,
+    maximize: bool,
+    steps: list[Tensor],
+    weight_decay: float,
+) -> None:
+    if not schedule.adaptive or not fused_available(params[0].device):
+        _foreach_bucket(
+            params, grads, exp_avgs, exp_avg_sqs, schedule, beta1=beta1, beta2=beta2,
+            maximize=maximize,
+        )
+        return
+    # The kernel computes p *= 1 - lr * wd; with lr = lr_t r_t, wd / r_t keeps the decay lr_t wd.
+    rate = schedule.lr * schedule.rectification
+    work = _upcast(params, exp_avgs[0].dtype)
+    torch._fused_adamw_(
+        work,
+        _upcast(grads, exp_avgs[0].dtype),
+        exp_avgs,
+        exp_avg_sqs,
+        [],
+        steps,
+        lr=rate,
+        beta1=beta1,
+        beta2=beta2,
+        weight_decay=weight_decay / schedule.rectification,
+        eps=schedule.eps,
+        amsgrad=False,
+        maximize=maximize,
+    )
+    if work is not params:
+        torch._foreach_copy_(params, work)
+
+
+def _upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+    """The tensors themselves when already in ``dtype``, otherwise fp32 working copies."""
+    if tensors[0].dtype == dtype:
+        return tensors
+    return [tensor.to(dtype) for tensor in tensors]
+
+
+def torch_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    warmup_steps: int,
+    rectify: bool,
+    maximize: bool,
+    implementation: str | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+) -> None:
+    """One AdaWarm step over one parameter group's tensors (``warmup_steps`` resolved to an int).
+
+    ``implementation=None`` picks ``fused`` where torch has the kernel for the device and
+    ``foreach`` elsewhere. With ``found_inf`` set (GradScaler), nothing changes, not even the step
+    counters; ``grad_scale`` divides the gradients before use.
+    """
+    if implementation is None:
+        implementation = "fused"
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"Invalid torch implementation: {implementation!r}, expected one of {IMPLEMENTATIONS}"
+        )
+    if found_inf is not None and bool(found_inf.item()):
+        return
+    if not params:
+        return
+    params, grads, exp_avgs, exp_avg_sqs = (
+        [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
+        for tensors in (params, grads, exp_avgs, exp_avg_sqs)
+    )
+    if grad_scale is not None:
+        grads = list(torch._foreach_div(grads, grad_scale.to(grads[0].device)))
+    if isinstance(lr, Tensor):
+        lr = float(lr.item())
+
+    if implementation == "reference":
+        for step in state_steps:
+            step.add_(1)
+    else:
+        torch._foreach_add_(list(state_steps), 1)
+
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for index, (param, exp_avg, step) in enumerate(zip(params, exp_avgs, state_steps, strict=True)):
+        buckets[(param.device, param.dtype, exp_avg.dtype, int(step.item()))].append(index)
+
+    for (_device, _dtype, _state_dtype, step), indices in buckets.items():
+        schedule = step_schedule(
+            step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            rectify=rectify,
+        )
+        bucket = [
+            [tensors[i] for i in indices] for tensors in (params, grads, exp_avgs, exp_avg_sqs)
+        ]
+        options = {"beta1": beta1, "beta2": beta2, "maximize": maximize}
+        if implementation == "fused":
+            options.update(steps=[state_steps[i] for i in indices], weight_decay=weight_decay)
+        _BUCKET_STEPS[implementation](*bucket, schedule, **options)
+
+
+_BUCKET_STEPS: dict[str, Callable[..., None]] = {
+    "reference": _reference_bucket,
+    "foreach": _foreach_bucket,
+    "fused": _fused_bucket,
+}

@@ -1,0 +1,1 @@
+"""Triton kernels of AdaWarm, installed as ``adawarm.kernels``."""
