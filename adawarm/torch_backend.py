@@ -107,12 +107,33 @@ def _fused_bucket(
     steps: list[Tensor],
     weight_decay: float,
 ) -> None:
+    foreach_options = {"beta1": beta1, "beta2": beta2, "maximize": maximize}
     if not schedule.adaptive or not fused_available(params[0].device):
-        _foreach_bucket(
-            params, grads, exp_avgs, exp_avg_sqs, schedule, beta1=beta1, beta2=beta2,
-            maximize=maximize,
-        )
+        _foreach_bucket(params, grads, exp_avgs, exp_avg_sqs, schedule, **foreach_options)
         return
+    # The fused kernel walks raw memory as if every tensor were contiguous, which silently
+    # mixes up elements of a strided tensor. Gradients are copied to contiguous memory (one extra
+    # read and write of those gradients only); non-contiguous parameters or states, which only
+    # arise from user-built layouts, take the foreach path instead.
+    strided = [
+        i
+        for i, tensors in enumerate(zip(params, exp_avgs, exp_avg_sqs, strict=True))
+        if not all(t.is_contiguous() for t in tensors)
+    ]
+    if strided:
+        _foreach_bucket(
+            *([tensors[i] for i in strided] for tensors in (params, grads, exp_avgs, exp_avg_sqs)),
+            schedule,
+            **foreach_options,
+        )
+        strided_set = set(strided)
+        dense = [i for i in range(len(params)) if i not in strided_set]
+        if not dense:
+            return
+        params, grads, exp_avgs, exp_avg_sqs, steps = (
+            [tensors[i] for i in dense] for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)
+        )
+    grads = [grad.contiguous() for grad in grads]
     # The kernel computes p *= 1 - lr * wd; with lr = lr_t r_t, wd / r_t keeps the decay lr_t wd.
     rate = schedule.lr * schedule.rectification
     work = _upcast(params, exp_avgs[0].dtype)

@@ -1,0 +1,15 @@
+"""Test set-up: Triton's interpreter when there is no GPU, and hypothesis profiles."""
+
+import os
+
+import torch
+from hypothesis import settings
+
+# The interpreter must be chosen before triton is first imported; with a CUDA device the kernels
+# run for real.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
+settings.register_profile("thorough", deadline=None, max_examples=300)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

@@ -1,0 +1,95 @@
+"""The torch backend's implementations (reference, foreach, fused) agree with each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import ODD_SHAPES, assert_close, gradient_stream, make_params
+from hypothesis import given
+from hypothesis import strategies as st
+
+from adawarm import adawarm
+from adawarm.optimizer import state_dtype_for
+from adawarm.torch_backend import IMPLEMENTATIONS
+
+LOW_PRECISION_TOLERANCE_DTYPE = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
+
+
+def run_functional(implementation, shapes, dtype, steps, seed, options):
+    params = [p.detach() for p in make_params(shapes, dtype, seed)]
+    exp_avgs = [torch.zeros_like(p, dtype=state_dtype_for(p)) for p in params]
+    exp_avg_sqs = [torch.zeros_like(p, dtype=state_dtype_for(p)) for p in params]
+    state_steps = [torch.tensor(0.0) for _ in params]
+    for grads in gradient_stream(shapes, dtype, steps, seed):
+        adawarm(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            state_steps,
+            backend="torch",
+            torch_implementation=implementation,
+            **options,
+        )
+    return params, exp_avgs, exp_avg_sqs, state_steps
+
+
+def assert_implementations_agree(shapes, dtype, steps, options):
+    results = {
+        name: run_functional(name, shapes, dtype, steps, seed=11, options=options)
+        for name in IMPLEMENTATIONS
+    }
+    expected = results["reference"]
+    for name, actual in results.items():
+        for kind, mine, ref in zip(("param", "exp_avg", "exp_avg_sq"), actual[:3], expected[:3]):
+            for index, (a, b) in enumerate(zip(mine, ref, strict=True)):
+                assert_close(a, b, dtype, f"{name} {kind} {index}")
+        assert [float(s) for s in actual[3]] == [float(steps)] * len(shapes)
+
+
+options_strategy = st.fixed_dictionaries(
+    {
+        "lr": st.floats(1e-4, 0.1),
+        "beta1": st.floats(0.0, 0.99),
+        "beta2": st.floats(0.8, 0.9999),
+        "eps": st.floats(1e-10, 1e-3),
+        "weight_decay": st.floats(0.0, 0.5),
+        "warmup_steps": st.one_of(st.integers(0, 20), st.just("untuned")),
+        "rectify": st.booleans(),
+        "maximize": st.booleans(),
+    }
+)
+
+
+@given(
+    options=options_strategy,
+    shapes=st.lists(st.sampled_from(ODD_SHAPES), min_size=1, max_size=5),
+    dtype=st.sampled_from([torch.float32, torch.float64, torch.bfloat16, torch.float16]),
+    steps=st.integers(1, 12),
+)
+def test_implementations_agree(options, shapes, dtype, steps):
+    assert_implementations_agree(shapes, dtype, steps, options)
+
+
+@pytest.mark.parametrize("rectify", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_implementations_agree_on_odd_shapes_past_threshold(rectify, dtype):
+    options = {
+        "lr": 1e-2,
+        "beta1": 0.9,
+        "beta2": 0.999,
+        "eps": 1e-8,
+        "weight_decay": 0.1,
+        "warmup_steps": 5,
+        "rectify": rectify,
+        "maximize": False,
+    }
+    assert_implementations_agree(ODD_SHAPES, dtype, 12, options)
+
+
+def test_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match="'vectorized'"):
+        run_functional("vectorized", [(3,)], torch.float32, 1, 0, {
+            "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
+            "warmup_steps": 0, "rectify": False,
+        })
