@@ -267,6 +267,7 @@ class AdaWarm(Optimizer):
                 f"{len(self.param_groups)}"
             )
         groups = []
+        moments = []
         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
             if len(saved["params"]) != len(group["params"]):
                 raise ValueError(
@@ -288,12 +289,18 @@ class AdaWarm(Optimizer):
             check_group(merged)
             groups.append(merged)
             for param, param_id in zip(group["params"], saved["params"], strict=True):
-                _check_saved_state(state_dict["state"].get(param_id), param, param_id)
+                saved_state = state_dict["state"].get(param_id)
+                _check_saved_state(saved_state, param, param_id)
+                if saved_state:
+                    moments.append((param, saved_state))
         super().load_state_dict({**state_dict, "param_groups": groups})
-        for state in self.state.values():
+        # torch casts every floating-point state to the parameter's dtype, which would round fp32
+        # moments of bf16 parameters; take them from the checkpoint in AdaWarm's state dtype.
+        for param, saved_state in moments:
             for key in ("exp_avg", "exp_avg_sq"):
-                if key in state:
-                    state[key] = state[key].to(state_dtype_for(state[key]))
+                self.state[param][key] = saved_state[key].to(
+                    device=param.device, dtype=state_dtype_for(param), copy=True
+                )
 
 
 def _check_saved_state(saved: dict[str, Any] | None, param: Tensor, param_id: Any) -> None:

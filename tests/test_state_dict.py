@@ -1,0 +1,113 @@
+"""state_dict interchange with torch's optimizers, resuming, and reproducibility."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import (
+    ODD_SHAPES,
+    assert_bit_identical,
+    assert_same_trajectory_state,
+    gradient_stream,
+    make_params,
+    train,
+)
+
+from adawarm import AdaWarm
+
+HP = {"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.1}
+SHAPES = ODD_SHAPES
+STEPS = 14
+
+
+def test_adamw_state_dict_loads_and_training_continues_like_adamw():
+    grads = gradient_stream(SHAPES, torch.float32, STEPS, seed=21)
+    reference = make_params(SHAPES, torch.float32, seed=21)
+    adamw = torch.optim.AdamW(reference, **HP)
+    train(adamw, reference, grads[:5])
+
+    params = [p.detach().clone().requires_grad_() for p in reference]
+    adawarm = AdaWarm(params, **HP, rectify=False, warmup_steps=0)
+    adawarm.load_state_dict(copy.deepcopy(adamw.state_dict()))
+    train(adawarm, params, grads[5:])
+    train(adamw, reference, grads[5:])
+    assert_same_trajectory_state(adawarm, params, adamw, reference, torch.float32)
+    assert adawarm.param_groups[0]["warmup_steps"] == 0
+    assert adawarm.param_groups[0]["rectify"] is False
+
+
+@pytest.mark.parametrize(
+    ("rectify", "make_torch"),
+    [
+        (False, lambda ps: torch.optim.AdamW(ps, **HP)),
+        (True, lambda ps: torch.optim.RAdam(ps, **HP, decoupled_weight_decay=True)),
+        # RAdam constructed with its default (coupled) decay still reads the checkpoint's flag.
+        (True, lambda ps: torch.optim.RAdam(ps, **HP)),
+    ],
+    ids=["adamw", "radam-decoupled", "radam-default"],
+)
+def test_adawarm_state_dict_loads_into_torch(rectify, make_torch):
+    grads = gradient_stream(SHAPES, torch.float32, STEPS, seed=22)
+    params = make_params(SHAPES, torch.float32, seed=22)
+    adawarm = AdaWarm(params, **HP, rectify=rectify, warmup_steps=0)
+    train(adawarm, params, grads[:7])
+
+    theirs = [p.detach().clone().requires_grad_() for p in params]
+    torch_opt = make_torch(theirs)
+    torch_opt.load_state_dict(copy.deepcopy(adawarm.state_dict()))
+    train(adawarm, params, grads[7:])
+    train(torch_opt, theirs, grads[7:])
+    assert_same_trajectory_state(adawarm, params, torch_opt, theirs, torch.float32)
+
+
+@pytest.mark.parametrize("stop_at", [1, 3, 6, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resume_mid_warmup_is_bit_identical(stop_at, dtype):
+    grads = gradient_stream(SHAPES, dtype, STEPS, seed=23)
+    options = {**HP, "rectify": True, "warmup_steps": 10}
+
+    straight = make_params(SHAPES, dtype, seed=23)
+    train(AdaWarm(straight, **options), straight, grads)
+
+    resumed = make_params(SHAPES, dtype, seed=23)
+    first = AdaWarm(resumed, **options)
+    train(first, resumed, grads[:stop_at])
+    saved = copy.deepcopy(first.state_dict())
+    del first
+    second = AdaWarm(resumed, **options)
+    second.load_state_dict(saved)
+    train(second, resumed, grads[stop_at:])
+    assert_bit_identical([p.detach() for p in resumed], [p.detach() for p in straight])
+
+
+def test_state_dict_round_trip_keeps_state_dtypes_for_low_precision_params():
+    params = make_params([(5,)], torch.bfloat16, seed=24)
+    opt = AdaWarm(params, lr=1e-3)
+    params[0].grad = torch.ones(5, dtype=torch.bfloat16)
+    opt.step()
+    assert opt.state[params[0]]["exp_avg"].dtype == torch.float32
+    other = AdaWarm(params, lr=1e-3)
+    other.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert other.state[params[0]]["exp_avg"].dtype == torch.float32
+    assert other.state[params[0]]["exp_avg_sq"].dtype == torch.float32
+
+
+def test_two_runs_with_the_same_seed_are_bit_identical():
+    def run():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(9, 17), torch.nn.Tanh(), torch.nn.Linear(17, 3))
+        opt = AdaWarm(model.parameters(), lr=1e-2, warmup_steps=4, rectify=True)
+        for _ in range(STEPS):
+            loss = model(torch.randn(8, 9)).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()], opt
+
+    first, first_opt = run()
+    second, second_opt = run()
+    assert_bit_identical(first, second)
+    for a, b in zip(first_opt.state.values(), second_opt.state.values(), strict=True):
+        assert_bit_identical([a["exp_avg"], a["exp_avg_sq"], a["step"]], [b["exp_avg"], b["exp_avg_sq"], b["step"]])
