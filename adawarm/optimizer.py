@@ -228,7 +228,9 @@ class AdaWarm(Optimizer):
         factors = []
         for group in self.param_groups:
             steps = [
-                int(self.state[p]["step"].item()) for p in group["params"] if "step" in self.state[p]
+                int(self.state[p]["step"].item())
+                for p in group["params"]
+                if "step" in self.state[p]
             ]
             beta1, beta2 = group["betas"]
             schedule = step_schedule(
@@ -275,7 +277,9 @@ class AdaWarm(Optimizer):
                     f"expected {len(group['params'])}"
                 )
             if saved.get("amsgrad", False):
-                raise ValueError(f"Loaded parameter group {index} uses amsgrad=True; AdaWarm has no AMSGrad")
+                raise ValueError(
+                    f"Loaded parameter group {index} uses amsgrad=True; AdaWarm has no AMSGrad"
+                )
             if not saved.get("decoupled_weight_decay", True) and saved.get("weight_decay", 0):
                 raise ValueError(
                     f"Loaded parameter group {index} uses coupled (L2) weight decay "

@@ -5,7 +5,7 @@ Every backend (the PyTorch implementations and the Triton kernel) takes its scal
 (IEEE fp64), as in ``torch.optim.AdamW``/``RAdam``: RAdam's ``rho_t`` loses too much precision by
 cancellation in fp32 (``rho_6`` = 6.0005 instead of 5.9942 for beta2 = 0.999).
 
-With ``t = 1, 2, ...`` the step of a parameter, ``W`` the warmup length and ``lr`` the group's rate::
+With ``t = 1, 2, ...`` the step of a parameter, ``W`` the warmup length, ``lr`` the group's rate::
 
     ramp_t  = min(1, t / W)                       (W = 0: 1)
     lr_t    = lr * ramp_t
@@ -40,7 +40,7 @@ def untuned_warmup_steps(beta2: float) -> int:
 
 
 def resolve_warmup_steps(warmup_steps: int | str, beta2: float) -> int:
-    """The warmup length in steps: an int as given, ``"untuned"`` as :func:`untuned_warmup_steps`."""
+    """The warmup length: an int as given, ``"untuned"`` as :func:`untuned_warmup_steps`."""
     if warmup_steps == UNTUNED:
         return untuned_warmup_steps(beta2)
     return int(warmup_steps)

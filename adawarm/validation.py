@@ -44,10 +44,14 @@ def check_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid betas: {betas!r}, expected a pair (beta1, beta2)")
     for index, beta in enumerate(betas):
         if not _is_real_number(beta) or not 0.0 <= beta < 1.0:
-            raise ValueError(f"Invalid beta{index + 1}: {beta!r}, expected 0 <= beta{index + 1} < 1")
+            raise ValueError(
+                f"Invalid beta{index + 1}: {beta!r}, expected 0 <= beta{index + 1} < 1"
+            )
     weight_decay = group["weight_decay"]
     if not _is_real_number(weight_decay) or math.isnan(weight_decay) or weight_decay < 0.0:
-        raise ValueError(f"Invalid weight_decay value: {weight_decay!r}, expected 0 <= weight_decay")
+        raise ValueError(
+            f"Invalid weight_decay value: {weight_decay!r}, expected 0 <= weight_decay"
+        )
     check_warmup_steps(group["warmup_steps"])
     rectify = group["rectify"]
     if not isinstance(rectify, bool):

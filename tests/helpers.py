@@ -15,7 +15,16 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.bfloat16: (1.6e-2, 1e-3),
 }
 
-ODD_SHAPES: tuple[tuple[int, ...], ...] = ((0,), (1,), (7,), (1023,), (1025,), (3, 5), (2, 3, 4), (2, 1, 3, 5))
+ODD_SHAPES: tuple[tuple[int, ...], ...] = (
+    (0,),
+    (1,),
+    (7,),
+    (1023,),
+    (1025,),
+    (3, 5),
+    (2, 3, 4),
+    (2, 1, 3, 5),
+)
 
 
 def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str) -> None:
@@ -23,9 +32,7 @@ def assert_close(actual: Tensor, expected: Tensor, dtype: torch.dtype, what: str
     torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}")
 
 
-def make_params(
-    shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, seed: int
-) -> list[Tensor]:
+def make_params(shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, seed: int) -> list[Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return [
         torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype).requires_grad_()
@@ -36,7 +43,7 @@ def make_params(
 def non_contiguous_randn(
     shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator
 ) -> Tensor:
-    """A random tensor of ``shape`` whose memory layout is not contiguous (when it has >1 element)."""
+    """A random tensor of ``shape`` laid out non-contiguously (when it has >1 element)."""
     if len(shape) >= 2:
         data = torch.randn(shape[::-1], generator=generator, dtype=torch.float64).to(dtype)
         return data.permute(*reversed(range(len(shape))))
@@ -81,7 +88,9 @@ def assert_same_trajectory_state(
         assert float(state["step"]) == float(other["step"]), f"step of param {index}"
         assert state["step"].dtype == torch.float32
         for key in ("exp_avg", "exp_avg_sq"):
-            assert_close(state[key].to(other[key].dtype), other[key], dtype, f"{key} of param {index}")
+            assert_close(
+                state[key].to(other[key].dtype), other[key], dtype, f"{key} of param {index}"
+            )
 
 
 def assert_bit_identical(first: Sequence[Tensor], second: Sequence[Tensor]) -> None:

@@ -110,4 +110,6 @@ def test_two_runs_with_the_same_seed_are_bit_identical():
     second, second_opt = run()
     assert_bit_identical(first, second)
     for a, b in zip(first_opt.state.values(), second_opt.state.values(), strict=True):
-        assert_bit_identical([a["exp_avg"], a["exp_avg_sq"], a["step"]], [b["exp_avg"], b["exp_avg_sq"], b["step"]])
+        assert_bit_identical(
+            [a["exp_avg"], a["exp_avg_sq"], a["step"]], [b["exp_avg"], b["exp_avg_sq"], b["step"]]
+        )

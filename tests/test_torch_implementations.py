@@ -12,8 +12,6 @@ from adawarm import adawarm
 from adawarm.optimizer import state_dtype_for
 from adawarm.torch_backend import IMPLEMENTATIONS
 
-LOW_PRECISION_TOLERANCE_DTYPE = {torch.bfloat16: torch.bfloat16, torch.float16: torch.float16}
-
 
 def run_functional(implementation, shapes, dtype, steps, seed, options):
     params = [p.detach() for p in make_params(shapes, dtype, seed)]
@@ -41,7 +39,9 @@ def assert_implementations_agree(shapes, dtype, steps, options):
     }
     expected = results["reference"]
     for name, actual in results.items():
-        for kind, mine, ref in zip(("param", "exp_avg", "exp_avg_sq"), actual[:3], expected[:3]):
+        for kind, mine, ref in zip(
+            ("param", "exp_avg", "exp_avg_sq"), actual[:3], expected[:3], strict=True
+        ):
             for index, (a, b) in enumerate(zip(mine, ref, strict=True)):
                 assert_close(a, b, dtype, f"{name} {kind} {index}")
         assert [float(s) for s in actual[3]] == [float(steps)] * len(shapes)
@@ -89,7 +89,19 @@ def test_implementations_agree_on_odd_shapes_past_threshold(rectify, dtype):
 
 def test_unknown_implementation_is_refused():
     with pytest.raises(ValueError, match="'vectorized'"):
-        run_functional("vectorized", [(3,)], torch.float32, 1, 0, {
-            "lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0,
-            "warmup_steps": 0, "rectify": False,
-        })
+        run_functional(
+            "vectorized",
+            [(3,)],
+            torch.float32,
+            1,
+            0,
+            {
+                "lr": 1e-3,
+                "beta1": 0.9,
+                "beta2": 0.999,
+                "eps": 1e-8,
+                "weight_decay": 0.0,
+                "warmup_steps": 0,
+                "rectify": False,
+            },
+        )
