@@ -35,6 +35,13 @@ def state_dtype_for(param: Tensor) -> torch.dtype:
     return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
 
 
+def _moment_like(param: Tensor) -> Tensor:
+    """A zero moment buffer for ``param``: its shape and strides, in the state dtype."""
+    return torch.zeros_like(
+        param, dtype=state_dtype_for(param), memory_format=torch.preserve_format
+    )
+
+
 class AdaWarm(Optimizer):
     r"""AdamW with variance-aware warmup: RAdam's rectification and a linear learning-rate ramp.
 
@@ -123,9 +130,9 @@ class AdaWarm(Optimizer):
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
 
-    def _collect(self, group: dict[str, Any]) -> list[Tensor]:
-        """The group's parameters that have gradients, after checking those gradients."""
-        params = []
+    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
+        """The group's parameters that have gradients and those gradients, after checking them."""
+        params, grads = [], []
         for param in group["params"]:
             grad = param.grad
             if grad is None:
@@ -135,31 +142,30 @@ class AdaWarm(Optimizer):
                     "AdaWarm does not support sparse gradients: got a sparse gradient for a "
                     f"parameter of shape {tuple(param.shape)}; expected a dense gradient"
                 )
-            if grad.shape != param.shape or grad.dtype != param.dtype:
+            # torch checks shape and device when a gradient is assigned, and dtype unless the
+            # parameter's grad_dtype says otherwise.
+            if grad.dtype is not param.dtype:
                 raise RuntimeError(
-                    f"Gradient of shape {tuple(grad.shape)} and dtype {grad.dtype} does not "
-                    f"match its parameter of shape {tuple(param.shape)} and dtype {param.dtype}"
-                )
-            if grad.device != param.device:
-                raise RuntimeError(
-                    f"Gradient on {grad.device} for a parameter on {param.device}; expected both "
-                    "on the same device"
+                    f"Gradient of dtype {grad.dtype} does not match its parameter of shape "
+                    f"{tuple(param.shape)} and dtype {param.dtype}"
                 )
             params.append(param)
-        return params
+            grads.append(grad)
+        return params, grads
 
-    def _state_for(self, param: Tensor) -> dict[str, Tensor]:
-        state = self.state[param]
-        if not state:
-            dtype = state_dtype_for(param)
-            state["step"] = torch.tensor(0.0, dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(
-                param, dtype=dtype, memory_format=torch.preserve_format
-            )
-            state["exp_avg_sq"] = torch.zeros_like(
-                param, dtype=dtype, memory_format=torch.preserve_format
-            )
-        return state
+    def _states(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """``exp_avg``, ``exp_avg_sq`` and ``step`` of each parameter, created on first use."""
+        exp_avgs, exp_avg_sqs, steps = [], [], []
+        for param in params:
+            state = self.state[param]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                state["exp_avg"] = _moment_like(param)
+                state["exp_avg_sq"] = _moment_like(param)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+        return exp_avgs, exp_avg_sqs, steps
 
     @torch.no_grad()
     def step(
@@ -193,17 +199,14 @@ class AdaWarm(Optimizer):
             check_group(group)
             work.append((group, self._collect(group)))
 
-        for group, params in work:
+        for group, (params, grads) in work:
             if not params:
                 continue
-            states = [self._state_for(param) for param in params]
             beta1, beta2 = group["betas"]
             adawarm(
                 params,
-                [param.grad for param in params],
-                [state["exp_avg"] for state in states],
-                [state["exp_avg_sq"] for state in states],
-                [state["step"] for state in states],
+                grads,
+                *self._states(params),
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -302,9 +305,7 @@ class AdaWarm(Optimizer):
         # moments of bf16 parameters; take them from the checkpoint in AdaWarm's state dtype.
         for param, saved_state in moments:
             for key in ("exp_avg", "exp_avg_sq"):
-                self.state[param][key] = saved_state[key].to(
-                    device=param.device, dtype=state_dtype_for(param), copy=True
-                )
+                self.state[param][key] = _moment_like(param).copy_(saved_state[key])
 
 
 def _check_saved_state(saved: dict[str, Any] | None, param: Tensor, param_id: Any) -> None:

@@ -113,16 +113,13 @@ def _fused_bucket(
         return
     # The fused kernel walks raw memory as if every tensor were contiguous, which silently
     # mixes up elements of a strided tensor. Gradients are copied to contiguous memory (one extra
-    # read and write of those gradients only); non-contiguous parameters or states, which only
-    # arise from user-built layouts, take the foreach path instead.
-    strided = [
-        i
-        for i, tensors in enumerate(zip(params, exp_avgs, exp_avg_sqs, strict=True))
-        if not all(t.is_contiguous() for t in tensors)
-    ]
+    # read and write of those gradients only); non-contiguous parameters, which only arise from
+    # user-built layouts, take the foreach path. The moments always share their parameter's
+    # strides (the optimizer creates and loads them with the parameter's memory format).
+    strided = [i for i, param in enumerate(params) if not param.is_contiguous()]
     if strided:
         _foreach_bucket(
-            *([tensors[i] for i in strided] for tensors in (params, grads, exp_avgs, exp_avg_sqs)),
+            *(_select(tensors, strided) for tensors in (params, grads, exp_avgs, exp_avg_sqs)),
             schedule,
             **foreach_options,
         )
@@ -131,7 +128,7 @@ def _fused_bucket(
         if not dense:
             return
         params, grads, exp_avgs, exp_avg_sqs, steps = (
-            [tensors[i] for i in dense] for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)
+            _select(tensors, dense) for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)
         )
     grads = [grad.contiguous() for grad in grads]
     # The kernel computes p *= 1 - lr * wd; with lr = lr_t r_t, wd / r_t keeps the decay lr_t wd.
@@ -198,47 +195,86 @@ def torch_step(
         return
     if not params:
         return
-    params, grads, exp_avgs, exp_avg_sqs = (
-        [torch.view_as_real(t) if t.is_complex() else t for t in tensors]
-        for tensors in (params, grads, exp_avgs, exp_avg_sqs)
-    )
     if grad_scale is not None:
-        grads = list(torch._foreach_div(grads, grad_scale.to(grads[0].device)))
+        grads = torch._foreach_div(list(grads), grad_scale.to(grads[0].device))
     if isinstance(lr, Tensor):
         lr = float(lr.item())
-
     if implementation == "reference":
         for step in state_steps:
             step.add_(1)
     else:
         torch._foreach_add_(list(state_steps), 1)
 
-    buckets: dict[tuple, list[int]] = defaultdict(list)
-    for index, (param, exp_avg, step) in enumerate(zip(params, exp_avgs, state_steps, strict=True)):
-        buckets[(param.device, param.dtype, exp_avg.dtype, int(step.item()))].append(index)
+    groups = _group_by_device_and_dtype(
+        [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(state_steps)]
+    )
+    options = {"beta1": beta1, "beta2": beta2, "maximize": maximize}
+    for dtype, tensor_lists in groups:
+        group_params, group_grads, group_exp_avgs, group_exp_avg_sqs, group_steps = tensor_lists
+        if dtype.is_complex:
+            # As torch.optim.AdamW/RAdam: a complex number is a pair of independent reals.
+            group_params, group_grads, group_exp_avgs, group_exp_avg_sqs = (
+                [torch.view_as_real(t) for t in tensors]
+                for tensors in (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
+            )
+        for step, indices in _indices_by_step(group_steps):
+            schedule = step_schedule(
+                step,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                weight_decay=weight_decay,
+                warmup_steps=warmup_steps,
+                rectify=rectify,
+            )
+            bucket = [
+                _select(tensors, indices)
+                for tensors in (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
+            ]
+            if implementation == "fused":
+                extra = {"steps": _select(group_steps, indices), "weight_decay": weight_decay}
+                _fused_bucket(*bucket, schedule, **options, **extra)
+            else:
+                _BUCKET_STEPS[implementation](*bucket, schedule, **options)
 
-    for (_device, _dtype, _state_dtype, step), indices in buckets.items():
-        schedule = step_schedule(
-            step,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            warmup_steps=warmup_steps,
-            rectify=rectify,
-        )
-        bucket = [
-            [tensors[i] for i in indices] for tensors in (params, grads, exp_avgs, exp_avg_sqs)
-        ]
-        options = {"beta1": beta1, "beta2": beta2, "maximize": maximize}
-        if implementation == "fused":
-            options.update(steps=[state_steps[i] for i in indices], weight_decay=weight_decay)
-        _BUCKET_STEPS[implementation](*bucket, schedule, **options)
+
+def _group_by_device_and_dtype(
+    tensor_lists: list[list[Tensor]],
+) -> list[tuple[torch.dtype, list[list[Tensor]]]]:
+    """Split parallel tensor lists by the (device, dtype) of the first list's tensors.
+
+    The state dtype follows from the parameter dtype, so each group also shares its state dtype.
+    A plain loop: torch's C++ grouping checks every list and costs ~3 us per tensor.
+    """
+    keys = [(param.device, param.dtype) for param in tensor_lists[0]]
+    if all(key == keys[0] for key in keys):
+        return [(keys[0][1], tensor_lists)]
+    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for index, key in enumerate(keys):
+        by_key[key].append(index)
+    return [
+        (key[1], [_select(tensors, indices) for tensors in tensor_lists])
+        for key, indices in by_key.items()
+    ]
+
+
+def _indices_by_step(steps: list[Tensor]) -> list[tuple[int, list[int] | None]]:
+    """The distinct step counts and which tensors have each (``None``: all of them)."""
+    values = [int(step.item()) for step in steps]
+    if min(values) == max(values):
+        return [(values[0], None)]
+    by_step: dict[int, list[int]] = defaultdict(list)
+    for index, value in enumerate(values):
+        by_step[value].append(index)
+    return list(by_step.items())
+
+
+def _select(tensors: list[Tensor], indices: list[int] | None) -> list[Tensor]:
+    return tensors if indices is None else [tensors[i] for i in indices]
 
 
 _BUCKET_STEPS: dict[str, Callable[..., None]] = {
     "reference": _reference_bucket,
     "foreach": _foreach_bucket,
-    "fused": _fused_bucket,
 }

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import ODD_SHAPES, assert_close, gradient_stream, make_params
+from helpers import (
+    ODD_SHAPES,
+    assert_close,
+    gradient_stream,
+    make_params,
+    non_contiguous_randn,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -13,8 +19,11 @@ from adawarm.optimizer import state_dtype_for
 from adawarm.torch_backend import IMPLEMENTATIONS
 
 
-def run_functional(implementation, shapes, dtype, steps, seed, options):
+def run_functional(implementation, shapes, dtype, steps, seed, options, strided_params=False):
     params = [p.detach() for p in make_params(shapes, dtype, seed)]
+    if strided_params:
+        generator = torch.Generator().manual_seed(seed)
+        params = [non_contiguous_randn(p.shape, dtype, generator) for p in params]
     exp_avgs = [torch.zeros_like(p, dtype=state_dtype_for(p)) for p in params]
     exp_avg_sqs = [torch.zeros_like(p, dtype=state_dtype_for(p)) for p in params]
     state_steps = [torch.tensor(0.0) for _ in params]
@@ -32,9 +41,9 @@ def run_functional(implementation, shapes, dtype, steps, seed, options):
     return params, exp_avgs, exp_avg_sqs, state_steps
 
 
-def assert_implementations_agree(shapes, dtype, steps, options):
+def assert_implementations_agree(shapes, dtype, steps, options, strided_params=False):
     results = {
-        name: run_functional(name, shapes, dtype, steps, seed=11, options=options)
+        name: run_functional(name, shapes, dtype, steps, 11, options, strided_params)
         for name in IMPLEMENTATIONS
     }
     expected = results["reference"]
@@ -71,9 +80,10 @@ def test_implementations_agree(options, shapes, dtype, steps):
     assert_implementations_agree(shapes, dtype, steps, options)
 
 
+@pytest.mark.parametrize("strided_params", [False, True])
 @pytest.mark.parametrize("rectify", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_implementations_agree_on_odd_shapes_past_threshold(rectify, dtype):
+def test_implementations_agree_on_odd_shapes_past_threshold(rectify, dtype, strided_params):
     options = {
         "lr": 1e-2,
         "beta1": 0.9,
@@ -84,7 +94,7 @@ def test_implementations_agree_on_odd_shapes_past_threshold(rectify, dtype):
         "rectify": rectify,
         "maximize": False,
     }
-    assert_implementations_agree(ODD_SHAPES, dtype, 12, options)
+    assert_implementations_agree(ODD_SHAPES, dtype, 12, options, strided_params)
 
 
 def test_unknown_implementation_is_refused():
