@@ -1,0 +1,1 @@
+"""AdaWarm's benchmarks: ``python -m bench`` from the repository root (see ``--help``)."""
