@@ -132,3 +132,17 @@ def test_parameters_without_gradients_are_skipped():
     assert torch.equal(params[1].detach(), frozen)
     assert params[1] not in opt.state or not opt.state[params[1]]
     assert float(opt.state[params[0]]["step"]) == 1.0
+
+
+def test_tensor_lr_gives_the_float_lr_result():
+    shapes = [(7,), (3, 5)]
+    grads = gradient_stream(shapes, torch.float32, STEPS, seed=7)
+    with_float, with_tensor = (
+        make_params(shapes, torch.float32, 7),
+        make_params(shapes, torch.float32, 7),
+    )
+    opt_float = AdaWarm(with_float, lr=1e-2, warmup_steps=4)
+    opt_tensor = AdaWarm(with_tensor, lr=torch.tensor(1e-2), warmup_steps=4)
+    train(opt_float, with_float, grads)
+    train(opt_tensor, with_tensor, grads)
+    assert_same_trajectory_state(opt_tensor, with_tensor, opt_float, with_float, torch.float32)
