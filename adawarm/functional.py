@@ -8,17 +8,27 @@ from torch import Tensor
 
 from adawarm.schedule import resolve_warmup_steps
 from adawarm.torch_backend import torch_step
+from adawarm.triton_backend import triton_step, unservable_reason
 
 
 def select_backend(requested: str | None, params: Sequence[Tensor]) -> str:
     """The backend that serves these tensors: ``requested`` if it can, else a clear error.
 
-    ``None`` picks the fastest backend that can serve the tensors and never fails where
-    ``"torch"`` would work.
+    ``None`` picks the Triton kernel for CUDA tensors it can serve and the torch backend
+    otherwise, so it never fails where ``"torch"`` would work.
     """
-    if requested is None or requested == "torch":
+    if requested == "torch":
         return "torch"
-    raise ValueError(f"Invalid backend: {requested!r}, expected None or 'torch'")
+    if requested is None:
+        if params and all(p.is_cuda for p in params) and unservable_reason(params) is None:
+            return "triton"
+        return "torch"
+    if requested == "triton":
+        reason = unservable_reason(params)
+        if reason is not None:
+            raise RuntimeError(f"backend='triton' cannot serve these tensors: {reason}")
+        return "triton"
+    raise ValueError(f"Invalid backend: {requested!r}, expected None, 'torch' or 'triton'")
 
 
 def adawarm(
@@ -40,6 +50,7 @@ def adawarm(
     torch_implementation: str | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    table_cache: dict | None = None,
 ) -> None:
     """One AdaWarm step over lists of tensors; see :class:`adawarm.AdaWarm` for the algorithm.
 
@@ -47,23 +58,46 @@ def adawarm(
     (``"reference"``, ``"foreach"``, ``"fused"`` or ``None`` for the fastest) picks the torch
     backend's implementation; it exists to test them against each other.
     """
-    chosen = select_backend(backend, params)
-    if chosen == "torch":
-        torch_step(
-            params,
-            grads,
-            exp_avgs,
-            exp_avg_sqs,
-            state_steps,
-            lr=lr,
-            beta1=beta1,
-            beta2=beta2,
-            eps=eps,
-            weight_decay=weight_decay,
-            warmup_steps=resolve_warmup_steps(warmup_steps, beta2),
-            rectify=rectify,
-            maximize=maximize,
-            implementation=torch_implementation,
-            grad_scale=grad_scale,
-            found_inf=found_inf,
-        )
+    run_backend(
+        select_backend(backend, params),
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        warmup_steps=warmup_steps,
+        rectify=rectify,
+        maximize=maximize,
+        torch_implementation=torch_implementation,
+        grad_scale=grad_scale,
+        found_inf=found_inf,
+        table_cache=table_cache,
+    )
+
+
+def run_backend(
+    backend: str,
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    warmup_steps: int | str,
+    beta2: float,
+    torch_implementation: str | None,
+    table_cache: dict | None,
+    **options,
+) -> None:
+    """Run the step on a backend :func:`select_backend` has already approved for these tensors."""
+    tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
+    options.update(beta2=beta2, warmup_steps=resolve_warmup_steps(warmup_steps, beta2))
+    if backend == "triton":
+        triton_step(*tensors, **options, table_cache=table_cache)
+    else:
+        torch_step(*tensors, **options, implementation=torch_implementation)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adawarm.functional import adawarm
+from adawarm.functional import run_backend, select_backend
 from adawarm.schedule import resolve_warmup_steps, step_schedule
 from adawarm.validation import check_group
 
@@ -18,15 +18,11 @@ DEFAULT_RECTIFY = True
 
 # Keys torch.optim.AdamW/RAdam keep in their param groups that mean nothing to AdaWarm (AdaWarm's
 # decay is always decoupled; the others pick torch's implementations).
-_FOREIGN_GROUP_KEYS = (
-    "amsgrad",
-    "foreach",
-    "fused",
-    "capturable",
-    "differentiable",
-    "decoupled_weight_decay",
-)
+_FOREIGN_GROUP_KEYS = ("amsgrad", "foreach", "fused", "differentiable", "decoupled_weight_decay")
+# Execution choices rather than hyper-parameters: a loaded checkpoint does not change them.
+_EXECUTION_KEYS = ("backend", "capturable")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
+_CPU = torch.device("cpu")
 
 
 def state_dtype_for(param: Tensor) -> torch.dtype:
@@ -80,8 +76,12 @@ class AdaWarm(Optimizer):
             ``round(2 / (1 - beta2))`` steps (Ma & Yarats, 2019).
         rectify: RAdam's variance rectification of the adaptive step (Liu et al., 2019).
         maximize: maximize the objective instead of minimizing it.
-        backend: ``None`` (the fastest backend that serves the tensors), or ``"torch"``. An
-            explicit backend that cannot serve the tensors raises.
+        capturable: promise a step with no host synchronisation, which a CUDA graph can capture:
+            the step counters and the schedule stay on the device (lr may be a tensor there).
+            Needs the Triton backend; raises where it cannot serve the tensors.
+        backend: ``None`` (the Triton kernel for CUDA tensors it can serve, otherwise the torch
+            backend), ``"torch"`` or ``"triton"``. An explicit backend that cannot serve the
+            tensors raises.
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg``, ``exp_avg_sq`` (fp32 for
     fp16/bf16 parameters), the names torch.optim.AdamW and RAdam use, so state_dicts interchange.
@@ -101,6 +101,7 @@ class AdaWarm(Optimizer):
         warmup_steps: int | str = DEFAULT_WARMUP_STEPS,
         rectify: bool = DEFAULT_RECTIFY,
         maximize: bool = False,
+        capturable: bool = False,
         backend: str | None = None,
     ) -> None:
         defaults = {
@@ -111,6 +112,7 @@ class AdaWarm(Optimizer):
             "warmup_steps": warmup_steps,
             "rectify": rectify,
             "maximize": maximize,
+            "capturable": capturable,
             "backend": backend,
         }
         check_group(defaults)
@@ -153,15 +155,25 @@ class AdaWarm(Optimizer):
             grads.append(grad)
         return params, grads
 
-    def _states(self, params: list[Tensor]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """``exp_avg``, ``exp_avg_sq`` and ``step`` of each parameter, created on first use."""
+    def _states(
+        self, params: list[Tensor], backend: str
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+        """``exp_avg``, ``exp_avg_sq`` and ``step`` of each parameter, created on first use.
+
+        Step counters live where the backend reads them: on the CPU for the torch backend (as in
+        torch.optim.AdamW), on the parameter's device for the Triton kernel, which advances them.
+        """
+        on_device = backend == "triton"
         exp_avgs, exp_avg_sqs, steps = [], [], []
         for param in params:
             state = self.state[param]
             if not state:
-                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+                device = param.device if on_device else "cpu"
+                state["step"] = torch.zeros((), dtype=torch.float32, device=device)
                 state["exp_avg"] = _moment_like(param)
                 state["exp_avg_sq"] = _moment_like(param)
+            elif state["step"].device != (param.device if on_device else _CPU):
+                state["step"] = state["step"].to(param.device if on_device else _CPU)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
@@ -195,18 +207,19 @@ class AdaWarm(Optimizer):
 
         # Check everything before the first tensor changes, so bad input leaves no half-update.
         work = []
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             check_group(group)
-            work.append((group, self._collect(group)))
+            params, grads = self._collect(group)
+            if params:
+                work.append((index, group, params, grads, self._backend_for(group, params)))
 
-        for group, (params, grads) in work:
-            if not params:
-                continue
+        for index, group, params, grads, backend in work:
             beta1, beta2 = group["betas"]
-            adawarm(
+            run_backend(
+                backend,
                 params,
                 grads,
-                *self._states(params),
+                *self._states(params, backend),
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -215,11 +228,30 @@ class AdaWarm(Optimizer):
                 warmup_steps=group["warmup_steps"],
                 rectify=group["rectify"],
                 maximize=group["maximize"],
-                backend=group["backend"],
+                torch_implementation=None,
                 grad_scale=grad_scale,
                 found_inf=found_inf,
+                table_cache=self._table_caches.setdefault(index, {}),
             )
         return loss
+
+    @property
+    def _table_caches(self) -> dict[int, dict]:
+        """Per parameter group, the Triton backend's cached pointer tables."""
+        if "_triton_tables" not in self.__dict__:
+            self.__dict__["_triton_tables"] = {}
+        return self.__dict__["_triton_tables"]
+
+    @staticmethod
+    def _backend_for(group: dict[str, Any], params: list[Tensor]) -> str:
+        backend = select_backend(group["backend"], params)
+        if group["capturable"] and backend != "triton":
+            raise RuntimeError(
+                f"capturable=True needs the Triton backend, but backend={group['backend']!r} "
+                f"resolved to {backend!r} for these tensors (CUDA tensors of dtype float32, "
+                "bfloat16 or float16 are needed)"
+            )
+        return backend
 
     def warmup_factor(self) -> list[float]:
         """The warmup multiplier ``ramp_t * r_t`` that the next :meth:`step` puts on each group's
@@ -292,7 +324,8 @@ class AdaWarm(Optimizer):
             for key, value in group.items():
                 if key != "params":
                     merged.setdefault(key, value)
-            merged["backend"] = group["backend"]
+            for key in _EXECUTION_KEYS:
+                merged[key] = group[key]
             check_group(merged)
             groups.append(merged)
             for param, param_id in zip(group["params"], saved["params"], strict=True):

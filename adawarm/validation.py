@@ -63,8 +63,9 @@ def check_group(group: dict[str, Any]) -> None:
             f"{rho_inf(beta2) if beta2 < 1 else float('inf'):.4g} <= 5, so rectification never "
             "engages; expected beta2 > 2/3, or rectify=False"
         )
-    if not isinstance(group["maximize"], bool):
-        raise TypeError(f"Invalid maximize: {group['maximize']!r}, expected True or False")
+    for flag in ("maximize", "capturable"):
+        if not isinstance(group[flag], bool):
+            raise TypeError(f"Invalid {flag}: {group[flag]!r}, expected True or False")
     backend = group["backend"]
     if backend not in BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r}, expected one of {BACKENDS}")

@@ -1,0 +1,172 @@
+"""The Triton backend: groups tensors, keeps their pointer tables, launches ``adawarm.kernels``.
+
+One launch per step per group of tensors sharing (device, parameter dtype); the states are fp32.
+The tables of data pointers live on the device and are cached per group: they are rebuilt only
+when a pointer changes (gradients set to None and reallocated, ``load_state_dict``,
+``add_param_group``), so a step with warm tables does no host-to-device copy and no host sync,
+and can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@functools.cache
+def _kernels():
+    """The kernel module, imported on first use (importing triton is slow and optional)."""
+    from adawarm.kernels import adawarm_step
+
+    return adawarm_step
+
+
+@functools.cache
+def triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreter_enabled() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def unservable_reason(params: Sequence[Tensor]) -> str | None:
+    """Why the Triton backend cannot update these parameters, or None when it can."""
+    if not triton_importable():
+        return "triton is not installed"
+    for param in params:
+        device = param.device
+        if device.type == "cpu" and not interpreter_enabled():
+            return (
+                f"a parameter is on {device}; the Triton kernels need CUDA tensors (or CPU "
+                "tensors with TRITON_INTERPRET=1 set before triton is imported)"
+            )
+        if device.type not in ("cuda", "cpu"):
+            return f"a parameter is on {device}; the Triton kernels need CUDA tensors"
+        if param.dtype not in KERNEL_DTYPES:
+            return f"a parameter has dtype {param.dtype}; the Triton kernels take {KERNEL_DTYPES}"
+        if not param.is_contiguous():
+            return (
+                f"a parameter of shape {tuple(param.shape)} is not contiguous; the Triton "
+                "kernels walk contiguous memory"
+            )
+    return None
+
+
+@dataclass
+class PointerTables:
+    """Device tables for one launch group and the host pointers they were built from."""
+
+    signature: tuple[tuple[int, ...], ...]
+    tensors: dict[str, Tensor]
+
+
+def _data_pointers(tensors: Sequence[Tensor]) -> tuple[int, ...]:
+    return tuple(tensor.data_ptr() for tensor in tensors)
+
+
+def _build_tables(
+    lists: dict[str, list[Tensor]], signature: tuple[tuple[int, ...], ...], device: torch.device
+) -> PointerTables:
+    for name, tensors in lists.items():
+        for tensor in tensors:
+            if tensor.device != device:
+                raise RuntimeError(
+                    f"Tensors on two devices in one Triton launch: a {name} tensor is on "
+                    f"{tensor.device}, its parameter on {device}; expected all on {device}"
+                )
+    for name in ("exp_avg", "exp_avg_sq"):
+        for tensor in lists[name]:
+            if tensor.dtype != torch.float32 or not tensor.is_contiguous():
+                raise RuntimeError(
+                    f"The Triton kernel needs contiguous fp32 {name} tensors, got "
+                    f"{tensor.dtype} with strides {tensor.stride()}"
+                )
+    for step in lists["step"]:
+        if step.dtype != torch.float32 or step.numel() != 1:
+            raise RuntimeError(f"The Triton kernel needs fp32 scalar steps, got {step.dtype}")
+    kernels = _kernels()
+    numels = [param.numel() for param in lists["param"]]
+    block_tensors, block_starts = kernels.block_tables(numels, device)
+    pointers = torch.tensor(signature, dtype=torch.int64)
+    tensors = {f"{name}_ptrs": pointers[index].to(device) for index, name in enumerate(lists)}
+    tensors.update(
+        numels=torch.tensor(numels, dtype=torch.int64, device=device),
+        block_tensors=block_tensors,
+        block_starts=block_starts,
+        done_counters=torch.zeros(len(numels), dtype=torch.int32, device=device),
+    )
+    return PointerTables(signature, tensors)
+
+
+def triton_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    warmup_steps: int,
+    rectify: bool,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    table_cache: dict | None = None,
+) -> None:
+    """One AdaWarm step through the Triton kernel (``warmup_steps`` resolved to an int).
+
+    The caller has checked the tensors with :func:`unservable_reason`. ``state_steps`` are fp32
+    scalars on the parameters' device, advanced by the kernel.
+    ``table_cache`` (any dict kept between steps) holds the pointer tables.
+    """
+    if table_cache is None:
+        table_cache = {}
+    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for index, param in enumerate(params):
+        groups[(param.device, param.dtype)].append(index)
+    for (device, dtype), indices in groups.items():
+        lists = {
+            "param": [params[i] for i in indices],
+            # The kernel indexes gradients like their (contiguous) parameters.
+            "grad": [grads[i].contiguous() for i in indices],
+            "exp_avg": [exp_avgs[i] for i in indices],
+            "exp_avg_sq": [exp_avg_sqs[i] for i in indices],
+            "step": [state_steps[i] for i in indices],
+        }
+        signature = tuple(_data_pointers(tensors) for tensors in lists.values())
+        key = (device, dtype)
+        tables = table_cache.get(key)
+        if tables is None or tables.signature != signature:
+            tables = _build_tables(lists, signature, device)
+            table_cache[key] = tables
+        _kernels().launch_adawarm_step(
+            tables.tensors,
+            param_dtype=dtype,
+            lr=lr.to(device) if isinstance(lr, Tensor) else lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            rectify=rectify,
+            maximize=maximize,
+            grad_scale=None if grad_scale is None else grad_scale.to(device),
+            found_inf=None if found_inf is None else found_inf.to(device),
+        )

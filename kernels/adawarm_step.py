@@ -1,0 +1,329 @@
+"""The fused AdaWarm step: one Triton launch updates any number of tensors.
+
+The launcher receives int64 tables of data pointers (params, grads, exp_avg, exp_avg_sq, step
+counters), one entry per tensor, and per-block tables mapping each program to a tensor and an
+element offset. Each program:
+
+1. loads its tensor's step counter ``s`` (fp32, on the device) and computes the whole schedule for
+   ``t = s + 1`` in fp64 -- the same formulas as ``adawarm.schedule``, which the tests check it
+   against. fp64 matters: RAdam's ``rho_t`` loses too much to cancellation in fp32. Powers are
+   taken by repeated squaring (multiplications only), so no libdevice function is needed;
+2. loads a block of param, grad and moments, computes in fp32, and stores in the tensors' dtypes;
+3. counts itself done on a per-tensor counter; the tensor's last program writes ``t`` back to the
+   step counter and resets the counter. Every program has read the step before its atomic
+   (acq_rel) increment, so no program can see the new step; a tensor of zero elements still gets
+   one (fully masked) program, so its step advances too.
+
+With ``found_inf`` non-zero every program returns at once: nothing changes, not even the step.
+Hyper-parameters arrive as fp64 bit patterns in int64 arguments: a Python float argument would
+be rounded to fp32, and ``1 - beta2`` of an fp32 0.999 is 1.3e-5 off.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+# Elements per program. Untuned: to be measured on a GPU (issue 3's benchmark); 1024 fp32 elements
+# per program with 4 warps is the Triton tutorials' choice for memory-bound element-wise kernels.
+BLOCK_SIZE = 1024
+NUM_WARPS = 4
+RECTIFICATION_THRESHOLD = 5.0
+
+TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+
+@triton.jit
+def _power(base, exponent):
+    """``base ** exponent`` for an integer exponent >= 0, by repeated squaring."""
+    result = base * 0.0 + 1.0
+    remaining = exponent
+    while remaining > 0:
+        if remaining % 2 == 1:
+            result = result * base
+        base = base * base
+        remaining = remaining // 2
+    return result
+
+
+@triton.jit
+def _to_param_dtype(value, PARAM_DTYPE: tl.constexpr):
+    """Cast fp32 ``value`` to the parameter dtype, rounding to nearest-even.
+
+    bf16 is rounded explicitly: Triton's interpreter truncates fp32 -> bf16, and explicit
+    rounding makes the interpreter, the GPU and torch's casts agree bit for bit.
+    """
+    if PARAM_DTYPE == tl.bfloat16:
+        bits = value.to(tl.uint32, bitcast=True)
+        bits = (bits + (((bits >> 16) & 1) + 0x7FFF)) & 0xFFFF0000
+        rounded = bits.to(tl.float32, bitcast=True)
+        # NaN payloads can carry into the exponent; keep NaN as NaN.
+        return tl.where(value != value, value, rounded).to(tl.bfloat16)
+    else:
+        return value.to(PARAM_DTYPE)
+
+
+@triton.jit
+def _schedule(step, lr, beta1, beta2, eps, weight_decay, warmup_steps, RECTIFY: tl.constexpr):
+    """The scalars of step ``step`` (fp64): see ``adawarm.schedule.step_schedule``.
+
+    Returns (decay, step_size, bias_correction2_sqrt, eps_t, adaptive).
+    """
+    t = step.to(tl.float64)
+    ramp = tl.minimum(t / tl.maximum(warmup_steps, 1).to(tl.float64), 1.0)
+    ramp = tl.where(warmup_steps == 0, 1.0, ramp)
+    lr_t = lr * ramp
+    beta2_t = _power(beta2, step)
+    bias_correction1 = 1.0 - _power(beta1, step)
+    bias_correction2 = 1.0 - beta2_t
+    bias_correction2_sqrt = tl.sqrt(bias_correction2)
+    if RECTIFY:
+        rho_inf = 2.0 / (1.0 - beta2) - 1.0
+        rho_t = rho_inf - 2.0 * t * beta2_t / bias_correction2
+        adaptive = rho_t > 5.0
+        rho_t_safe = tl.where(adaptive, rho_t, rho_inf)
+        rectification = tl.sqrt(
+            (rho_t_safe - 4.0)
+            * (rho_t_safe - 2.0)
+            * rho_inf
+            / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t_safe)
+        )
+        scale = tl.where(adaptive, rectification, 1.0)
+        eps_t = eps / bias_correction2_sqrt
+    else:
+        adaptive = t > 0.0
+        scale = t * 0.0 + 1.0
+        eps_t = eps * 1.0
+    step_size = lr_t * scale / bias_correction1
+    decay = 1.0 - lr_t * weight_decay
+    return decay, step_size, bias_correction2_sqrt, eps_t, adaptive
+
+
+@triton.jit(
+    do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps_bits", "weight_decay_bits"]
+)
+def _adawarm_step_kernel(
+    param_ptrs,
+    grad_ptrs,
+    exp_avg_ptrs,
+    exp_avg_sq_ptrs,
+    step_ptrs,
+    numels,
+    block_tensors,
+    block_starts,
+    done_counters,
+    lr_bits,
+    lr_ptr,
+    beta1_bits,
+    beta2_bits,
+    eps_bits,
+    weight_decay_bits,
+    warmup_steps,
+    grad_scale_ptr,
+    found_inf_ptr,
+    PARAM_DTYPE: tl.constexpr,
+    RECTIFY: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    LR_FROM_TENSOR: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    HAS_FOUND_INF: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    if HAS_FOUND_INF:
+        if tl.load(found_inf_ptr) != 0:
+            return
+    pid = tl.program_id(0)
+    tensor = tl.load(block_tensors + pid)
+    start = tl.load(block_starts + pid)
+    numel = tl.load(numels + tensor)
+    step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))
+    step = tl.load(step_ptr).to(tl.int64) + 1
+
+    beta1 = beta1_bits.to(tl.float64, bitcast=True)
+    beta2 = beta2_bits.to(tl.float64, bitcast=True)
+    if LR_FROM_TENSOR:
+        rate = tl.load(lr_ptr).to(tl.float64)
+    else:
+        rate = lr_bits.to(tl.float64, bitcast=True)
+    decay, step_size, bias_correction2_sqrt, eps_t, adaptive = _schedule(
+        step,
+        rate,
+        beta1,
+        beta2,
+        eps_bits.to(tl.float64, bitcast=True),
+        weight_decay_bits.to(tl.float64, bitcast=True),
+        warmup_steps,
+        RECTIFY,
+    )
+
+    param_ptr = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
+    grad_ptr = tl.load(grad_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
+    exp_avg_ptr = tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(tl.float32))
+    offsets = start + tl.arange(0, BLOCK)
+    mask = offsets < numel
+
+    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
+    if HAS_GRAD_SCALE:
+        grad = grad / tl.load(grad_scale_ptr)
+    if MAXIMIZE:
+        grad = -grad
+
+    param = param * decay.to(tl.float32)
+    exp_avg = exp_avg + (1.0 - beta1.to(tl.float32)) * (grad - exp_avg)
+    exp_avg_sq = exp_avg_sq * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * grad * grad
+    denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt.to(tl.float32) + eps_t.to(tl.float32)
+    denom = tl.where(adaptive, denom, 1.0)
+    param = param - step_size.to(tl.float32) * exp_avg / denom
+
+    tl.store(param_ptr + offsets, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
+    tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
+
+    blocks_of_tensor = tl.maximum(tl.cdiv(numel, BLOCK), 1)
+    if tl.atomic_add(done_counters + tensor, 1) == blocks_of_tensor - 1:
+        tl.store(step_ptr, step.to(tl.float32))
+        tl.store(done_counters + tensor, 0)
+
+
+@triton.jit
+def _schedule_kernel(
+    steps_ptr,
+    out_ptr,
+    count,
+    lr_bits,
+    beta1_bits,
+    beta2_bits,
+    eps_bits,
+    weight_decay_bits,
+    warmup_steps,
+    RECTIFY: tl.constexpr,
+):
+    """Write the kernel's schedule for each step in ``steps_ptr`` (tests check it against
+    ``adawarm.schedule``): rows of (decay, step_size, bias_correction2_sqrt, eps, adaptive)."""
+    for index in range(count):
+        step = tl.load(steps_ptr + index)
+        decay, step_size, bias_correction2_sqrt, eps_t, adaptive = _schedule(
+            step,
+            lr_bits.to(tl.float64, bitcast=True),
+            beta1_bits.to(tl.float64, bitcast=True),
+            beta2_bits.to(tl.float64, bitcast=True),
+            eps_bits.to(tl.float64, bitcast=True),
+            weight_decay_bits.to(tl.float64, bitcast=True),
+            warmup_steps,
+            RECTIFY,
+        )
+        row = out_ptr + 5 * index
+        tl.store(row + 0, decay)
+        tl.store(row + 1, step_size)
+        tl.store(row + 2, bias_correction2_sqrt)
+        tl.store(row + 3, eps_t)
+        tl.store(row + 4, adaptive.to(tl.float64))
+
+
+def float_bits(value: float) -> int:
+    """The IEEE fp64 bit pattern of ``value`` as a signed int64, for exact fp64 kernel arguments."""
+    return struct.unpack("<q", struct.pack("<d", float(value)))[0]
+
+
+def block_tables(numels: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-program tables: the tensor each program updates and the element offset it starts at.
+
+    A tensor gets ``ceil(numel / BLOCK_SIZE)`` programs, and one when it is empty.
+    """
+    counts = [max(1, triton.cdiv(numel, BLOCK_SIZE)) for numel in numels]
+    tensors = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(counts))
+    first_block = torch.cumsum(torch.tensor([0, *counts[:-1]]), 0)
+    starts = (torch.arange(len(tensors)) - first_block[tensors]) * BLOCK_SIZE
+    return tensors.to(torch.int32).to(device), starts.to(torch.int64).to(device)
+
+
+def launch_adawarm_step(
+    tables: dict[str, torch.Tensor],
+    *,
+    param_dtype: torch.dtype,
+    lr: float | torch.Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    warmup_steps: int,
+    rectify: bool,
+    maximize: bool,
+    grad_scale: torch.Tensor | None = None,
+    found_inf: torch.Tensor | None = None,
+) -> None:
+    """Launch one AdaWarm step over the tensors described by ``tables``.
+
+    ``tables`` holds device tensors: int64 ``param_ptrs``, ``grad_ptrs``, ``exp_avg_ptrs``,
+    ``exp_avg_sq_ptrs``, ``step_ptrs`` and ``numels`` (one entry per tensor), the per-program
+    ``block_tensors``/``block_starts`` from :func:`block_tables`, and int32 ``done_counters``
+    (zeros, one per tensor, kept between launches).
+    """
+    lr_is_tensor = isinstance(lr, torch.Tensor)
+    grid = (tables["block_tensors"].numel(),)
+    _adawarm_step_kernel[grid](
+        tables["param_ptrs"],
+        tables["grad_ptrs"],
+        tables["exp_avg_ptrs"],
+        tables["exp_avg_sq_ptrs"],
+        tables["step_ptrs"],
+        tables["numels"],
+        tables["block_tensors"],
+        tables["block_starts"],
+        tables["done_counters"],
+        0 if lr_is_tensor else float_bits(lr),
+        lr if lr_is_tensor else tables["numels"],
+        float_bits(beta1),
+        float_bits(beta2),
+        float_bits(eps),
+        float_bits(weight_decay),
+        warmup_steps,
+        grad_scale if grad_scale is not None else tables["numels"],
+        found_inf if found_inf is not None else tables["numels"],
+        PARAM_DTYPE=TRITON_DTYPES[param_dtype],
+        RECTIFY=rectify,
+        MAXIMIZE=maximize,
+        LR_FROM_TENSOR=lr_is_tensor,
+        HAS_GRAD_SCALE=grad_scale is not None,
+        HAS_FOUND_INF=found_inf is not None,
+        BLOCK=BLOCK_SIZE,
+        num_warps=NUM_WARPS,
+    )
+
+
+def kernel_schedule(
+    steps: list[int],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    warmup_steps: int,
+    rectify: bool,
+    device: torch.device,
+) -> torch.Tensor:
+    """The kernel's own schedule for ``steps``: an fp64 tensor of rows (decay, step_size,
+    bias_correction2_sqrt, eps, adaptive)."""
+    steps_tensor = torch.tensor(steps, dtype=torch.int64, device=device)
+    out = torch.empty((len(steps), 5), dtype=torch.float64, device=device)
+    _schedule_kernel[(1,)](
+        steps_tensor,
+        out,
+        len(steps),
+        float_bits(lr),
+        float_bits(beta1),
+        float_bits(beta2),
+        float_bits(eps),
+        float_bits(weight_decay),
+        warmup_steps,
+        RECTIFY=rectify,
+    )
+    return out
