@@ -37,6 +37,12 @@ TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.f
 
 
 @triton.jit
+def _from_bits(bits):
+    """The fp64 number whose bit pattern ``bits`` holds; Triton types small ints as int32."""
+    return bits.to(tl.int64).to(tl.float64, bitcast=True)
+
+
+@triton.jit
 def _power(base, exponent):
     """``base ** exponent`` for an integer exponent >= 0, by repeated squaring."""
     result = base * 0.0 + 1.0
@@ -142,19 +148,19 @@ def _adawarm_step_kernel(
     step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))
     step = tl.load(step_ptr).to(tl.int64) + 1
 
-    beta1 = beta1_bits.to(tl.float64, bitcast=True)
-    beta2 = beta2_bits.to(tl.float64, bitcast=True)
+    beta1 = _from_bits(beta1_bits)
+    beta2 = _from_bits(beta2_bits)
     if LR_FROM_TENSOR:
         rate = tl.load(lr_ptr).to(tl.float64)
     else:
-        rate = lr_bits.to(tl.float64, bitcast=True)
+        rate = _from_bits(lr_bits)
     decay, step_size, bias_correction2_sqrt, eps_t, adaptive = _schedule(
         step,
         rate,
         beta1,
         beta2,
-        eps_bits.to(tl.float64, bitcast=True),
-        weight_decay_bits.to(tl.float64, bitcast=True),
+        _from_bits(eps_bits),
+        _from_bits(weight_decay_bits),
         warmup_steps,
         RECTIFY,
     )
@@ -211,11 +217,11 @@ def _schedule_kernel(
         step = tl.load(steps_ptr + index)
         decay, step_size, bias_correction2_sqrt, eps_t, adaptive = _schedule(
             step,
-            lr_bits.to(tl.float64, bitcast=True),
-            beta1_bits.to(tl.float64, bitcast=True),
-            beta2_bits.to(tl.float64, bitcast=True),
-            eps_bits.to(tl.float64, bitcast=True),
-            weight_decay_bits.to(tl.float64, bitcast=True),
+            _from_bits(lr_bits),
+            _from_bits(beta1_bits),
+            _from_bits(beta2_bits),
+            _from_bits(eps_bits),
+            _from_bits(weight_decay_bits),
             warmup_steps,
             RECTIFY,
         )

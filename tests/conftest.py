@@ -3,7 +3,7 @@
 import os
 
 import torch
-from hypothesis import settings
+from hypothesis import Phase, settings
 
 # The interpreter must be chosen before triton is first imported; with a CUDA device the kernels
 # run for real.
@@ -12,4 +12,6 @@ if not torch.cuda.is_available():
 
 settings.register_profile("ci", deadline=None, max_examples=25, derandomize=True)
 settings.register_profile("thorough", deadline=None, max_examples=300)
+# For debugging a failure fast: no shrinking.
+settings.register_profile("dev", deadline=None, max_examples=25, phases=[Phase.generate])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))

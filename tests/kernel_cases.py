@@ -1,0 +1,101 @@
+"""Trajectories through the Triton kernel and the torch backend, shared by CPU and GPU tests."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from adawarm.kernels.adawarm_step import BLOCK_SIZE
+from helpers import assert_close, gradient_stream, make_params
+from hypothesis import strategies as st
+
+from adawarm import AdaWarm, adawarm
+from adawarm.optimizer import state_dtype_for
+
+GRAD_SCALE = 1024.0  # a power of two: scaling and unscaling are exact
+
+small_sizes = st.sampled_from([0, 1, 2, 7, 33])
+block_edge_sizes = st.sampled_from([BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1])
+# 1-40 tensors, at most two at the block edges: the interpreter pays ~10 ms per program.
+shape_lists = st.tuples(
+    st.lists(small_sizes, min_size=1, max_size=38), st.lists(block_edge_sizes, max_size=2)
+).map(lambda parts: [(size,) for size in parts[0] + parts[1]])
+kernel_options = st.fixed_dictionaries(
+    {
+        "lr": st.floats(1e-4, 0.1),
+        "betas": st.tuples(st.floats(0.0, 0.99), st.floats(0.8, 0.9999)),
+        "eps": st.floats(1e-10, 1e-3),
+        "weight_decay": st.floats(0.0, 0.5),
+        "warmup_steps": st.sampled_from([0, 1, 5, "untuned"]),
+        "rectify": st.booleans(),
+        "maximize": st.booleans(),
+    }
+)
+kernel_dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
+
+
+def optimizer_trajectory(backend, shapes, dtype, options, steps, inf_steps, reload_at, device):
+    """Params and state after ``steps`` scaled steps; steps in ``inf_steps`` carry inf gradients
+    and ``found_inf``; the optimizer is rebuilt from its state_dict after step ``reload_at``."""
+    params = [p.detach().to(device).requires_grad_() for p in make_params(shapes, dtype, 41)]
+    optimizer = AdaWarm(params, backend=backend, **options)
+    scale = torch.tensor(GRAD_SCALE, device=device)
+    for index, grads in enumerate(gradient_stream(shapes, dtype, steps, 41)):
+        skipped = index in inf_steps
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = (grad.to(device) * GRAD_SCALE).contiguous()
+            if skipped and param.numel():
+                param.grad.view(-1)[0] = float("inf")
+        optimizer.step(grad_scale=scale, found_inf=torch.tensor(float(skipped), device=device))
+        if index == reload_at:
+            saved = copy.deepcopy(optimizer.state_dict())
+            optimizer = AdaWarm(params, backend=backend, **options)
+            optimizer.load_state_dict(saved)
+    return params, [optimizer.state[p] for p in params]
+
+
+def reference_trajectory(shapes, dtype, options, steps, inf_steps):
+    """The same trajectory through the torch backend's single-tensor reference."""
+    params = [p.detach() for p in make_params(shapes, dtype, 41)]
+    states = [
+        {
+            "step": torch.tensor(0.0),
+            "exp_avg": torch.zeros_like(p, dtype=state_dtype_for(p)),
+            "exp_avg_sq": torch.zeros_like(p, dtype=state_dtype_for(p)),
+        }
+        for p in params
+    ]
+    beta1, beta2 = options["betas"]
+    for index, grads in enumerate(gradient_stream(shapes, dtype, steps, 41)):
+        if index in inf_steps:
+            continue
+        adawarm(
+            params,
+            [grad.contiguous() for grad in grads],
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+            lr=options["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=options["eps"],
+            weight_decay=options["weight_decay"],
+            warmup_steps=options["warmup_steps"],
+            rectify=options["rectify"],
+            maximize=options["maximize"],
+            backend="torch",
+            torch_implementation="reference",
+        )
+    return params, states
+
+
+def assert_same_params_and_state(actual, expected, dtype):
+    for index, (param, state, ref_param, ref_state) in enumerate(
+        zip(actual[0], actual[1], expected[0], expected[1], strict=True)
+    ):
+        assert_close(param.detach().cpu(), ref_param.detach().cpu(), dtype, f"param {index}")
+        assert float(state["step"]) == float(ref_state["step"]), f"step of tensor {index}"
+        assert state["step"].dtype == torch.float32
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert state[key].dtype == torch.float32
+            assert_close(state[key].cpu(), ref_state[key].cpu(), dtype, f"{key} {index}")
