@@ -24,6 +24,8 @@ def check_lr(lr: Any) -> None:
                 f"Invalid lr: a tensor of shape {tuple(lr.shape)} and dtype {lr.dtype}, "
                 "expected a float or a one-element floating-point tensor"
             )
+        if lr.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # reading the value would synchronise, which a CUDA graph capture forbids
         value = float(lr.detach().cpu())
     elif _is_real_number(lr):
         value = float(lr)

@@ -1,0 +1,114 @@
+"""GPU-only checks of the Triton kernel: real concurrency, CUDA graphs, GradScaler with fp16.
+
+The property tests of test_triton_kernel.py also run on the GPU when one is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_close
+
+from adawarm import AdaWarm
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+
+def twin_params(shapes, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(0)
+    base = [torch.randn(s, generator=generator).to(dtype) for s in shapes]
+    return (
+        [b.cuda().requires_grad_() for b in base],
+        [b.cuda().requires_grad_() for b in base],
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_programs_per_tensor_advance_each_step_once(dtype):
+    # Thousands of concurrent programs share each step counter: a race would show up here.
+    shapes = [(1 << 22,), (12_345,), (0,), (1,), (3, 1024, 7)]
+    mine, theirs = twin_params(shapes, dtype)
+    opt_kernel = AdaWarm(mine, backend="triton", warmup_steps=3)
+    opt_torch = AdaWarm(theirs, backend="torch", warmup_steps=3)
+    for _ in range(12):
+        for a, b in zip(mine, theirs, strict=True):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        opt_kernel.step()
+        opt_torch.step()
+    torch.cuda.synchronize()
+    for a, b in zip(mine, theirs, strict=True):
+        assert float(opt_kernel.state[a]["step"]) == 12.0
+        assert_close(a.detach().cpu(), b.detach().cpu(), dtype, "param")
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close(opt_kernel.state[a][key].cpu(), opt_torch.state[b][key].cpu(), dtype, key)
+
+
+def test_captured_step_replays_like_eager_steps():
+    shapes = [(1000,), (33, 17), (1 << 16,)]
+    mine, theirs = twin_params(shapes)
+    lr = torch.tensor(1e-2, device="cuda")
+    captured = AdaWarm(mine, lr=lr, backend="triton", capturable=True, warmup_steps=10)
+    eager = AdaWarm(theirs, lr=1e-2, backend="triton", warmup_steps=10)
+    static_grads = [torch.zeros_like(p) for p in mine]
+    for p, g in zip(mine, static_grads, strict=True):
+        p.grad = g
+
+    def fill_grads(step):
+        generator = torch.Generator(device="cuda").manual_seed(step)
+        for g, q in zip(static_grads, theirs, strict=True):
+            g.copy_(torch.randn(g.shape, device="cuda", generator=generator))
+            q.grad = g.clone()
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for step in range(3):  # warm-up builds the pointer tables outside the capture
+            fill_grads(step)
+            captured.step()
+            eager.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured.step()
+    for step in range(3, 15):
+        fill_grads(step)
+        if step == 9:
+            lr.fill_(5e-3)  # a tensor lr changes without recapture
+            eager.param_groups[0]["lr"] = 5e-3
+        graph.replay()
+        eager.step()
+    torch.cuda.synchronize()
+    for a, b in zip(mine, theirs, strict=True):
+        assert float(captured.state[a]["step"]) == 15.0
+        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_grad_scaler_fp16_training_loop_skips_inf_steps():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10)
+    ).cuda()
+    opt = AdaWarm(model.parameters(), lr=3e-3, warmup_steps=5, backend="triton")
+    scaler = torch.amp.GradScaler("cuda", init_scale=2.0**16)
+    inputs = torch.randn(512, 64, device="cuda")
+    targets = torch.randint(0, 10, (512,), device="cuda")
+    losses, skipped = [], 0
+    for step in range(60):
+        with torch.autocast("cuda", dtype=torch.float16):
+            loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        if step in (10, 30):
+            loss = loss * float("inf")
+            skipped += 1
+        opt.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
+        losses.append(loss.item())
+    for p in model.parameters():
+        assert float(opt.state[p]["step"]) == 60 - skipped
+        assert torch.isfinite(p).all()
+    assert losses[-1] < 0.5 * losses[0]
