@@ -1,15 +1,20 @@
 """Speed of one optimizer step: AdaWarm against torch's AdamW and RAdam, in the same process.
 
-Each case is a list of parameter shapes. A step's time is the median over ``--steps`` timed
-steps after warm-up steps that take every optimizer past RAdam's rectification threshold (t = 6),
-so AdaWarm is measured on its steady-state (rectified) path. Bandwidth is computed from an explicit
-byte count: an Adam step reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg,
-exp_avg_sq (28 B per fp32 parameter).
+Each case is a list of parameter shapes. A step's time is the median over ``--steps`` timed steps
+after warm-up steps that take every optimizer past RAdam's rectification threshold (t = 6), so
+AdaWarm runs its steady-state (rectified) path. Bandwidth comes from an explicit byte count: a step
+reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq, i.e.
+``3 * param_bytes + 4 * state_bytes`` per parameter (28 B for fp32; 22 B for bf16 parameters with
+fp32 states; 14 B with bf16 states).
+
+On CPU it compares the torch backend with 1 and 2 threads; on a GPU it adds the Triton kernel and
+reports, per step, the kernel launches (torch profiler) and the host time (the Python call alone).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import datetime
 import json
 import platform
@@ -30,146 +35,287 @@ WARMUP_STEPS = 8
 class Case:
     name: str
     shapes: tuple[tuple[int, ...], ...]
+    dtype: torch.dtype = torch.float32
 
     @property
     def numel(self) -> int:
         return sum(torch.Size(shape).numel() for shape in self.shapes)
 
 
+def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
+    """The parameter shapes of GPT-2 small (124M parameters, tied embeddings)."""
+    d, vocab, context, layers = 768, 50257, 1024, 12
+    block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,)]
+    block += [(d, 4 * d), (4 * d,), (4 * d, d), (d,)]
+    return ((vocab, d), (context, d), *block * layers, (d,), (d,))
+
+
 CPU_CASES = (
     Case("10M fp32 params in 4 tensors", ((2_500_000,),) * 4),
     Case("2000 tensors of 5000", ((5000,),) * 2000),
 )
+QUICK_CPU_CASES = (Case("2M fp32 params in 4 tensors", ((500_000,),) * 4),)
+GPU_CASES = (
+    Case("(a) one fp32 tensor of 2^28", ((1 << 28,),)),
+    Case("(b) GPT-2 124M fp32", gpt2_small_shapes()),
+    Case("(c) 2000 tensors of 5000", ((5000,),) * 2000),
+    Case("(d) GPT-2 124M bf16 params", gpt2_small_shapes(), torch.bfloat16),
+    Case("(e) 500 tensors of 4096 (host time)", ((4096,),) * 500),
+)
 
-OPTIMIZERS: dict[str, Callable[[list[torch.Tensor]], torch.optim.Optimizer]] = {
-    "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
-    "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
-    "torch RAdam foreach": lambda ps: torch.optim.RAdam(
-        ps, foreach=True, decoupled_weight_decay=True
-    ),
-    "AdaWarm torch backend": lambda ps: AdaWarm(
-        ps, rectify=True, warmup_steps=100, backend="torch"
-    ),
-}
-
-
-def bytes_per_step(numel: int) -> int:
-    """Bytes an fp32 Adam step must move: read p, g, m, v (16 B), write p, m, v (12 B)."""
-    return 28 * numel
+OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
-def time_steps(optimizer: torch.optim.Optimizer, steps: int) -> list[float]:
-    for _ in range(WARMUP_STEPS):
-        optimizer.step()
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        optimizer.step()
-        times.append(time.perf_counter() - start)
-    return times
+def optimizers(device: torch.device) -> dict[str, OptimizerFactory]:
+    def adawarm(backend: str) -> OptimizerFactory:
+        return lambda ps: AdaWarm(ps, rectify=True, warmup_steps=100, backend=backend)
+
+    table: dict[str, OptimizerFactory] = {
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+        "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
+        "torch RAdam foreach": lambda ps: torch.optim.RAdam(
+            ps, foreach=True, decoupled_weight_decay=True
+        ),
+        "AdaWarm torch backend": adawarm("torch"),
+    }
+    if device.type == "cuda":
+        table["AdaWarm triton"] = adawarm("triton")
+    return table
 
 
-def copy_bandwidth(numel: int, repeats: int = 10) -> float:
-    """Measured GB/s of a large tensor copy (read + write), the practical memory limit."""
-    source, target = torch.randn(numel), torch.empty(numel)
+def bytes_per_param(param_dtype: torch.dtype, state_dtype: torch.dtype) -> int:
+    """Bytes a step must move per parameter: read p, g, m, v; write p, m, v."""
+    param_bytes = torch.finfo(param_dtype).bits // 8
+    state_bytes = torch.finfo(state_dtype).bits // 8
+    return 3 * param_bytes + 4 * state_bytes
+
+
+class Timer:
+    """Median wall time of a call: CUDA events on a GPU, perf_counter on a CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+
+    def median_seconds(self, fn: Callable[[], object], repeats: int) -> float:
+        times = []
+        for _ in range(repeats):
+            if self.cuda:
+                start, end = (
+                    torch.cuda.Event(enable_timing=True),
+                    torch.cuda.Event(enable_timing=True),
+                )
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            else:
+                begin = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - begin)
+        return statistics.median(times)
+
+
+def copy_bandwidth(device: torch.device, numel: int, timer: Timer) -> float:
+    """Measured GB/s of a large tensor copy, counted as read + write (8 B per fp32 element)."""
+    source = torch.randn(numel, device=device)
+    target = torch.empty_like(source)
     target.copy_(source)
+    return 8 * numel / timer.median_seconds(lambda: target.copy_(source), 10) / 1e9
+
+
+def host_microseconds(optimizer: torch.optim.Optimizer, repeats: int) -> float:
+    """Median time for ``step()`` to return, the device idle at each call (GPU only)."""
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
-        target.copy_(source)
-        times.append(time.perf_counter() - start)
-    return 8 * numel / statistics.median(times) / 1e9
+        torch.cuda.synchronize()
+        begin = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - begin)
+    torch.cuda.synchronize()
+    return statistics.median(times) * 1e6
+
+
+def launches_per_step(optimizer: torch.optim.Optimizer) -> int:
+    """GPU kernels launched by one ``step()``, counted by the torch profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        optimizer.step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
 @dataclass
 class Row:
     case: str
     optimizer: str
-    threads: int
+    device: str
+    threads: int | None
     params: int
+    bytes_per_param: int
     median_ms: float
     gb_per_s: float
     percent_of_copy: float
-    device: str
+    launches_per_step: int | None
+    host_us: float | None
     torch_version: str
+    triton_version: str | None
     date: str
 
 
-def run(cases, optimizer_names, threads_list, steps, progress=None) -> list[Row]:
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def triton_version() -> str | None:
+    try:
+        import triton
+    except ImportError:
+        return None
+    return triton.__version__
+
+
+def measure(case: Case, name: str, factory: OptimizerFactory, device, timer, steps, copy_gbs):
+    generator = torch.Generator().manual_seed(0)
+    params = []
+    for shape in case.shapes:
+        param = torch.randn(shape, generator=generator).to(device, case.dtype).requires_grad_()
+        param.grad = torch.randn(shape, generator=generator).to(device, case.dtype)
+        params.append(param)
+    optimizer = factory(params)
+    for _ in range(WARMUP_STEPS):
+        optimizer.step()
+    seconds = timer.median_seconds(optimizer.step, steps)
+    state_dtype = optimizer.state[params[0]]["exp_avg"].dtype
+    per_param = bytes_per_param(case.dtype, state_dtype)
+    gbs = per_param * case.numel / seconds / 1e9
+    on_gpu = device.type == "cuda"
+    return Row(
+        case=case.name,
+        optimizer=name,
+        device=device_name(device),
+        threads=None if on_gpu else torch.get_num_threads(),
+        params=case.numel,
+        bytes_per_param=per_param,
+        median_ms=seconds * 1e3,
+        gb_per_s=gbs,
+        percent_of_copy=100 * gbs / copy_gbs,
+        launches_per_step=launches_per_step(optimizer) if on_gpu else None,
+        host_us=host_microseconds(optimizer, steps) if on_gpu else None,
+        torch_version=torch.__version__,
+        triton_version=triton_version(),
+        date=datetime.date.today().isoformat(),
+    )
+
+
+def run(device, cases, threads_list, steps, progress=None) -> list[Row]:
     rows = []
-    device = platform.processor() or platform.machine()
-    today = datetime.date.today().isoformat()
+    timer = Timer(device)
+    table = optimizers(device)
     for threads in threads_list:
-        torch.set_num_threads(threads)
-        copy_gbs = copy_bandwidth(max(case.numel for case in cases))
+        if device.type == "cpu":
+            torch.set_num_threads(threads)
+        copy_gbs = copy_bandwidth(device, max(case.numel for case in cases), timer)
         for case in cases:
-            generator = torch.Generator().manual_seed(0)
-            params = [torch.randn(s, generator=generator).requires_grad_() for s in case.shapes]
-            for param in params:
-                param.grad = torch.randn(param.shape, generator=generator)
-            for name in optimizer_names:
-                snapshot = [p.detach().clone() for p in params]
-                median = statistics.median(time_steps(OPTIMIZERS[name](params), steps))
-                with torch.no_grad():
-                    for param, saved in zip(params, snapshot, strict=True):
-                        param.copy_(saved)
-                gbs = bytes_per_step(case.numel) / median / 1e9
-                rows.append(
-                    Row(
-                        case.name,
-                        name,
-                        threads,
-                        case.numel,
-                        median * 1e3,
-                        gbs,
-                        100 * gbs / copy_gbs,
-                        device,
-                        torch.__version__,
-                        today,
-                    )
-                )
+            for name, factory in table.items():
+                rows.append(measure(case, name, factory, device, timer, steps, copy_gbs))
+                if device.type == "cuda":
+                    torch.cuda.empty_cache()
                 if progress is not None:
                     progress.update(1)
     return rows
 
 
-def print_table(rows: list[Row]) -> None:
-    header = (
-        f"{'case':32} {'optimizer':24} {'thr':>3} {'ms':>9} {'GB/s':>7} {'%copy':>6} "
-        f"{'vs fused':>8}"
-    )
-    print(header)
-    print("-" * len(header))
+def format_table(rows: list[Row]) -> str:
     fused = {(r.case, r.threads): r.median_ms for r in rows if r.optimizer == "torch AdamW fused"}
+    lines = [
+        f"{'case':36} {'optimizer':22} {'thr':>3} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
+        f"{'vs fused':>8} {'launch':>6} {'host us':>8}"
+    ]
+    lines.append("-" * len(lines[0]))
     for r in rows:
-        ratio = (
-            r.median_ms / fused[(r.case, r.threads)]
-            if (r.case, r.threads) in fused
-            else float("nan")
+        ratio = r.median_ms / fused.get((r.case, r.threads), float("nan"))
+        threads = "-" if r.threads is None else str(r.threads)
+        launches = "-" if r.launches_per_step is None else str(r.launches_per_step)
+        host = "-" if r.host_us is None else f"{r.host_us:.0f}"
+        lines.append(
+            f"{r.case:36} {r.optimizer:22} {threads:>3} {r.median_ms:9.3f} {r.gb_per_s:8.1f} "
+            f"{r.percent_of_copy:6.1f} {ratio:7.2f}x {launches:>6} {host:>8}"
         )
-        print(
-            f"{r.case:32} {r.optimizer:24} {r.threads:>3} {r.median_ms:9.2f} {r.gb_per_s:7.2f} "
-            f"{r.percent_of_copy:6.1f} {ratio:8.2f}x"
-        )
+    return "\n".join(lines)
 
 
-def write_results(rows: list[Row], out: Path) -> Path:
+def write_results(rows: list[Row], out: Path, stem: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "speed-cpu.json"
-    path.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    json_path, csv_path = out / f"{stem}.json", out / f"{stem}.csv"
+    json_path.write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    with csv_path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(asdict(rows[0])))
+        writer.writeheader()
+        writer.writerows(asdict(r) for r in rows)
+    return [json_path, csv_path, plot(rows, out / f"{stem}.png")]
+
+
+def plot(rows: list[Row], path: Path) -> Path:
+    """A bar chart of step time relative to torch's fused AdamW, one group of bars per case."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = list(dict.fromkeys((r.case, r.threads) for r in rows))
+    names = list(dict.fromkeys(r.optimizer for r in rows))
+    fused = {(r.case, r.threads): r.median_ms for r in rows if r.optimizer == "torch AdamW fused"}
+    fig, ax = plt.subplots(figsize=(max(6, 2.2 * len(groups)), 4))
+    width = 0.8 / len(names)
+    for index, name in enumerate(names):
+        values = [
+            next((r.median_ms for r in rows if (r.case, r.threads) == g and r.optimizer == name), 0)
+            / fused[g]
+            for g in groups
+        ]
+        ax.bar([i + index * width for i in range(len(groups))], values, width, label=name)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    labels = [
+        case if threads is None else f"{case}\n{threads} thread(s)" for case, threads in groups
+    ]
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_ylabel("step time / torch AdamW fused (lower is better)")
+    ax.set_title(f"Optimizer step time on {rows[0].device.split(',')[0]}")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(prog="python -m bench speed", description=__doc__)
-    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--steps", type=int, default=30, help="timed steps per measurement")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU only")
+    parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
+    parser.add_argument("--quick", action="store_true", help="one small case, 1 thread, 10 steps")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
-    total = len(args.threads) * len(CPU_CASES) * len(OPTIMIZERS)
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        cases, threads = GPU_CASES, [None]
+    elif args.quick:
+        cases, threads = QUICK_CPU_CASES, [1]
+    else:
+        cases, threads = CPU_CASES, args.threads
+    steps = 10 if args.quick else args.steps
+    total = len(threads) * len(cases) * len(optimizers(device))
     with tqdm(total=total, desc="speed", unit="run") as progress:
-        rows = run(CPU_CASES, list(OPTIMIZERS), args.threads, args.steps, progress)
-    print_table(rows)
-    print(f"results: {write_results(rows, args.out)}")
+        rows = run(device, cases, threads, steps, progress)
+    print(format_table(rows))
+    stem = f"speed-{device.type}" + ("-quick" if args.quick else "")
+    for path in write_results(rows, args.out, stem):
+        print(f"wrote {path}")
+    return rows
