@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bench import speed
+from bench import quality, speed
 
-SUBCOMMANDS = {"speed": speed.main}
+SUBCOMMANDS = {"speed": speed.main, "quality": quality.main}
 
 
 def main() -> None:

@@ -1,0 +1,111 @@
+"""A small byte-level post-LN transformer language model and its training data.
+
+Post-LN (normalise after each residual addition, as in the original Transformer) is the
+architecture known to need warmup: without it, large early Adam steps blow up the residual
+stream. The text is the Python standard library's own source, present on every machine with
+Python, so nothing is downloaded; whole files are held out for validation.
+"""
+
+from __future__ import annotations
+
+import math
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+VOCAB = 256
+
+
+@dataclass(frozen=True)
+class Corpus:
+    train: Tensor
+    validation: Tensor
+    description: str
+
+    def unigram_entropy(self) -> float:
+        """Entropy (nats) of the training bytes' distribution: a model that learned nothing but
+        byte frequencies reaches this loss, so a final loss at or above it is a collapse."""
+        counts = torch.bincount(self.train.long(), minlength=VOCAB).double()
+        probs = counts[counts > 0] / counts.sum()
+        return float(-(probs * probs.log()).sum())
+
+
+def stdlib_corpus(max_bytes: int = 2_000_000, validation_every: int = 10) -> Corpus:
+    """Bytes of the standard library's top-level modules, in sorted order, up to ``max_bytes``;
+    every ``validation_every``-th file goes to the validation split."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(root.glob("*.py"))
+    train, validation, total = [], [], 0
+    for index, path in enumerate(files):
+        data = path.read_bytes()
+        (validation if index % validation_every == 0 else train).append(data)
+        total += len(data)
+        if total >= max_bytes:
+            break
+    as_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)  # noqa: E731
+    description = f"{index + 1} files of {root} ({total} bytes)"
+    return Corpus(as_tensor(train), as_tensor(validation), description)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    d_model: int = 96
+    n_layers: int = 3
+    n_heads: int = 4
+    context: int = 64
+
+
+class PostLNBlock(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
+        self.proj = nn.Linear(config.d_model, config.d_model)
+        self.norm1 = nn.LayerNorm(config.d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, 4 * config.d_model),
+            nn.GELU(),
+            nn.Linear(4 * config.d_model, config.d_model),
+        )
+        self.norm2 = nn.LayerNorm(config.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).unbind(2)
+        attended = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        x = self.norm1(x + self.proj(attended.transpose(1, 2).reshape(batch, length, width)))
+        return self.norm2(x + self.mlp(x))
+
+
+class PostLNTransformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, config.d_model)
+        self.position = nn.Parameter(torch.randn(config.context, config.d_model) * 0.02)
+        self.blocks = nn.ModuleList(PostLNBlock(config) for _ in range(config.n_layers))
+        self.head = nn.Linear(config.d_model, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        x = self.embed(tokens) * math.sqrt(self.embed.embedding_dim) + self.position
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def batches(data: Tensor, context: int, batch_size: int, count: int, seed: int) -> Tensor:
+    """``count`` batches of ``batch_size`` windows of ``context + 1`` bytes, fixed by ``seed``."""
+    generator = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, len(data) - context - 1, (count, batch_size), generator=generator)
+    offsets = torch.arange(context + 1)
+    return data[starts[..., None] + offsets].long()
+
+
+def loss_on(model: nn.Module, windows: Tensor) -> Tensor:
+    logits = model(windows[:, :-1])
+    return F.cross_entropy(logits.reshape(-1, VOCAB), windows[:, 1:].reshape(-1))
