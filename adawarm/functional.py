@@ -4,11 +4,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor
 
 from adawarm.schedule import resolve_warmup_steps
 from adawarm.torch_backend import torch_step
 from adawarm.triton_backend import triton_step, unservable_reason
+
+if torch.distributed.is_available():
+    from torch.distributed.tensor import DTensor as _DTensor
+else:  # builds without distributed support have no DTensor
+    _DTensor = None
+
+
+def local_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """The local shards of DTensors (FSDP2, tensor parallel), other tensors as they are.
+
+    The update is element-wise, so each rank updates its own shard; the DTensors share storage
+    with their local tensors, so the update lands in them.
+    """
+    if _DTensor is None:
+        return list(tensors)
+    return [t.to_local() if isinstance(t, _DTensor) else t for t in tensors]
 
 
 def select_backend(requested: str | None, params: Sequence[Tensor]) -> str:
@@ -58,6 +75,9 @@ def adawarm(
     (``"reference"``, ``"foreach"``, ``"fused"`` or ``None`` for the fastest) picks the torch
     backend's implementation; it exists to test them against each other.
     """
+    params, grads, exp_avgs, exp_avg_sqs = (
+        local_tensors(tensors) for tensors in (params, grads, exp_avgs, exp_avg_sqs)
+    )
     run_backend(
         select_backend(backend, params),
         params,

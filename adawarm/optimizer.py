@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adawarm.functional import run_backend, select_backend
+from adawarm.functional import local_tensors, run_backend, select_backend
 from adawarm.schedule import resolve_warmup_steps, step_schedule
 from adawarm.validation import check_group
 
@@ -211,15 +211,19 @@ class AdaWarm(Optimizer):
             check_group(group)
             params, grads = self._collect(group)
             if params:
-                work.append((index, group, params, grads, self._backend_for(group, params)))
+                shards = local_tensors(params)
+                work.append((index, group, params, shards, grads, self._backend_for(group, shards)))
 
-        for index, group, params, grads, backend in work:
+        for index, group, params, shards, grads, backend in work:
             beta1, beta2 = group["betas"]
+            exp_avgs, exp_avg_sqs, steps = self._states(params, backend)
             run_backend(
                 backend,
-                params,
-                grads,
-                *self._states(params, backend),
+                shards,
+                local_tensors(grads),
+                local_tensors(exp_avgs),
+                local_tensors(exp_avg_sqs),
+                steps,
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,

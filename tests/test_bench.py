@@ -1,0 +1,86 @@
+"""The benchmark harnesses: byte counts, the comparison's bookkeeping, and tiny end-to-end runs."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bench import quality, schedule, speed
+
+
+def test_bytes_per_parameter_match_the_reference_counts():
+    assert speed.bytes_per_param(torch.float32, torch.float32) == 28
+    assert speed.bytes_per_param(torch.bfloat16, torch.float32) == 22
+    assert speed.bytes_per_param(torch.bfloat16, torch.bfloat16) == 14
+
+
+def test_gpt2_small_has_124m_parameters():
+    total = sum(torch.Size(s).numel() for s in speed.gpt2_small_shapes())
+    assert total == 124_439_808
+
+
+def test_speed_run_on_a_tiny_case_measures_every_optimizer():
+    case = speed.Case("tiny", ((1000,), (7, 3)))
+    rows = speed.run(torch.device("cpu"), [case], [1], steps=2)
+    assert [r.optimizer for r in rows] == list(speed.optimizers(torch.device("cpu")))
+    for row in rows:
+        assert row.median_ms > 0 and math.isfinite(row.gb_per_s)
+        assert row.bytes_per_param == 28
+    assert "AdaWarm torch backend" in speed.format_table(rows)
+
+
+def test_methods_name_the_default_exactly_once():
+    names = [m.name for m in quality.methods((20, 60))]
+    assert sum("default" in name for name in names) == 1
+    assert len(names) == len(set(names))
+
+
+def test_adamw_ramp_and_cosine_multiply_in_the_scheduler_factor():
+    setting = quality.Setting(steps=100)
+    ramped = quality.lr_multiplier(quality.Method("w", "adamw", 10), "constant", setting)
+    assert [ramped(s) for s in (0, 4, 9, 50)] == [0.1, 0.5, 1.0, 1.0]
+    cosine = quality.lr_multiplier(quality.Method("a", "adawarm", 10), "cosine", setting)
+    assert cosine(0) == 1.0  # AdaWarm ramps inside the optimizer, not in the scheduler
+    assert cosine(50) == pytest.approx(0.5)
+
+
+def test_a_tiny_training_run_reports_a_finite_validation_loss():
+    setting = quality.Setting(steps=4, eval_every=2, eval_batches=1)
+    method = quality.Method("AdaWarm", "adawarm", "untuned", True)
+    run = quality.train_one((method, 1e-3, 0, "cosine", setting))
+    assert [step for step, _ in run.curve] == [2, 4]
+    assert math.isfinite(run.final_loss) and run.final_loss == run.curve[-1][1]
+
+
+def make_table(losses_by_method):
+    runs = [
+        quality.Run(method, lr, seed, "constant", loss, [], 0.0)
+        for method, by_lr in losses_by_method.items()
+        for lr, losses in by_lr.items()
+        for seed, loss in enumerate(losses)
+    ]
+    return quality.cells(runs, collapse_at=3.0)
+
+
+def test_collapses_are_counted_and_defaults_checked():
+    table = make_table(
+        {
+            "AdamW no warmup": {0.01: [2.40, 2.42], 0.1: [3.2, float("nan")]},
+            "AdamW warmup 20": {0.01: [2.41, 2.43], 0.1: [2.9, 2.8]},
+            "Mine (default)": {0.01: [2.45, 2.44], 0.1: [3.1, 2.7]},
+        }
+    )
+    assert table[("AdamW no warmup", "constant", 0.1)].collapsed == 2
+    assert quality.format_cell(table[("AdamW no warmup", "constant", 0.1)]) == "collapsed 3.20"
+    verdicts = quality.check_default(table, "Mine (default)", [0.01, 0.1], ["constant"], (20,))
+    assert verdicts[0].endswith("FAIL at lr [0.1]")
+    assert "gap +0.035" in verdicts[1] and verdicts[1].endswith("FAIL")
+
+
+def test_schedule_curves_ramp_only_is_the_untuned_linear_warmup():
+    curves = schedule.curves(0.98, "untuned", 150)
+    assert curves["AdaWarm ramp only (W=untuned)"] == curves["untuned linear, min(1, t / 100)"]
+    product = curves["AdaWarm ramp x rectify (W=untuned)"]
+    assert all(p <= r for p, r in zip(product, curves["AdaWarm rectify only (r_t)"], strict=True))
