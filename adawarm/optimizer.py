@@ -13,8 +13,10 @@ from adawarm.functional import local_tensors, run_backend, select_backend
 from adawarm.schedule import resolve_warmup_steps, step_schedule
 from adawarm.validation import check_group
 
-DEFAULT_WARMUP_STEPS: int | str = 0
-DEFAULT_RECTIFY = True
+# Chosen from the quality benchmark (README, "Choosing the defaults"): a linear ramp over
+# 1 / (1 - beta2) steps, no rectification.
+DEFAULT_WARMUP_STEPS: int | str = "auto"
+DEFAULT_RECTIFY = False
 
 # Keys torch.optim.AdamW/RAdam keep in their param groups that mean nothing to AdaWarm (AdaWarm's
 # decay is always decoupled; the others pick torch's implementations).
@@ -72,8 +74,9 @@ class AdaWarm(Optimizer):
         betas: coefficients of the running averages of the gradient and of its square.
         eps: added to the denominator for numerical stability.
         weight_decay: decoupled weight decay coefficient.
-        warmup_steps: length W of the linear ramp (0: none), or ``"untuned"`` for
-            ``round(2 / (1 - beta2))`` steps (Ma & Yarats, 2019).
+        warmup_steps: length W of the linear ramp (0: none), ``"untuned"`` for
+            ``round(2 / (1 - beta2))`` steps (Ma & Yarats, 2019), or ``"auto"`` (the default)
+            for ``round(1 / (1 - beta2))`` steps.
         rectify: RAdam's variance rectification of the adaptive step (Liu et al., 2019).
         maximize: maximize the objective instead of minimizing it.
         capturable: promise a step with no host synchronisation, which a CUDA graph can capture:

@@ -30,6 +30,10 @@ import numbers
 from dataclasses import dataclass
 
 UNTUNED = "untuned"
+# AdaWarm's default ramp: one time constant of the second-moment average, 1 / (1 - beta2) steps
+# (half the untuned length), chosen from the quality benchmark (README, "Choosing the defaults").
+AUTO = "auto"
+WARMUP_NAMES = (AUTO, UNTUNED)
 # torch.optim.RAdam takes the adaptive step only while the variance estimate is tractable.
 RECTIFICATION_THRESHOLD = 5.0
 
@@ -40,9 +44,12 @@ def untuned_warmup_steps(beta2: float) -> int:
 
 
 def resolve_warmup_steps(warmup_steps: int | str, beta2: float) -> int:
-    """The warmup length: an int as given, ``"untuned"`` as :func:`untuned_warmup_steps`."""
+    """The warmup length: an int as given, ``"untuned"`` as :func:`untuned_warmup_steps`,
+    ``"auto"`` as ``round(1 / (1 - beta2))`` (1000 for 0.999)."""
     if warmup_steps == UNTUNED:
         return untuned_warmup_steps(beta2)
+    if warmup_steps == AUTO:
+        return round(1.0 / (1.0 - beta2))
     return int(warmup_steps)
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from adawarm.schedule import UNTUNED, can_rectify, rho_inf
+from adawarm.schedule import WARMUP_NAMES, can_rectify, rho_inf
 
 BACKENDS = (None, "torch", "triton")
 
@@ -75,14 +75,15 @@ def check_group(group: dict[str, Any]) -> None:
 
 def check_warmup_steps(warmup_steps: Any) -> None:
     if isinstance(warmup_steps, str):
-        if warmup_steps != UNTUNED:
+        if warmup_steps not in WARMUP_NAMES:
             raise ValueError(
-                f"Invalid warmup_steps: {warmup_steps!r}, expected an int >= 0 or {UNTUNED!r}"
+                f"Invalid warmup_steps: {warmup_steps!r}, expected an int >= 0 or one of "
+                f"{WARMUP_NAMES}"
             )
         return
     if not isinstance(warmup_steps, numbers.Integral) or isinstance(warmup_steps, bool):
         raise TypeError(
-            f"Invalid warmup_steps: {warmup_steps!r}, expected an int >= 0 or {UNTUNED!r}"
+            f"Invalid warmup_steps: {warmup_steps!r}, expected an int >= 0 or one of {WARMUP_NAMES}"
         )
     if warmup_steps < 0:
         raise ValueError(f"Invalid warmup_steps: {warmup_steps}, expected an int >= 0")

@@ -45,7 +45,7 @@ class Setting:
     # inside a CPU-sized run, where 0.999's 2000 steps would not.
     beta2: float = 0.98
     weight_decay: float = 0.01
-    eval_every: int = 20
+    eval_every: int = 40
     eval_batches: int = 8
 
 

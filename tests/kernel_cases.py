@@ -26,7 +26,7 @@ kernel_options = st.fixed_dictionaries(
         "betas": st.tuples(st.floats(0.0, 0.99), st.floats(0.8, 0.9999)),
         "eps": st.floats(1e-10, 1e-3),
         "weight_decay": st.floats(0.0, 0.5),
-        "warmup_steps": st.sampled_from([0, 1, 5, "untuned"]),
+        "warmup_steps": st.sampled_from([0, 1, 5, "untuned", "auto"]),
         "rectify": st.booleans(),
         "maximize": st.booleans(),
     }

@@ -31,6 +31,8 @@ def test_untuned_warmup_is_two_over_one_minus_beta2():
     assert untuned_warmup_steps(0.999) == 2000
     assert untuned_warmup_steps(0.99) == 200
     assert resolve_warmup_steps("untuned", 0.98) == 100
+    assert resolve_warmup_steps("auto", 0.999) == 1000
+    assert resolve_warmup_steps("auto", 0.98) == 50
     assert resolve_warmup_steps(7, 0.999) == 7
 
 

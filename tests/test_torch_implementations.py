@@ -63,7 +63,7 @@ options_strategy = st.fixed_dictionaries(
         "beta2": st.floats(0.8, 0.9999),
         "eps": st.floats(1e-10, 1e-3),
         "weight_decay": st.floats(0.0, 0.5),
-        "warmup_steps": st.one_of(st.integers(0, 20), st.just("untuned")),
+        "warmup_steps": st.one_of(st.integers(0, 20), st.sampled_from(["untuned", "auto"])),
         "rectify": st.booleans(),
         "maximize": st.booleans(),
     }

@@ -75,7 +75,7 @@ def test_bf16_stores_round_to_nearest_even_like_torch():
 
 
 @pytest.mark.parametrize("rectify", [False, True])
-@pytest.mark.parametrize("warmup_steps", [0, 7, "untuned"])
+@pytest.mark.parametrize("warmup_steps", [0, 7, "untuned", "auto"])
 def test_kernel_schedule_matches_the_schedule_module(rectify, warmup_steps):
     steps = [*range(1, 31), 100, 1999, 2000, 2001, 123_456]
     hyper = {"lr": 3e-4, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.01}
