@@ -1,0 +1,132 @@
+"""Worker processes for test_distributed.py: 2 ranks on localhost with the gloo backend.
+
+Each worker trains the same small model on its half of a fixed batch and writes what it ends with
+to ``out`` (rank 0), for the parent test to compare with one process on the whole batch.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from adawarm import AdaWarm
+
+STEPS = 14  # past t = 6, where rectification starts for beta2 = 0.999
+OPTIONS = {"lr": 1e-2, "warmup_steps": 4, "rectify": True, "weight_decay": 0.05}
+
+
+def make_model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 4))
+
+
+def full_batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, 8, generator=generator), torch.randn(16, 4, generator=generator)
+
+
+def local_batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = full_batch(step)
+    size = len(inputs) // world
+    return inputs[rank * size : (rank + 1) * size], targets[rank * size : (rank + 1) * size]
+
+
+def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range, rank: int, world: int):
+    for step in steps:
+        inputs, targets = local_batch(step, rank, world)
+        loss = nn.functional.mse_loss(model(inputs), targets)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+
+
+def single_process_reference(steps: int = STEPS) -> list[torch.Tensor]:
+    model = make_model()
+    train(model, AdaWarm(model.parameters(), **OPTIONS), range(steps), 0, 1)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _init(rank: int, world: int, port: int) -> None:
+    dist.init_process_group(
+        "gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}"
+    )
+
+
+def ddp_worker(rank: int, world: int, port: int, out: str, backend: str) -> None:
+    _init(rank, world, port)
+    model = nn.parallel.DistributedDataParallel(make_model())
+    optimizer = AdaWarm(model.parameters(), **OPTIONS, backend=backend)
+    train(model, optimizer, range(STEPS), rank, world)
+    if rank == 0:
+        torch.save([p.detach() for p in model.module.parameters()], out)
+    dist.destroy_process_group()
+
+
+def _fully_sharded(world: int) -> nn.Module:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = make_model()
+    mesh = init_device_mesh("cpu", (world,))
+    for layer in model:
+        if isinstance(layer, nn.Linear):
+            fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def fsdp_worker(rank: int, world: int, port: int, out: str, backend: str) -> None:
+    from torch.distributed.tensor import DTensor
+
+    _init(rank, world, port)
+    model = _fully_sharded(world)
+    assert all(isinstance(p, DTensor) for p in model.parameters())
+    optimizer = AdaWarm(model.parameters(), **OPTIONS, backend=backend)
+    train(model, optimizer, range(STEPS), rank, world)
+    full = [p.full_tensor().detach() for p in model.parameters()]
+    if rank == 0:
+        torch.save(full, out)
+    dist.destroy_process_group()
+
+
+def checkpoint_worker(rank: int, world: int, port: int, out: str, directory: str) -> None:
+    """Train 5 steps (mid-warmup), save with torch.distributed.checkpoint, train on; then
+    rebuild from the checkpoint and train on again: both continuations must agree."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    _init(rank, world, port)
+    model = _fully_sharded(world)
+    optimizer = AdaWarm(model.parameters(), **OPTIONS)
+    train(model, optimizer, range(5), rank, world)
+    dcp.save(
+        {
+            "model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, optimizer),
+        },
+        checkpoint_id=directory,
+    )
+    train(model, optimizer, range(5, STEPS), rank, world)
+    uninterrupted = [p.full_tensor().detach() for p in model.parameters()]
+
+    resumed_model = _fully_sharded(world)
+    resumed_optimizer = AdaWarm(resumed_model.parameters(), **OPTIONS)
+    state = {
+        "model": get_model_state_dict(resumed_model),
+        "optimizer": get_optimizer_state_dict(resumed_model, resumed_optimizer),
+    }
+    dcp.load(state, checkpoint_id=directory)
+    set_model_state_dict(resumed_model, state["model"])
+    set_optimizer_state_dict(resumed_model, resumed_optimizer, state["optimizer"])
+    train(resumed_model, resumed_optimizer, range(5, STEPS), rank, world)
+    resumed = [p.full_tensor().detach() for p in resumed_model.parameters()]
+    steps = {float(s["step"]) for s in resumed_optimizer.state.values()}
+    if rank == 0:
+        torch.save({"uninterrupted": uninterrupted, "resumed": resumed, "steps": steps}, out)
+    dist.destroy_process_group()

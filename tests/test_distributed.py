@@ -1,0 +1,52 @@
+"""AdaWarm under torch.distributed on CPU: 2 gloo ranks on localhost against 1 process."""
+
+from __future__ import annotations
+
+import socket
+
+import distributed_workers as workers
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import assert_close
+
+pytestmark = pytest.mark.skipif(
+    not torch.distributed.is_available(), reason="this torch build has no torch.distributed"
+)
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn(worker, tmp_path, *extra):
+    out = str(tmp_path / "result.pt")
+    mp.spawn(worker, args=(WORLD, free_port(), out, *extra), nprocs=WORLD, join=True)
+    return torch.load(out)
+
+
+def assert_matches_single_process(params):
+    for index, (param, expected) in enumerate(
+        zip(params, workers.single_process_reference(), strict=True)
+    ):
+        assert_close(param, expected, torch.float32, f"parameter {index}")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ddp_on_two_ranks_matches_one_rank_on_the_whole_batch(tmp_path, backend):
+    assert_matches_single_process(spawn(workers.ddp_worker, tmp_path, backend))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fsdp2_sharded_training_matches_one_rank(tmp_path, backend):
+    assert_matches_single_process(spawn(workers.fsdp_worker, tmp_path, backend))
+
+
+def test_distributed_checkpoint_mid_warmup_resumes_exactly(tmp_path):
+    result = spawn(workers.checkpoint_worker, tmp_path, str(tmp_path / "checkpoint"))
+    assert result["steps"] == {float(workers.STEPS)}
+    for resumed, uninterrupted in zip(result["resumed"], result["uninterrupted"], strict=True):
+        assert torch.equal(resumed, uninterrupted)
