@@ -182,6 +182,10 @@ class AdaWarm(Optimizer):
             steps.append(state["step"])
         return exp_avgs, exp_avg_sqs, steps
 
+    # Under torch.compile the step runs eagerly (a graph break around it): its schedule is a set
+    # of per-step Python floats, which dynamo would specialise on and recompile for at every step
+    # of the warmup and every learning-rate change.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(
         self,
