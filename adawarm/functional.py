@@ -11,10 +11,13 @@ from adawarm.schedule import resolve_warmup_steps
 from adawarm.torch_backend import torch_step
 from adawarm.triton_backend import triton_step, unservable_reason
 
-if torch.distributed.is_available():
-    from torch.distributed.tensor import DTensor as _DTensor
-else:  # builds without distributed support have no DTensor
+if not torch.distributed.is_available():  # builds without distributed support have no DTensor
     _DTensor = None
+else:
+    try:
+        from torch.distributed.tensor import DTensor as _DTensor
+    except ImportError:  # torch < 2.5 kept it private
+        from torch.distributed._tensor import DTensor as _DTensor
 
 
 def local_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:

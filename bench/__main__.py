@@ -7,6 +7,7 @@ and PNG plots in bench/results/tour/.
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from bench import quality, schedule, speed
@@ -31,16 +32,15 @@ def tour() -> None:
     print(f"plots and tables: {TOUR_OUT}/")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in SUBCOMMANDS:
+        SUBCOMMANDS[argv[0]](argv[1:])  # each sub-command parses (and documents) its own options
+        return
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("subcommand", nargs="?", choices=sorted(SUBCOMMANDS))
-    args, rest = parser.parse_known_args()
-    if args.subcommand is None:
-        if rest:
-            parser.error(f"unrecognized arguments: {' '.join(rest)}")
-        tour()
-    else:
-        SUBCOMMANDS[args.subcommand](rest)
+    parser.parse_args(argv)
+    tour()
 
 
 if __name__ == "__main__":

@@ -84,3 +84,12 @@ def test_schedule_curves_ramp_only_is_the_untuned_linear_warmup():
     assert curves["AdaWarm ramp only (W=untuned)"] == curves["untuned linear, min(1, t / 100)"]
     product = curves["AdaWarm ramp x rectify (W=untuned)"]
     assert all(p <= r for p, r in zip(product, curves["AdaWarm rectify only (r_t)"], strict=True))
+
+
+def test_cli_dispatches_sub_commands_and_refuses_unknown_ones(tmp_path):
+    from bench.__main__ import main
+
+    main(["schedule", "--beta2", "0.99", "--out", str(tmp_path)])
+    assert (tmp_path / "schedule.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["bogus"])
