@@ -12,7 +12,9 @@ device, parameter dtype, state dtype and step count, so one set of scalars serve
   ``lr_t wd``). A momentum-only step is not an AdamW step; the fused implementation hands those
   buckets to ``foreach``.
 
-Parameters in fp16/bf16 with fp32 states are updated in fp32 (upcast, step, cast back on store).
+Every implementation works on fp32 (fp64 for fp64 parameters) copies of lower-precision tensors;
+the driver makes the copies and stores the results back (rounding to nearest even, or with Kahan
+compensation of the parameters).
 """
 
 from __future__ import annotations
@@ -47,20 +49,16 @@ def _reference_bucket(
     maximize: bool,
 ) -> None:
     for param, grad, exp_avg, exp_avg_sq in zip(params, grads, exp_avgs, exp_avg_sqs, strict=True):
-        work = param if param.dtype == exp_avg.dtype else param.to(exp_avg.dtype)
-        grad = grad.to(exp_avg.dtype)
         if maximize:
             grad = -grad
-        work.mul_(schedule.decay)
+        param.mul_(schedule.decay)
         exp_avg.lerp_(grad, 1.0 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
         if schedule.adaptive:
             denom = (exp_avg_sq.sqrt() / schedule.bias_correction2_sqrt).add_(schedule.eps)
-            work.addcdiv_(exp_avg, denom, value=-schedule.step_size)
+            param.addcdiv_(exp_avg, denom, value=-schedule.step_size)
         else:
-            work.add_(exp_avg, alpha=-schedule.step_size)
-        if work is not param:
-            param.copy_(work)
+            param.add_(exp_avg, alpha=-schedule.step_size)
 
 
 def _foreach_bucket(
@@ -74,12 +72,10 @@ def _foreach_bucket(
     beta2: float,
     maximize: bool,
 ) -> None:
-    work = _upcast(params, exp_avgs[0].dtype)
-    grads = _upcast(grads, exp_avgs[0].dtype)
     if maximize:
         grads = torch._foreach_neg(grads)
     if schedule.decay != 1.0:
-        torch._foreach_mul_(work, schedule.decay)
+        torch._foreach_mul_(params, schedule.decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
@@ -87,11 +83,9 @@ def _foreach_bucket(
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, schedule.bias_correction2_sqrt)
         torch._foreach_add_(denom, schedule.eps)
-        torch._foreach_addcdiv_(work, exp_avgs, denom, -schedule.step_size)
+        torch._foreach_addcdiv_(params, exp_avgs, denom, -schedule.step_size)
     else:
-        torch._foreach_add_(work, exp_avgs, alpha=-schedule.step_size)
-    if work is not params:
-        torch._foreach_copy_(params, work)
+        torch._foreach_add_(params, exp_avgs, alpha=-schedule.step_size)
 
 
 def _fused_bucket(
@@ -133,10 +127,9 @@ def _fused_bucket(
     grads = [grad.contiguous() for grad in grads]
     # The kernel computes p *= 1 - lr * wd; with lr = lr_t r_t, wd / r_t keeps the decay lr_t wd.
     rate = schedule.lr * schedule.rectification
-    work = _upcast(params, exp_avgs[0].dtype)
     torch._fused_adamw_(
-        work,
-        _upcast(grads, exp_avgs[0].dtype),
+        params,
+        grads,
         exp_avgs,
         exp_avg_sqs,
         [],
@@ -149,15 +142,41 @@ def _fused_bucket(
         amsgrad=False,
         maximize=maximize,
     )
-    if work is not params:
-        torch._foreach_copy_(params, work)
 
 
 def _upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
-    """The tensors themselves when already in ``dtype``, otherwise fp32 working copies."""
+    """The tensors themselves when already in ``dtype``, otherwise working copies in it."""
     if tensors[0].dtype == dtype:
         return tensors
     return [tensor.to(dtype) for tensor in tensors]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the update is computed in: fp64 for fp64 tensors, fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _store(targets: list[Tensor], work: list[Tensor]) -> None:
+    """Write fp32/fp64 working copies back to lower-precision tensors (round to nearest even)."""
+    if work is not targets:
+        torch._foreach_copy_(targets, work)
+
+
+def _store_compensated(params: list[Tensor], work: list[Tensor], buffers: list[Tensor]) -> None:
+    """Kahan-compensated store of the new parameters ``work`` into low-precision ``params``.
+
+    The update ``work - old``, plus the rounding error carried in ``buffers``, is added to the
+    old parameter; what rounding to the parameter dtype loses of it goes back into ``buffers``,
+    so updates below half an ulp accumulate instead of vanishing.
+    """
+    old = _upcast(params, work[0].dtype)
+    update = torch._foreach_sub(work, old)
+    torch._foreach_add_(update, _upcast(buffers, work[0].dtype))
+    new = torch._foreach_add(old, update)
+    torch._foreach_copy_(params, new)
+    applied = torch._foreach_sub(_upcast(params, work[0].dtype), old)
+    torch._foreach_sub_(update, applied)
+    torch._foreach_copy_(buffers, update)
 
 
 def torch_step(
@@ -178,8 +197,13 @@ def torch_step(
     implementation: str | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
+    compensations: Sequence[Tensor | None] | None = None,
 ) -> None:
     """One AdaWarm step over one parameter group's tensors (``warmup_steps`` resolved to an int).
+
+    The update is computed in fp32 (fp64 for fp64 tensors) and stored in each tensor's dtype,
+    rounding to nearest even. ``compensations`` (Kahan buffers, ``None`` for tensors without one)
+    turns the parameters' store into a compensated one.
 
     ``implementation=None`` picks ``fused`` where torch has the kernel for the device and
     ``foreach`` elsewhere. With ``found_inf`` set (GradScaler), nothing changes, not even the step
@@ -205,12 +229,23 @@ def torch_step(
     else:
         torch._foreach_add_(list(state_steps), 1)
 
+    if compensations is None:
+        compensations = [None] * len(params)
     groups = _group_by_device_and_dtype(
-        [list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(state_steps)]
+        [
+            list(params),
+            list(grads),
+            list(exp_avgs),
+            list(exp_avg_sqs),
+            list(state_steps),
+            list(compensations),
+        ]
     )
     options = {"beta1": beta1, "beta2": beta2, "maximize": maximize}
     for dtype, tensor_lists in groups:
-        group_params, group_grads, group_exp_avgs, group_exp_avg_sqs, group_steps = tensor_lists
+        group_params, group_grads, group_exp_avgs, group_exp_avg_sqs, group_steps, group_buffers = (
+            tensor_lists
+        )
         if dtype.is_complex:
             # As torch.optim.AdamW/RAdam: a complex number is a pair of independent reals.
             group_params, group_grads, group_exp_avgs, group_exp_avg_sqs = (
@@ -228,24 +263,34 @@ def torch_step(
                 warmup_steps=warmup_steps,
                 rectify=rectify,
             )
-            bucket = [
+            stored = [
                 _select(tensors, indices)
                 for tensors in (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
             ]
+            computing = compute_dtype(stored[0][0].dtype)
+            work = [_upcast(tensors, computing) for tensors in stored]
             if implementation == "fused":
                 extra = {"steps": _select(group_steps, indices), "weight_decay": weight_decay}
-                _fused_bucket(*bucket, schedule, **options, **extra)
+                _fused_bucket(*work, schedule, **options, **extra)
             else:
-                _BUCKET_STEPS[implementation](*bucket, schedule, **options)
+                _BUCKET_STEPS[implementation](*work, schedule, **options)
+            _store(stored[2], work[2])
+            _store(stored[3], work[3])
+            buffers = _select(group_buffers, indices)
+            if buffers[0] is None:
+                _store(stored[0], work[0])
+            else:
+                _store_compensated(stored[0], work[0], buffers)
 
 
 def _group_by_device_and_dtype(
     tensor_lists: list[list[Tensor]],
 ) -> list[tuple[torch.dtype, list[list[Tensor]]]]:
-    """Split parallel tensor lists by the (device, dtype) of the first list's tensors.
+    """Split parallel lists by the (device, dtype) of the first list's tensors (the parameters).
 
-    The state dtype follows from the parameter dtype, so each group also shares its state dtype.
-    A plain loop: torch's C++ grouping checks every list and costs ~3 us per tensor.
+    A group's parameters share one state dtype and either all or none have a Kahan buffer (both
+    follow from the parameter dtype and the group's options). A plain loop: torch's C++
+    grouping checks every list and costs ~3 us per tensor.
     """
     keys = [(param.device, param.dtype) for param in tensor_lists[0]]
     if all(key == keys[0] for key in keys):
