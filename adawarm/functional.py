@@ -71,6 +71,7 @@ def adawarm(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     table_cache: dict | None = None,
+    compensations: Sequence[Tensor | None] | None = None,
 ) -> None:
     """One AdaWarm step over lists of tensors; see :class:`adawarm.AdaWarm` for the algorithm.
 
@@ -100,6 +101,7 @@ def adawarm(
         grad_scale=grad_scale,
         found_inf=found_inf,
         table_cache=table_cache,
+        compensations=compensations,
     )
 
 
@@ -115,12 +117,15 @@ def run_backend(
     beta2: float,
     torch_implementation: str | None,
     table_cache: dict | None,
+    compensations: Sequence[Tensor | None] | None = None,
     **options,
 ) -> None:
     """Run the step on a backend :func:`select_backend` has already approved for these tensors."""
     tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     options.update(beta2=beta2, warmup_steps=resolve_warmup_steps(warmup_steps, beta2))
     if backend == "triton":
-        triton_step(*tensors, **options, table_cache=table_cache)
+        triton_step(*tensors, **options, table_cache=table_cache, compensations=compensations)
     else:
-        torch_step(*tensors, **options, implementation=torch_implementation)
+        torch_step(
+            *tensors, **options, implementation=torch_implementation, compensations=compensations
+        )

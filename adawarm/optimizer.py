@@ -23,21 +23,31 @@ DEFAULT_RECTIFY = False
 _FOREIGN_GROUP_KEYS = ("amsgrad", "foreach", "fused", "differentiable", "decoupled_weight_decay")
 # Execution choices rather than hyper-parameters: a loaded checkpoint does not change them.
 _EXECUTION_KEYS = ("backend", "capturable")
+# Storage choices: a checkpoint's states are converted to this optimizer's (moments cast to its
+# state dtype, rounding to nearest even; Kahan buffers kept, created or dropped).
+_STORAGE_KEYS = ("state_dtype", "compensation")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CPU = torch.device("cpu")
 
 
-def state_dtype_for(param: Tensor) -> torch.dtype:
-    """The dtype of ``exp_avg``/``exp_avg_sq``: fp32 for fp16/bf16 parameters (math in fp32),
-    otherwise the parameter's own dtype."""
-    return torch.float32 if param.dtype in _LOW_PRECISION else param.dtype
+def state_dtype_for(param: Tensor, state_dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype of ``exp_avg``/``exp_avg_sq``: ``state_dtype`` when given (bf16 moments), else fp32
+    for fp16/bf16/fp32 parameters and the parameter's own dtype when wider (fp64, complex)."""
+    if param.dtype in (*_LOW_PRECISION, torch.float32):
+        return state_dtype or torch.float32
+    return param.dtype
 
 
-def _moment_like(param: Tensor) -> Tensor:
+def _moment_like(param: Tensor, state_dtype: torch.dtype | None = None) -> Tensor:
     """A zero moment buffer for ``param``: its shape and strides, in the state dtype."""
     return torch.zeros_like(
-        param, dtype=state_dtype_for(param), memory_format=torch.preserve_format
+        param, dtype=state_dtype_for(param, state_dtype), memory_format=torch.preserve_format
     )
+
+
+def needs_compensation(param: Tensor, compensation: str | None) -> bool:
+    """Whether ``param`` keeps a Kahan buffer: only fp16/bf16 parameters lose small updates."""
+    return compensation == "kahan" and param.dtype in _LOW_PRECISION
 
 
 class AdaWarm(Optimizer):
@@ -82,6 +92,12 @@ class AdaWarm(Optimizer):
         capturable: promise a step with no host synchronisation, which a CUDA graph can capture:
             the step counters and the schedule stay on the device (lr may be a tensor there).
             Needs the Triton backend; raises where it cannot serve the tensors.
+        state_dtype: dtype of ``exp_avg``/``exp_avg_sq`` for fp32/fp16/bf16 parameters: ``None``
+            (fp32) or ``torch.bfloat16`` (half the state memory; the math stays fp32). Wider
+            parameters keep moments of their own dtype.
+        compensation: ``None`` or ``"kahan"``: fp16/bf16 parameters keep a buffer (their dtype)
+            carrying each update's rounding error into the next, so updates below half an ulp
+            are not lost. Other parameters are unaffected.
         backend: ``None`` (the Triton kernel for CUDA tensors it can serve, otherwise the torch
             backend), ``"torch"`` or ``"triton"``. An explicit backend that cannot serve the
             tensors raises.
@@ -105,6 +121,8 @@ class AdaWarm(Optimizer):
         rectify: bool = DEFAULT_RECTIFY,
         maximize: bool = False,
         capturable: bool = False,
+        state_dtype: torch.dtype | None = None,
+        compensation: str | None = None,
         backend: str | None = None,
     ) -> None:
         defaults = {
@@ -116,6 +134,8 @@ class AdaWarm(Optimizer):
             "rectify": rectify,
             "maximize": maximize,
             "capturable": capturable,
+            "state_dtype": state_dtype,
+            "compensation": compensation,
             "backend": backend,
         }
         check_group(defaults)
@@ -159,28 +179,33 @@ class AdaWarm(Optimizer):
         return params, grads
 
     def _states(
-        self, params: list[Tensor], backend: str
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
-        """``exp_avg``, ``exp_avg_sq`` and ``step`` of each parameter, created on first use.
+        self, params: list[Tensor], backend: str, group: dict[str, Any]
+    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor | None]]:
+        """``exp_avg``, ``exp_avg_sq``, ``step`` and Kahan buffer (or None) of each parameter,
+        created on first use.
 
         Step counters live where the backend reads them: on the CPU for the torch backend (as in
         torch.optim.AdamW), on the parameter's device for the Triton kernel, which advances them.
         """
         on_device = backend == "triton"
-        exp_avgs, exp_avg_sqs, steps = [], [], []
+        state_dtype, compensation = group["state_dtype"], group["compensation"]
+        exp_avgs, exp_avg_sqs, steps, buffers = [], [], [], []
         for param in params:
             state = self.state[param]
             if not state:
                 device = param.device if on_device else "cpu"
                 state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-                state["exp_avg"] = _moment_like(param)
-                state["exp_avg_sq"] = _moment_like(param)
+                state["exp_avg"] = _moment_like(param, state_dtype)
+                state["exp_avg_sq"] = _moment_like(param, state_dtype)
+                if needs_compensation(param, compensation):
+                    state["compensation"] = torch.zeros_like(param)
             elif state["step"].device != (param.device if on_device else _CPU):
                 state["step"] = state["step"].to(param.device if on_device else _CPU)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])
             steps.append(state["step"])
-        return exp_avgs, exp_avg_sqs, steps
+            buffers.append(state.get("compensation"))
+        return exp_avgs, exp_avg_sqs, steps, buffers
 
     # Under torch.compile the step runs eagerly (a graph break around it): its schedule is a set
     # of per-step Python floats, which dynamo would specialise on and recompile for at every step
@@ -223,7 +248,7 @@ class AdaWarm(Optimizer):
 
         for index, group, params, shards, grads, backend in work:
             beta1, beta2 = group["betas"]
-            exp_avgs, exp_avg_sqs, steps = self._states(params, backend)
+            exp_avgs, exp_avg_sqs, steps, buffers = self._states(params, backend, group)
             run_backend(
                 backend,
                 shards,
@@ -243,6 +268,7 @@ class AdaWarm(Optimizer):
                 grad_scale=grad_scale,
                 found_inf=found_inf,
                 table_cache=self._table_caches.setdefault(index, {}),
+                compensations=[None if b is None else local_tensors([b])[0] for b in buffers],
             )
         return loss
 
@@ -335,7 +361,7 @@ class AdaWarm(Optimizer):
             for key, value in group.items():
                 if key != "params":
                     merged.setdefault(key, value)
-            for key in _EXECUTION_KEYS:
+            for key in (*_EXECUTION_KEYS, *_STORAGE_KEYS):
                 merged[key] = group[key]
             check_group(merged)
             groups.append(merged)
@@ -343,13 +369,24 @@ class AdaWarm(Optimizer):
                 saved_state = state_dict["state"].get(param_id)
                 _check_saved_state(saved_state, param, param_id)
                 if saved_state:
-                    moments.append((param, saved_state))
+                    moments.append((param, saved_state, merged))
         super().load_state_dict({**state_dict, "param_groups": groups})
         # torch casts every floating-point state to the parameter's dtype, which would round fp32
         # moments of bf16 parameters; take them from the checkpoint in AdaWarm's state dtype.
-        for param, saved_state in moments:
+        for param, saved_state, group in moments:
             for key in ("exp_avg", "exp_avg_sq"):
-                self.state[param][key] = _moment_like(param).copy_(saved_state[key])
+                self.state[param][key] = _moment_like(param, group["state_dtype"]).copy_(
+                    saved_state[key]
+                )
+            # Kahan buffers follow this optimizer's option: kept when both sides have them,
+            # zeros when only this one does, dropped when only the checkpoint does.
+            if needs_compensation(param, group["compensation"]):
+                buffer = saved_state.get("compensation")
+                self.state[param]["compensation"] = (
+                    torch.zeros_like(param) if buffer is None else buffer.to(param).clone()
+                )
+            else:
+                self.state[param].pop("compensation", None)
 
 
 def _check_saved_state(saved: dict[str, Any] | None, param: Tensor, param_id: Any) -> None:

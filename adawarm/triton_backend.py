@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
@@ -87,12 +88,18 @@ def _build_tables(
                     f"Tensors on two devices in one Triton launch: a {name} tensor is on "
                     f"{tensor.device}, its parameter on {device}; expected all on {device}"
                 )
+    state_dtype = lists["exp_avg"][0].dtype
     for name in ("exp_avg", "exp_avg_sq"):
         for tensor in lists[name]:
-            if tensor.dtype != torch.float32 or not tensor.is_contiguous():
+            if tensor.dtype != state_dtype or state_dtype not in STATE_DTYPES:
                 raise RuntimeError(
-                    f"The Triton kernel needs contiguous fp32 {name} tensors, got "
-                    f"{tensor.dtype} with strides {tensor.stride()}"
+                    f"The Triton kernel needs {name} tensors of one dtype among {STATE_DTYPES}, "
+                    f"got {tensor.dtype}"
+                )
+            if not tensor.is_contiguous():
+                raise RuntimeError(
+                    f"The Triton kernel needs contiguous {name} tensors, got strides "
+                    f"{tensor.stride()}"
                 )
     for step in lists["step"]:
         if step.dtype != torch.float32 or step.numel() != 1:
@@ -129,6 +136,7 @@ def triton_step(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     table_cache: dict | None = None,
+    compensations: Sequence[Tensor | None] | None = None,
 ) -> None:
     """One AdaWarm step through the Triton kernel (``warmup_steps`` resolved to an int).
 
@@ -150,6 +158,8 @@ def triton_step(
             "exp_avg_sq": [exp_avg_sqs[i] for i in indices],
             "step": [state_steps[i] for i in indices],
         }
+        if compensations is not None and compensations[indices[0]] is not None:
+            lists["compensation"] = [compensations[i] for i in indices]
         signature = tuple(_data_pointers(tensors) for tensors in lists.values())
         key = (device, dtype)
         tables = table_cache.get(key)
@@ -159,6 +169,7 @@ def triton_step(
         _kernels().launch_adawarm_step(
             tables.tensors,
             param_dtype=dtype,
+            state_dtype=lists["exp_avg"][0].dtype,
             lr=lr.to(device) if isinstance(lr, Tensor) else lr,
             beta1=beta1,
             beta2=beta2,

@@ -11,6 +11,7 @@ import torch
 from adawarm.schedule import WARMUP_NAMES, can_rectify, rho_inf
 
 BACKENDS = (None, "torch", "triton")
+COMPENSATIONS = (None, "kahan")
 
 
 def _is_real_number(value: Any) -> bool:
@@ -68,6 +69,15 @@ def check_group(group: dict[str, Any]) -> None:
     for flag in ("maximize", "capturable"):
         if not isinstance(group[flag], bool):
             raise TypeError(f"Invalid {flag}: {group[flag]!r}, expected True or False")
+    if group["state_dtype"] not in (None, torch.float32, torch.bfloat16):
+        raise ValueError(
+            f"Invalid state_dtype: {group['state_dtype']!r}, expected None, torch.float32 or "
+            "torch.bfloat16"
+        )
+    if group["compensation"] not in COMPENSATIONS:
+        raise ValueError(
+            f"Invalid compensation: {group['compensation']!r}, expected one of {COMPENSATIONS}"
+        )
     backend = group["backend"]
     if backend not in BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r}, expected one of {BACKENDS}")

@@ -56,8 +56,8 @@ def _power(base, exponent):
 
 
 @triton.jit
-def _to_param_dtype(value, PARAM_DTYPE: tl.constexpr):
-    """Cast fp32 ``value`` to the parameter dtype, rounding to nearest-even.
+def _round_to(value, PARAM_DTYPE: tl.constexpr):
+    """Cast fp32 ``value`` to ``PARAM_DTYPE`` (a parameter's or state's), rounding to nearest-even.
 
     bf16 is rounded explicitly: Triton's interpreter truncates fp32 -> bf16, and explicit
     rounding makes the interpreter, the GPU and torch's casts agree bit for bit.
@@ -117,6 +117,7 @@ def _adawarm_step_kernel(
     exp_avg_ptrs,
     exp_avg_sq_ptrs,
     step_ptrs,
+    compensation_ptrs,
     numels,
     block_tensors,
     block_starts,
@@ -131,6 +132,8 @@ def _adawarm_step_kernel(
     grad_scale_ptr,
     found_inf_ptr,
     PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    KAHAN: tl.constexpr,
     RECTIFY: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     LR_FROM_TENSOR: tl.constexpr,
@@ -167,30 +170,41 @@ def _adawarm_step_kernel(
 
     param_ptr = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
     grad_ptr = tl.load(grad_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
-    exp_avg_ptr = tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(tl.float32))
-    exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(tl.float32))
+    exp_avg_ptr = tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(STATE_DTYPE))
+    exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(STATE_DTYPE))
     offsets = start + tl.arange(0, BLOCK)
     mask = offsets < numel
 
-    param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    old_param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask)
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
     if HAS_GRAD_SCALE:
         grad = grad / tl.load(grad_scale_ptr)
     if MAXIMIZE:
         grad = -grad
 
-    param = param * decay.to(tl.float32)
+    param = old_param * decay.to(tl.float32)
     exp_avg = exp_avg + (1.0 - beta1.to(tl.float32)) * (grad - exp_avg)
     exp_avg_sq = exp_avg_sq * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * grad * grad
     denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt.to(tl.float32) + eps_t.to(tl.float32)
     denom = tl.where(adaptive, denom, 1.0)
     param = param - step_size.to(tl.float32) * exp_avg / denom
 
-    tl.store(param_ptr + offsets, _to_param_dtype(param, PARAM_DTYPE), mask=mask)
-    tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
+    if KAHAN:
+        # Compensated store (as adawarm.torch_backend): the update plus the carried rounding
+        # error is added to the old value; what rounding loses of it is carried on.
+        compensation_ptr = tl.load(compensation_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
+        carried = tl.load(compensation_ptr + offsets, mask=mask).to(tl.float32)
+        update = (param - old_param) + carried
+        stored = _round_to(old_param + update, PARAM_DTYPE)
+        carried = update - (stored.to(tl.float32) - old_param)
+        tl.store(param_ptr + offsets, stored, mask=mask)
+        tl.store(compensation_ptr + offsets, _round_to(carried, PARAM_DTYPE), mask=mask)
+    else:
+        tl.store(param_ptr + offsets, _round_to(param, PARAM_DTYPE), mask=mask)
+    tl.store(exp_avg_ptr + offsets, _round_to(exp_avg, STATE_DTYPE), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, _round_to(exp_avg_sq, STATE_DTYPE), mask=mask)
 
     blocks_of_tensor = tl.maximum(tl.cdiv(numel, BLOCK), 1)
     if tl.atomic_add(done_counters + tensor, 1) == blocks_of_tensor - 1:
@@ -254,6 +268,7 @@ def launch_adawarm_step(
     tables: dict[str, torch.Tensor],
     *,
     param_dtype: torch.dtype,
+    state_dtype: torch.dtype,
     lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
@@ -268,7 +283,8 @@ def launch_adawarm_step(
     """Launch one AdaWarm step over the tensors described by ``tables``.
 
     ``tables`` holds device tensors: int64 ``param_ptrs``, ``grad_ptrs``, ``exp_avg_ptrs``,
-    ``exp_avg_sq_ptrs``, ``step_ptrs`` and ``numels`` (one entry per tensor), the per-program
+    ``exp_avg_sq_ptrs``, ``step_ptrs``, ``numels`` and, for Kahan-compensated parameters,
+    ``compensation_ptrs`` (one entry per tensor), the per-program
     ``block_tensors``/``block_starts`` from :func:`block_tables`, and int32 ``done_counters``
     (zeros, one per tensor, kept between launches).
     """
@@ -280,6 +296,7 @@ def launch_adawarm_step(
         tables["exp_avg_ptrs"],
         tables["exp_avg_sq_ptrs"],
         tables["step_ptrs"],
+        tables.get("compensation_ptrs", tables["numels"]),
         tables["numels"],
         tables["block_tensors"],
         tables["block_starts"],
@@ -294,6 +311,8 @@ def launch_adawarm_step(
         grad_scale if grad_scale is not None else tables["numels"],
         found_inf if found_inf is not None else tables["numels"],
         PARAM_DTYPE=TRITON_DTYPES[param_dtype],
+        STATE_DTYPE=TRITON_DTYPES[state_dtype],
+        KAHAN="compensation_ptrs" in tables,
         RECTIFY=rectify,
         MAXIMIZE=maximize,
         LR_FROM_TENSOR=lr_is_tensor,
