@@ -72,6 +72,7 @@ def adawarm(
     found_inf: Tensor | None = None,
     table_cache: dict | None = None,
     compensations: Sequence[Tensor | None] | None = None,
+    rounding_seed: int | None = None,
 ) -> None:
     """One AdaWarm step over lists of tensors; see :class:`adawarm.AdaWarm` for the algorithm.
 
@@ -102,6 +103,7 @@ def adawarm(
         found_inf=found_inf,
         table_cache=table_cache,
         compensations=compensations,
+        rounding_seed=rounding_seed,
     )
 
 
@@ -118,14 +120,25 @@ def run_backend(
     torch_implementation: str | None,
     table_cache: dict | None,
     compensations: Sequence[Tensor | None] | None = None,
+    rounding_seed: int | None = None,
     **options,
 ) -> None:
     """Run the step on a backend :func:`select_backend` has already approved for these tensors."""
     tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     options.update(beta2=beta2, warmup_steps=resolve_warmup_steps(warmup_steps, beta2))
     if backend == "triton":
-        triton_step(*tensors, **options, table_cache=table_cache, compensations=compensations)
+        triton_step(
+            *tensors,
+            **options,
+            table_cache=table_cache,
+            compensations=compensations,
+            rounding_seed=rounding_seed,
+        )
     else:
         torch_step(
-            *tensors, **options, implementation=torch_implementation, compensations=compensations
+            *tensors,
+            **options,
+            implementation=torch_implementation,
+            compensations=compensations,
+            rounding_seed=rounding_seed,
         )

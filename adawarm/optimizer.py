@@ -95,9 +95,13 @@ class AdaWarm(Optimizer):
         state_dtype: dtype of ``exp_avg``/``exp_avg_sq`` for fp32/fp16/bf16 parameters: ``None``
             (fp32) or ``torch.bfloat16`` (half the state memory; the math stays fp32). Wider
             parameters keep moments of their own dtype.
-        compensation: ``None`` or ``"kahan"``: fp16/bf16 parameters keep a buffer (their dtype)
-            carrying each update's rounding error into the next, so updates below half an ulp
-            are not lost. Other parameters are unaffected.
+        compensation: how fp16/bf16 parameters keep updates below half an ulp. ``None``: round
+            to nearest (they are lost). ``"kahan"``: a buffer of the parameter's dtype carries
+            each update's rounding error into the next. ``"stochastic"`` (bf16 only): round up
+            or down at random in proportion to the distance, from a counter-based stream keyed
+            by ``rounding_seed``, the tensor's position and the step (reproducible, and the same
+            in both backends). fp32 and wider parameters are unaffected.
+        rounding_seed: the seed of stochastic rounding.
         backend: ``None`` (the Triton kernel for CUDA tensors it can serve, otherwise the torch
             backend), ``"torch"`` or ``"triton"``. An explicit backend that cannot serve the
             tensors raises.
@@ -123,6 +127,7 @@ class AdaWarm(Optimizer):
         capturable: bool = False,
         state_dtype: torch.dtype | None = None,
         compensation: str | None = None,
+        rounding_seed: int = 0,
         backend: str | None = None,
     ) -> None:
         defaults = {
@@ -136,6 +141,7 @@ class AdaWarm(Optimizer):
             "capturable": capturable,
             "state_dtype": state_dtype,
             "compensation": compensation,
+            "rounding_seed": rounding_seed,
             "backend": backend,
         }
         check_group(defaults)
@@ -242,6 +248,8 @@ class AdaWarm(Optimizer):
         for index, group in enumerate(self.param_groups):
             check_group(group)
             params, grads = self._collect(group)
+            if group["compensation"] == "stochastic":
+                _check_stochastic_dtypes(params)
             if params:
                 shards = local_tensors(params)
                 work.append((index, group, params, shards, grads, self._backend_for(group, shards)))
@@ -269,6 +277,9 @@ class AdaWarm(Optimizer):
                 found_inf=found_inf,
                 table_cache=self._table_caches.setdefault(index, {}),
                 compensations=[None if b is None else local_tensors([b])[0] for b in buffers],
+                rounding_seed=(
+                    group["rounding_seed"] if group["compensation"] == "stochastic" else None
+                ),
             )
         return loss
 
@@ -387,6 +398,15 @@ class AdaWarm(Optimizer):
                 )
             else:
                 self.state[param].pop("compensation", None)
+
+
+def _check_stochastic_dtypes(params: list[Tensor]) -> None:
+    for param in params:
+        if param.dtype == torch.float16:
+            raise ValueError(
+                f"Invalid compensation for a float16 parameter of shape {tuple(param.shape)}: "
+                "'stochastic' rounds to bfloat16 only; expected 'kahan' or None for float16"
+            )
 
 
 def _check_saved_state(saved: dict[str, Any] | None, param: Tensor, param_id: Any) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from adawarm.rounding import stochastic_round_to_bf16, stream_base
 from adawarm.schedule import StepSchedule, step_schedule
 
 IMPLEMENTATIONS = ("reference", "foreach", "fused")
@@ -198,12 +199,15 @@ def torch_step(
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     compensations: Sequence[Tensor | None] | None = None,
+    rounding_seed: int | None = None,
 ) -> None:
     """One AdaWarm step over one parameter group's tensors (``warmup_steps`` resolved to an int).
 
     The update is computed in fp32 (fp64 for fp64 tensors) and stored in each tensor's dtype,
     rounding to nearest even. ``compensations`` (Kahan buffers, ``None`` for tensors without one)
-    turns the parameters' store into a compensated one.
+    turns the parameters' store into a compensated one; ``rounding_seed`` stores bf16 parameters
+    by stochastic rounding (``adawarm.rounding``), the stream of tensor ``k`` of these lists at
+    step ``t`` keyed by ``(rounding_seed, k, t)``.
 
     ``implementation=None`` picks ``fused`` where torch has the kernel for the device and
     ``foreach`` elsewhere. With ``found_inf`` set (GradScaler), nothing changes, not even the step
@@ -239,13 +243,13 @@ def torch_step(
             list(exp_avg_sqs),
             list(state_steps),
             list(compensations),
+            list(range(len(params))),
         ]
     )
     options = {"beta1": beta1, "beta2": beta2, "maximize": maximize}
     for dtype, tensor_lists in groups:
-        group_params, group_grads, group_exp_avgs, group_exp_avg_sqs, group_steps, group_buffers = (
-            tensor_lists
-        )
+        (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs) = tensor_lists[:4]
+        group_steps, group_buffers, group_positions = tensor_lists[4:]
         if dtype.is_complex:
             # As torch.optim.AdamW/RAdam: a complex number is a pair of independent reals.
             group_params, group_grads, group_exp_avgs, group_exp_avg_sqs = (
@@ -277,10 +281,15 @@ def torch_step(
             _store(stored[2], work[2])
             _store(stored[3], work[3])
             buffers = _select(group_buffers, indices)
-            if buffers[0] is None:
-                _store(stored[0], work[0])
-            else:
+            if buffers[0] is not None:
                 _store_compensated(stored[0], work[0], buffers)
+            elif rounding_seed is not None and dtype == torch.bfloat16:
+                positions = _select(group_positions, indices)
+                for param, new, position in zip(stored[0], work[0], positions, strict=True):
+                    base = stream_base(rounding_seed, position, step)
+                    param.copy_(stochastic_round_to_bf16(new, base))
+            else:
+                _store(stored[0], work[0])
 
 
 def _group_by_device_and_dtype(

@@ -137,6 +137,7 @@ def triton_step(
     found_inf: Tensor | None = None,
     table_cache: dict | None = None,
     compensations: Sequence[Tensor | None] | None = None,
+    rounding_seed: int | None = None,
 ) -> None:
     """One AdaWarm step through the Triton kernel (``warmup_steps`` resolved to an int).
 
@@ -160,11 +161,19 @@ def triton_step(
         }
         if compensations is not None and compensations[indices[0]] is not None:
             lists["compensation"] = [compensations[i] for i in indices]
-        signature = tuple(_data_pointers(tensors) for tensors in lists.values())
+        stochastic = rounding_seed is not None and dtype == torch.bfloat16
+        pointers = tuple(_data_pointers(tensors) for tensors in lists.values())
+        signature = (*pointers, tuple(indices) if stochastic else ())
         key = (device, dtype)
         tables = table_cache.get(key)
         if tables is None or tables.signature != signature:
-            tables = _build_tables(lists, signature, device)
+            tables = _build_tables(lists, pointers, device)
+            if stochastic:
+                # Random streams are numbered by position in the list, as in the torch backend.
+                tables.tensors["stream_ids"] = torch.tensor(
+                    indices, dtype=torch.int32, device=device
+                )
+            tables.signature = signature
             table_cache[key] = tables
         _kernels().launch_adawarm_step(
             tables.tensors,
@@ -180,4 +189,5 @@ def triton_step(
             maximize=maximize,
             grad_scale=None if grad_scale is None else grad_scale.to(device),
             found_inf=None if found_inf is None else found_inf.to(device),
+            rounding_seed=rounding_seed if stochastic else None,
         )

@@ -11,7 +11,7 @@ import torch
 from adawarm.schedule import WARMUP_NAMES, can_rectify, rho_inf
 
 BACKENDS = (None, "torch", "triton")
-COMPENSATIONS = (None, "kahan")
+COMPENSATIONS = (None, "kahan", "stochastic")
 
 
 def _is_real_number(value: Any) -> bool:
@@ -78,6 +78,9 @@ def check_group(group: dict[str, Any]) -> None:
         raise ValueError(
             f"Invalid compensation: {group['compensation']!r}, expected one of {COMPENSATIONS}"
         )
+    seed = group["rounding_seed"]
+    if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
+        raise ValueError(f"Invalid rounding_seed: {seed!r}, expected an int >= 0")
     backend = group["backend"]
     if backend not in BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r}, expected one of {BACKENDS}")

@@ -43,6 +43,35 @@ def _from_bits(bits):
 
 
 @triton.jit
+def _mul32(x, CONSTANT: tl.constexpr):
+    """``x * CONSTANT mod 2^32`` in int64 with products below 2^48 (as ``adawarm.rounding``)."""
+    low = x * (CONSTANT & 0xFFFF)
+    high = ((x * (CONSTANT >> 16)) & 0xFFFF) << 16
+    return (low + high) & 0xFFFFFFFF
+
+
+@triton.jit
+def _mix32(x):
+    """The lowbias32 hash of ``adawarm.rounding.mix32``, on int64 values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _stochastic_round_to_bf16(value, base, offsets):
+    """``adawarm.rounding.stochastic_round_to_bf16`` for one block: the same random bits."""
+    noise = _mix32((base + _mul32(offsets.to(tl.int64), 0x9E3779B9)) & 0xFFFFFFFF) & 0xFFFF
+    bits = value.to(tl.uint32, bitcast=True).to(tl.int64)
+    bits = (bits + noise) & 0xFFFF0000
+    rounded = bits.to(tl.uint32).to(tl.float32, bitcast=True)
+    finite = tl.abs(value) <= 3.4028234663852886e38
+    return tl.where(finite, rounded, value).to(tl.bfloat16)
+
+
+@triton.jit
 def _power(base, exponent):
     """``base ** exponent`` for an integer exponent >= 0, by repeated squaring."""
     result = base * 0.0 + 1.0
@@ -109,7 +138,14 @@ def _schedule(step, lr, beta1, beta2, eps, weight_decay, warmup_steps, RECTIFY: 
 
 
 @triton.jit(
-    do_not_specialize=["lr_bits", "beta1_bits", "beta2_bits", "eps_bits", "weight_decay_bits"]
+    do_not_specialize=[
+        "lr_bits",
+        "beta1_bits",
+        "beta2_bits",
+        "eps_bits",
+        "weight_decay_bits",
+        "rounding_seed",
+    ]
 )
 def _adawarm_step_kernel(
     param_ptrs,
@@ -118,6 +154,7 @@ def _adawarm_step_kernel(
     exp_avg_sq_ptrs,
     step_ptrs,
     compensation_ptrs,
+    stream_ids,
     numels,
     block_tensors,
     block_starts,
@@ -129,11 +166,13 @@ def _adawarm_step_kernel(
     eps_bits,
     weight_decay_bits,
     warmup_steps,
+    rounding_seed,
     grad_scale_ptr,
     found_inf_ptr,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
     RECTIFY: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     LR_FROM_TENSOR: tl.constexpr,
@@ -201,6 +240,11 @@ def _adawarm_step_kernel(
         carried = update - (stored.to(tl.float32) - old_param)
         tl.store(param_ptr + offsets, stored, mask=mask)
         tl.store(compensation_ptr + offsets, _round_to(carried, PARAM_DTYPE), mask=mask)
+    elif STOCHASTIC:
+        stream = tl.load(stream_ids + tensor).to(tl.int64)
+        inner = (_mul32(stream, 0x9E3779B9) + step) & 0xFFFFFFFF
+        base = _mix32((rounding_seed.to(tl.int64) & 0xFFFFFFFF) ^ _mix32(inner))
+        tl.store(param_ptr + offsets, _stochastic_round_to_bf16(param, base, offsets), mask=mask)
     else:
         tl.store(param_ptr + offsets, _round_to(param, PARAM_DTYPE), mask=mask)
     tl.store(exp_avg_ptr + offsets, _round_to(exp_avg, STATE_DTYPE), mask=mask)
@@ -279,8 +323,11 @@ def launch_adawarm_step(
     maximize: bool,
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
+    rounding_seed: int | None = None,
 ) -> None:
     """Launch one AdaWarm step over the tensors described by ``tables``.
+
+    ``rounding_seed`` (with a ``stream_ids`` table) stores bf16 parameters by stochastic rounding.
 
     ``tables`` holds device tensors: int64 ``param_ptrs``, ``grad_ptrs``, ``exp_avg_ptrs``,
     ``exp_avg_sq_ptrs``, ``step_ptrs``, ``numels`` and, for Kahan-compensated parameters,
@@ -297,6 +344,7 @@ def launch_adawarm_step(
         tables["exp_avg_sq_ptrs"],
         tables["step_ptrs"],
         tables.get("compensation_ptrs", tables["numels"]),
+        tables.get("stream_ids", tables["numels"]),
         tables["numels"],
         tables["block_tensors"],
         tables["block_starts"],
@@ -308,11 +356,13 @@ def launch_adawarm_step(
         float_bits(eps),
         float_bits(weight_decay),
         warmup_steps,
+        rounding_seed or 0,
         grad_scale if grad_scale is not None else tables["numels"],
         found_inf if found_inf is not None else tables["numels"],
         PARAM_DTYPE=TRITON_DTYPES[param_dtype],
         STATE_DTYPE=TRITON_DTYPES[state_dtype],
         KAHAN="compensation_ptrs" in tables,
+        STOCHASTIC=rounding_seed is not None,
         RECTIFY=rectify,
         MAXIMIZE=maximize,
         LR_FROM_TENSOR=lr_is_tensor,

@@ -30,7 +30,8 @@ kernel_options = st.fixed_dictionaries(
         "rectify": st.booleans(),
         "maximize": st.booleans(),
         "state_dtype": st.sampled_from([None, torch.bfloat16]),
-        "compensation": st.sampled_from([None, "kahan"]),
+        "compensation": st.sampled_from([None, "kahan", "stochastic"]),
+        "rounding_seed": st.integers(0, 2**31 - 1),
     }
 )
 kernel_dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
@@ -92,6 +93,9 @@ def reference_trajectory(shapes, dtype, options, steps, inf_steps):
             backend="torch",
             torch_implementation="reference",
             compensations=[s.get("compensation") for s in states],
+            rounding_seed=(
+                options["rounding_seed"] if options.get("compensation") == "stochastic" else None
+            ),
         )
     return params, states
 

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from helpers import assert_bit_identical
+from helpers import assert_bit_identical, assert_close
 
 from adawarm import AdaWarm
 
@@ -118,3 +118,57 @@ def test_kahan_leaves_fp32_parameters_alone():
 def test_bad_low_precision_options_are_refused(options, message):
     with pytest.raises(ValueError, match=message):
         AdaWarm([torch.zeros(1, requires_grad=True)], **options)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_stochastic_rounding_is_unbiased_where_plain_bf16_stalls(backend):
+    master, start = quadratic_trajectory(torch.float32, "torch")
+    rounded, _ = quadratic_trajectory(torch.bfloat16, backend, compensation="stochastic")
+    moved = (master - start).abs().mean()
+    error = rounded - master
+    # Each element ends within a few ulps of the master, and on average they are unbiased:
+    assert error.abs().mean() < 0.25 * moved
+    assert error.mean().abs() < 0.05 * moved
+
+
+def stochastic_run(backend, seed, dtype=torch.bfloat16):
+    generator = torch.Generator().manual_seed(0)
+    params = [
+        torch.randn(n, generator=generator).to(dtype).to(DEVICE).requires_grad_() for n in (1500, 7)
+    ]
+    params.append(torch.randn(5, generator=generator).to(DEVICE).requires_grad_())  # fp32: as is
+    opt = AdaWarm(params, lr=1e-3, compensation="stochastic", rounding_seed=seed, backend=backend)
+    for _ in range(8):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator).to(p.dtype).to(DEVICE)
+        opt.step()
+    moments = [opt.state[p][key].cpu() for p in params for key in ("exp_avg", "exp_avg_sq")]
+    return [p.detach().cpu() for p in params], moments
+
+
+def test_stochastic_rounding_draws_the_same_stream_in_both_backends():
+    (kernel, kernel_moments), (torch_params, torch_moments) = (
+        stochastic_run("triton", seed=3),
+        stochastic_run("torch", seed=3),
+    )
+    # The same random bits: the stored parameters agree to the bit. The fp32 moments agree to
+    # fp32 rounding (the two backends order some fp32 operations differently).
+    assert_bit_identical(kernel, torch_params)
+    for mine, theirs in zip(kernel_moments, torch_moments, strict=True):
+        assert_close(mine, theirs, torch.float32, "moment")
+
+
+def test_stochastic_rounding_is_reproducible_from_its_seed():
+    first, again = stochastic_run("torch", seed=5), stochastic_run("torch", seed=5)
+    assert_bit_identical(first[0] + first[1], again[0] + again[1])
+    assert not torch.equal(stochastic_run("torch", seed=6)[0][0], first[0][0])
+
+
+def test_stochastic_rounding_of_float16_is_refused_before_any_change():
+    param = torch.ones(3, dtype=torch.float16, requires_grad=True)
+    param.grad = torch.ones(3, dtype=torch.float16)
+    opt = AdaWarm([param], compensation="stochastic")
+    with pytest.raises(ValueError, match="'stochastic' rounds to bfloat16 only"):
+        opt.step()
+    assert torch.equal(param.detach(), torch.ones(3, dtype=torch.float16))
+    assert not opt.state[param]

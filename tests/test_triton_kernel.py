@@ -9,7 +9,7 @@ import torch
 from adawarm.kernels import adawarm_step
 from adawarm.kernels.adawarm_step import BLOCK_SIZE, kernel_schedule
 from helpers import TOLERANCES
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 from kernel_cases import (
     assert_same_params_and_state,
@@ -38,6 +38,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 def test_kernel_equals_torch_backend_and_reference(
     options, shapes, dtype, steps, inf_steps, reload_at
 ):
+    # Stochastic rounding is for bf16 parameters; fp16 ones refuse it (tested elsewhere).
+    assume(not (dtype == torch.float16 and options["compensation"] == "stochastic"))
     kernel = optimizer_trajectory(
         "triton", shapes, dtype, options, steps, inf_steps, reload_at, DEVICE
     )
