@@ -107,5 +107,13 @@ def batches(data: Tensor, context: int, batch_size: int, count: int, seed: int) 
 
 
 def loss_on(model: nn.Module, windows: Tensor) -> Tensor:
-    logits = model(windows[:, :-1])
+    """Next-byte cross-entropy. Low-precision parameters are used through fp32 copies (bf16
+    storage, fp32 compute), so only the optimizer's storage precision differs between runs; the
+    gradients flow back to the stored parameters in their dtype."""
+    tokens = windows[:, :-1]
+    if next(model.parameters()).dtype == torch.float32:
+        logits = model(tokens)
+    else:
+        upcast = {name: p.float() for name, p in model.named_parameters()}
+        logits = torch.func.functional_call(model, upcast, (tokens,))
     return F.cross_entropy(logits.reshape(-1, VOCAB), windows[:, 1:].reshape(-1))

@@ -57,6 +57,23 @@ class Method:
     kind: str  # "adamw", "radam" or "adawarm"
     warmup_steps: int | str = 0  # AdamW: a LambdaLR ramp; AdaWarm: its built-in ramp
     rectify: bool = False
+    param_dtype: str = "float32"  # "bfloat16": bf16 parameters, no fp32 master copy
+    compensation: str | None = None
+
+
+# Low precision is compared at one learning rate (the best of the grid for AdamW and AdaWarm's
+# default) with the cosine schedule: bf16 parameters against the fp32 default.
+PRECISION_LR = 1e-2
+PRECISION_LIMIT = 0.02  # nats: the promise of issue 6
+
+
+def precision_methods() -> list[Method]:
+    base = ("adawarm", DEFAULT_WARMUP_STEPS, DEFAULT_RECTIFY, "bfloat16")
+    return [
+        Method("AdaWarm default, bf16 params", *base),
+        Method("AdaWarm default, bf16 params + Kahan", *base, "kahan"),
+        Method("AdaWarm default, bf16 params + stochastic rounding", *base, "stochastic"),
+    ]
 
 
 def methods(tuned_warmups: tuple[int, ...]) -> list[Method]:
@@ -107,6 +124,7 @@ def make_optimizer(method: Method, params, lr: float, setting: Setting):
             weight_decay=setting.weight_decay,
             warmup_steps=method.warmup_steps,
             rectify=method.rectify,
+            compensation=method.compensation,
             backend="torch",
         )
     if method.kind == "radam":
@@ -146,7 +164,7 @@ def train_one(job: tuple[Method, float, int, str, Setting]) -> Run:
     start = time.perf_counter()
     corpus = stdlib_corpus()
     torch.manual_seed(seed)
-    model = PostLNTransformer(setting.model)
+    model = PostLNTransformer(setting.model).to(getattr(torch, method.param_dtype))
     optimizer = make_optimizer(method, model.parameters(), lr, setting)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lr_multiplier(method, schedule, setting)
@@ -259,6 +277,24 @@ def check_default(table, default_name: str, lrs, schedules, warmups) -> list[str
     return verdicts
 
 
+def precision_report(table, default_name: str) -> tuple[list[str], list[str]]:
+    """The low-precision rows against the fp32 default, and the 0.02-nat promise per row."""
+    reference = table[(default_name, "cosine", PRECISION_LR)]
+    rows = ["| parameters | final loss | vs fp32 |", "| --- | --- | --- |"]
+    rows.append(f"| fp32 ({default_name}) | {format_cell(reference)} | - |")
+    verdicts = []
+    for method in precision_methods():
+        cell = table[(method.name, "cosine", PRECISION_LR)]
+        gap = cell.mean - reference.mean
+        rows.append(f"| {method.name} | {format_cell(cell)} | {gap:+.3f} |")
+        if method.compensation is not None:
+            verdict = "PASS" if abs(gap) <= PRECISION_LIMIT else "FAIL"
+            verdicts.append(
+                f"{method.name}: {gap:+.3f} nats from fp32 (limit {PRECISION_LIMIT}): {verdict}"
+            )
+    return rows, verdicts
+
+
 def plot_results(
     runs: list[Run], table, method_names, lrs, schedules, collapse_at, out: Path
 ) -> list[Path]:
@@ -369,6 +405,13 @@ def main(argv: list[str] | None = None) -> dict:
         for lr in lrs
         for seed in seeds
     ]
+    precise = "cosine" in schedules and PRECISION_LR in lrs
+    if precise:
+        jobs += [
+            (m, PRECISION_LR, seed, "cosine", setting)
+            for m in precision_methods()
+            for seed in seeds
+        ]
     corpus = stdlib_corpus()
     collapse_at = corpus.unigram_entropy()
     start = time.perf_counter()
@@ -393,6 +436,10 @@ def main(argv: list[str] | None = None) -> dict:
     for schedule in schedules:
         text += ["", f"### {schedule} schedule", "", summary_table(table, names, lrs, schedule)]
     verdicts = check_default(table, default_name, lrs, schedules, warmups)
+    if precise:
+        rows, precision_verdicts = precision_report(table, default_name)
+        text += ["", f"### bf16 parameters (cosine, lr {PRECISION_LR:g})", "", *rows]
+        verdicts += precision_verdicts
     text += [
         "",
         f"Defaults ({default_name}) against their promises:",

@@ -36,6 +36,7 @@ class Case:
     name: str
     shapes: tuple[tuple[int, ...], ...]
     dtype: torch.dtype = torch.float32
+    low_precision: bool = False  # compare the low-precision configurations (issue 6)
 
     @property
     def numel(self) -> int:
@@ -53,6 +54,7 @@ def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
 CPU_CASES = (
     Case("10M fp32 params in 4 tensors", ((2_500_000,),) * 4),
     Case("2000 tensors of 5000", ((5000,),) * 2000),
+    Case("10M bf16 params in 4 tensors", ((2_500_000,),) * 4, torch.bfloat16, True),
 )
 QUICK_CPU_CASES = (Case("2M fp32 params in 4 tensors", ((500_000,),) * 4),)
 GPU_CASES = (
@@ -61,6 +63,7 @@ GPU_CASES = (
     Case("(c) 2000 tensors of 5000", ((5000,),) * 2000),
     Case("(d) GPT-2 124M bf16 params", gpt2_small_shapes(), torch.bfloat16),
     Case("(e) 500 tensors of 4096 (host time)", ((4096,),) * 500),
+    Case("(f) GPT-2 124M bf16, low precision", gpt2_small_shapes(), torch.bfloat16, True),
 )
 
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
@@ -83,11 +86,43 @@ def optimizers(device: torch.device) -> dict[str, OptimizerFactory]:
     return table
 
 
-def bytes_per_param(param_dtype: torch.dtype, state_dtype: torch.dtype) -> int:
-    """Bytes a step must move per parameter: read p, g, m, v; write p, m, v."""
+def low_precision_optimizers(device: torch.device) -> dict[str, OptimizerFactory]:
+    """bf16-parameter configurations: torch's fused AdamW (bf16 moments) against AdaWarm's
+    fp32 or bf16 moments, with and without compensation."""
+    backends = ["torch", "triton"] if device.type == "cuda" else ["torch"]
+    variants = {
+        "fp32 moments": {},
+        "bf16 moments": {"state_dtype": torch.bfloat16},
+        "bf16 moments + Kahan": {"state_dtype": torch.bfloat16, "compensation": "kahan"},
+        "bf16 moments + SR": {"state_dtype": torch.bfloat16, "compensation": "stochastic"},
+    }
+    table: dict[str, OptimizerFactory] = {
+        "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
+    }
+    for backend in backends:
+        for label, options in variants.items():
+            table[f"AdaWarm {backend}, {label}"] = lambda ps, b=backend, o=options: AdaWarm(
+                ps, rectify=True, backend=b, **o
+            )
+    return table
+
+
+def bytes_per_param(
+    param_dtype: torch.dtype,
+    state_dtype: torch.dtype,
+    compensation_dtype: torch.dtype | None = None,
+) -> int:
+    """Bytes a step must move per parameter: read p, g, m, v; write p, m, v (and read and write
+    a Kahan buffer when there is one)."""
     param_bytes = torch.finfo(param_dtype).bits // 8
     state_bytes = torch.finfo(state_dtype).bits // 8
-    return 3 * param_bytes + 4 * state_bytes
+    extra = 0 if compensation_dtype is None else 2 * (torch.finfo(compensation_dtype).bits // 8)
+    return 3 * param_bytes + 4 * state_bytes + extra
+
+
+def state_bytes_per_param(state: dict[str, torch.Tensor], numel: int) -> int:
+    """Bytes of optimizer state kept per parameter (moments and any Kahan buffer)."""
+    return sum(t.element_size() for t in state.values() if t.numel() == numel and numel > 1)
 
 
 class Timer:
@@ -154,6 +189,7 @@ class Row:
     threads: int | None
     params: int
     bytes_per_param: int
+    state_bytes_per_param: int
     median_ms: float
     gb_per_s: float
     percent_of_copy: float
@@ -189,8 +225,11 @@ def measure(case: Case, name: str, factory: OptimizerFactory, device, timer, ste
     for _ in range(WARMUP_STEPS):
         optimizer.step()
     seconds = timer.median_seconds(optimizer.step, steps)
-    state_dtype = optimizer.state[params[0]]["exp_avg"].dtype
-    per_param = bytes_per_param(case.dtype, state_dtype)
+    state = optimizer.state[params[0]]
+    compensation = state.get("compensation")
+    per_param = bytes_per_param(
+        case.dtype, state["exp_avg"].dtype, None if compensation is None else compensation.dtype
+    )
     gbs = per_param * case.numel / seconds / 1e9
     on_gpu = device.type == "cuda"
     return Row(
@@ -200,6 +239,7 @@ def measure(case: Case, name: str, factory: OptimizerFactory, device, timer, ste
         threads=None if on_gpu else torch.get_num_threads(),
         params=case.numel,
         bytes_per_param=per_param,
+        state_bytes_per_param=state_bytes_per_param(state, params[0].numel()),
         median_ms=seconds * 1e3,
         gb_per_s=gbs,
         percent_of_copy=100 * gbs / copy_gbs,
@@ -214,12 +254,12 @@ def measure(case: Case, name: str, factory: OptimizerFactory, device, timer, ste
 def run(device, cases, threads_list, steps, progress=None) -> list[Row]:
     rows = []
     timer = Timer(device)
-    table = optimizers(device)
     for threads in threads_list:
         if device.type == "cpu":
             torch.set_num_threads(threads)
         copy_gbs = copy_bandwidth(device, max(case.numel for case in cases), timer)
         for case in cases:
+            table = low_precision_optimizers(device) if case.low_precision else optimizers(device)
             for name, factory in table.items():
                 rows.append(measure(case, name, factory, device, timer, steps, copy_gbs))
                 if device.type == "cuda":
@@ -232,8 +272,8 @@ def run(device, cases, threads_list, steps, progress=None) -> list[Row]:
 def format_table(rows: list[Row]) -> str:
     fused = {(r.case, r.threads): r.median_ms for r in rows if r.optimizer == "torch AdamW fused"}
     lines = [
-        f"{'case':36} {'optimizer':22} {'thr':>3} {'ms':>9} {'GB/s':>8} {'%copy':>6} "
-        f"{'vs fused':>8} {'launch':>6} {'host us':>8}"
+        f"{'case':36} {'optimizer':34} {'thr':>3} {'ms':>9} {'B/par':>5} {'state B':>7} "
+        f"{'GB/s':>8} {'%copy':>6} {'vs fused':>8} {'launch':>6} {'host us':>8}"
     ]
     lines.append("-" * len(lines[0]))
     for r in rows:
@@ -242,7 +282,8 @@ def format_table(rows: list[Row]) -> str:
         launches = "-" if r.launches_per_step is None else str(r.launches_per_step)
         host = "-" if r.host_us is None else f"{r.host_us:.0f}"
         lines.append(
-            f"{r.case:36} {r.optimizer:22} {threads:>3} {r.median_ms:9.3f} {r.gb_per_s:8.1f} "
+            f"{r.case:36} {r.optimizer:34} {threads:>3} {r.median_ms:9.3f} "
+            f"{r.bytes_per_param:5d} {r.state_bytes_per_param:7d} {r.gb_per_s:8.1f} "
             f"{r.percent_of_copy:6.1f} {ratio:7.2f}x {launches:>6} {host:>8}"
         )
     return "\n".join(lines)
@@ -311,7 +352,10 @@ def main(argv: list[str] | None = None) -> list[Row]:
     else:
         cases, threads = CPU_CASES, args.threads
     steps = 10 if args.quick else args.steps
-    total = len(threads) * len(cases) * len(optimizers(device))
+    total = len(threads) * sum(
+        len(low_precision_optimizers(device) if c.low_precision else optimizers(device))
+        for c in cases
+    )
     with tqdm(total=total, desc="speed", unit="run") as progress:
         rows = run(device, cases, threads, steps, progress)
     print(format_table(rows))

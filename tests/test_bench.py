@@ -93,3 +93,30 @@ def test_cli_dispatches_sub_commands_and_refuses_unknown_ones(tmp_path):
     assert (tmp_path / "schedule.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         main(["bogus"])
+
+
+def test_low_precision_speed_rows_count_state_and_moved_bytes():
+    assert speed.bytes_per_param(torch.bfloat16, torch.bfloat16, torch.bfloat16) == 18
+    case = speed.Case("tiny bf16", ((1000,),), torch.bfloat16, low_precision=True)
+    rows = {r.optimizer: r for r in speed.run(torch.device("cpu"), [case], [1], steps=2)}
+    assert rows["torch AdamW fused"].state_bytes_per_param == 4  # bf16 moments
+    assert rows["AdaWarm torch, fp32 moments"].state_bytes_per_param == 8
+    assert rows["AdaWarm torch, bf16 moments"].bytes_per_param == 14
+    kahan = rows["AdaWarm torch, bf16 moments + Kahan"]
+    assert (kahan.state_bytes_per_param, kahan.bytes_per_param) == (6, 18)
+
+
+def test_precision_report_checks_the_compensated_rows_against_fp32():
+    names = [m.name for m in quality.precision_methods()]
+    table = make_table(
+        {
+            "Mine (default)": {quality.PRECISION_LR: [2.40, 2.42]},
+            names[0]: {quality.PRECISION_LR: [2.50, 2.52]},
+            names[1]: {quality.PRECISION_LR: [2.41, 2.43]},
+            names[2]: {quality.PRECISION_LR: [2.44, 2.46]},
+        }
+    )
+    table = {(m, "cosine", lr): cell for (m, _, lr), cell in table.items()}
+    rows, verdicts = quality.precision_report(table, "Mine (default)")
+    assert len(rows) == 6 and len(verdicts) == 2
+    assert verdicts[0].endswith("PASS") and verdicts[1].endswith("FAIL")
