@@ -137,6 +137,8 @@ def _schedule(step, lr, beta1, beta2, eps, weight_decay, warmup_steps, RECTIFY: 
     return decay, step_size, bias_correction2_sqrt, eps_t, adaptive
 
 
+# Hyper-parameters, the warmup length and the seed are data, not compile-time choices: without
+# this, Triton would compile another variant whenever one of them equals 1.
 @triton.jit(
     do_not_specialize=[
         "lr_bits",
@@ -144,6 +146,7 @@ def _schedule(step, lr, beta1, beta2, eps, weight_decay, warmup_steps, RECTIFY: 
         "beta2_bits",
         "eps_bits",
         "weight_decay_bits",
+        "warmup_steps",
         "rounding_seed",
     ]
 )
@@ -256,7 +259,9 @@ def _adawarm_step_kernel(
         tl.store(done_counters + tensor, 0)
 
 
-@triton.jit
+# Specialising on an int argument equal to 1 would turn warmup_steps = 1 into a constant and
+# compile another variant; values are data here, not compile-time choices.
+@triton.jit(do_not_specialize=["warmup_steps"])
 def _schedule_kernel(
     steps_ptr,
     out_ptr,
