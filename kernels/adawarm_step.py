@@ -231,7 +231,7 @@ def _adawarm_step_kernel(
     exp_avg_sq = exp_avg_sq * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * grad * grad
     denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt.to(tl.float32) + eps_t.to(tl.float32)
     denom = tl.where(adaptive, denom, 1.0)
-    param = param - step_size.to(tl.float32) * exp_avg / denom
+    param = param - step_size.to(tl.float32) * (exp_avg / denom)
 
     if KAHAN:
         # Compensated store (as adawarm.torch_backend): the update plus the carried rounding
