@@ -205,7 +205,8 @@ class AdaWarm(Optimizer):
                 state["exp_avg_sq"] = _moment_like(param, state_dtype)
                 if needs_compensation(param, compensation):
                     state["compensation"] = torch.zeros_like(param)
-            elif state["step"].device != (param.device if on_device else _CPU):
+            elif state["step"].is_cpu != (param.is_cpu or not on_device):
+                # Loaded from a checkpoint, or the backend changed: move the counter once.
                 state["step"] = state["step"].to(param.device if on_device else _CPU)
             exp_avgs.append(state["exp_avg"])
             exp_avg_sqs.append(state["exp_avg_sq"])

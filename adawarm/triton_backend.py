@@ -47,15 +47,17 @@ def unservable_reason(params: Sequence[Tensor]) -> str | None:
     """Why the Triton backend cannot update these parameters, or None when it can."""
     if not triton_importable():
         return "triton is not installed"
+    interpreting = interpreter_enabled()
     for param in params:
-        device = param.device
-        if device.type == "cpu" and not interpreter_enabled():
-            return (
-                f"a parameter is on {device}; the Triton kernels need CUDA tensors (or CPU "
-                "tensors with TRITON_INTERPRET=1 set before triton is imported)"
-            )
-        if device.type not in ("cuda", "cpu"):
-            return f"a parameter is on {device}; the Triton kernels need CUDA tensors"
+        # Cheap flags first: this runs every step for every parameter.
+        if not param.is_cuda:
+            if param.is_cpu and not interpreting:
+                return (
+                    f"a parameter is on {param.device}; the Triton kernels need CUDA tensors (or "
+                    "CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
+                )
+            if not param.is_cpu:
+                return f"a parameter is on {param.device}; the Triton kernels need CUDA tensors"
         if param.dtype not in KERNEL_DTYPES:
             return f"a parameter has dtype {param.dtype}; the Triton kernels take {KERNEL_DTYPES}"
         if not param.is_contiguous():
@@ -75,7 +77,7 @@ class PointerTables:
 
 
 def _data_pointers(tensors: Sequence[Tensor]) -> tuple[int, ...]:
-    return tuple(tensor.data_ptr() for tensor in tensors)
+    return tuple(map(Tensor.data_ptr, tensors))  # map: ~2x cheaper than a generator per tensor
 
 
 def _build_tables(
