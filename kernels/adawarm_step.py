@@ -27,11 +27,14 @@ import torch
 import triton
 import triton.language as tl
 
+from adawarm.schedule import RECTIFICATION_THRESHOLD
+
 # Elements per program. Untuned: to be measured on a GPU (issue 3's benchmark); 1024 fp32 elements
 # per program with 4 warps is the Triton tutorials' choice for memory-bound element-wise kernels.
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
-RECTIFICATION_THRESHOLD = 5.0
+# RAdam takes the adaptive step only while rho_t exceeds this (defined in adawarm.schedule).
+_RECTIFICATION_THRESHOLD = tl.constexpr(RECTIFICATION_THRESHOLD)
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -118,7 +121,7 @@ def _schedule(step, lr, beta1, beta2, eps, weight_decay, warmup_steps, RECTIFY: 
     if RECTIFY:
         rho_inf = 2.0 / (1.0 - beta2) - 1.0
         rho_t = rho_inf - 2.0 * t * beta2_t / bias_correction2
-        adaptive = rho_t > 5.0
+        adaptive = rho_t > _RECTIFICATION_THRESHOLD
         rho_t_safe = tl.where(adaptive, rho_t, rho_inf)
         rectification = tl.sqrt(
             (rho_t_safe - 4.0)
