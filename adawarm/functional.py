@@ -20,8 +20,9 @@ else:
         from torch.distributed._tensor import DTensor as _DTensor
 
 
-def local_tensors(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """The local shards of DTensors (FSDP2, tensor parallel), other tensors as they are.
+def local_tensors(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
+    """The local shards of DTensors (FSDP2, tensor parallel), other entries (tensors, None) as
+    they are.
 
     The update is element-wise, so each rank updates its own shard; the DTensors share storage
     with their local tensors, so the update lands in them.
@@ -83,6 +84,8 @@ def adawarm(
     params, grads, exp_avgs, exp_avg_sqs = (
         local_tensors(tensors) for tensors in (params, grads, exp_avgs, exp_avg_sqs)
     )
+    if compensations is not None:
+        compensations = local_tensors(compensations)
     run_backend(
         select_backend(backend, params),
         params,

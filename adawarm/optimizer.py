@@ -38,7 +38,7 @@ def state_dtype_for(param: Tensor, state_dtype: torch.dtype | None = None) -> to
     return param.dtype
 
 
-def _moment_like(param: Tensor, state_dtype: torch.dtype | None = None) -> Tensor:
+def moment_like(param: Tensor, state_dtype: torch.dtype | None = None) -> Tensor:
     """A zero moment buffer for ``param``: its shape and strides, in the state dtype."""
     return torch.zeros_like(
         param, dtype=state_dtype_for(param, state_dtype), memory_format=torch.preserve_format
@@ -145,6 +145,8 @@ class AdaWarm(Optimizer):
             "backend": backend,
         }
         check_group(defaults)
+        # Per parameter group, the Triton backend's cached pointer tables.
+        self._table_caches: dict[int, dict] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -157,6 +159,7 @@ class AdaWarm(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        self._table_caches = {}  # not pickled (torch's __getstate__ keeps the state dicts only)
         for group in self.param_groups:
             for key, value in self.defaults.items():
                 group.setdefault(key, value)
@@ -201,8 +204,8 @@ class AdaWarm(Optimizer):
             if not state:
                 device = param.device if on_device else "cpu"
                 state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-                state["exp_avg"] = _moment_like(param, state_dtype)
-                state["exp_avg_sq"] = _moment_like(param, state_dtype)
+                state["exp_avg"] = moment_like(param, state_dtype)
+                state["exp_avg_sq"] = moment_like(param, state_dtype)
                 if needs_compensation(param, compensation):
                     state["compensation"] = torch.zeros_like(param)
             elif state["step"].is_cpu != (param.is_cpu or not on_device):
@@ -277,19 +280,12 @@ class AdaWarm(Optimizer):
                 grad_scale=grad_scale,
                 found_inf=found_inf,
                 table_cache=self._table_caches.setdefault(index, {}),
-                compensations=[None if b is None else local_tensors([b])[0] for b in buffers],
+                compensations=local_tensors(buffers),
                 rounding_seed=(
                     group["rounding_seed"] if group["compensation"] == "stochastic" else None
                 ),
             )
         return loss
-
-    @property
-    def _table_caches(self) -> dict[int, dict]:
-        """Per parameter group, the Triton backend's cached pointer tables."""
-        if "_triton_tables" not in self.__dict__:
-            self.__dict__["_triton_tables"] = {}
-        return self.__dict__["_triton_tables"]
 
     @staticmethod
     def _backend_for(group: dict[str, Any], params: list[Tensor]) -> str:
@@ -387,7 +383,7 @@ class AdaWarm(Optimizer):
         # moments of bf16 parameters; take them from the checkpoint in AdaWarm's state dtype.
         for param, saved_state, group in moments:
             for key in ("exp_avg", "exp_avg_sq"):
-                self.state[param][key] = _moment_like(param, group["state_dtype"]).copy_(
+                self.state[param][key] = moment_like(param, group["state_dtype"]).copy_(
                     saved_state[key]
                 )
             # Kahan buffers follow this optimizer's option: kept when both sides have them,

@@ -296,6 +296,53 @@ def precision_report(table, default_name: str) -> tuple[list[str], list[str]]:
     return rows, verdicts
 
 
+def _draw_loss_vs_lr(ax, schedule, runs, table, method_names, lrs, collapse_at) -> None:
+    """Final loss against learning rate, seed mean with [min, max] bars; diverged drawn at top."""
+    for name in method_names:
+        finals = [
+            [min(x, collapse_at + 1.0) if math.isfinite(x) else collapse_at + 1.0 for x in c.losses]
+            for c in (table[(name, schedule, lr)] for lr in lrs)
+        ]
+        means = [statistics.fmean(f) for f in finals]
+        low = [m - min(f) for m, f in zip(means, finals, strict=True)]
+        high = [max(f) - m for m, f in zip(means, finals, strict=True)]
+        ax.errorbar(lrs, means, yerr=[low, high], marker="o", capsize=3, label=name)
+    ax.axhline(
+        collapse_at,
+        color="black",
+        linestyle="--",
+        linewidth=0.8,
+        label="unigram entropy (collapse)",
+    )
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("final validation loss (nats/byte; diverged drawn at top)")
+    ax.set_title(f"{schedule} schedule")
+
+
+def _draw_curves(ax, schedule, runs, table, method_names, lrs, collapse_at) -> None:
+    """Seed-mean validation curves at the best lr (solid) and the next-to-highest lr (dotted)."""
+
+    def best_mean(lr: float) -> float:
+        means = (table[(n, schedule, lr)].mean for n in method_names)
+        return min((m for m in means if math.isfinite(m)), default=math.inf)
+
+    second_highest = sorted(lrs)[-2] if len(lrs) > 1 else max(lrs)
+    for lr, style in ((min(lrs, key=best_mean), "-"), (second_highest, ":")):
+        for index, name in enumerate(method_names):
+            curves = [r.curve for r in runs if (r.method, r.schedule, r.lr) == (name, schedule, lr)]
+            shortest = min(len(c) for c in curves)
+            points = list(zip(*[c[:shortest] for c in curves], strict=True))
+            steps = [point[0][0] for point in points]
+            mean = [statistics.fmean(p[1] for p in point) for point in points]
+            ax.plot(steps, mean, style, color=f"C{index}", label=f"{name}, lr {lr:g}")
+    ax.axhline(collapse_at, color="black", linestyle="--", linewidth=0.8)
+    ax.set_ylim(top=collapse_at + 1.0)
+    ax.set_xlabel("step")
+    ax.set_ylabel("validation loss (seed mean)")
+    ax.set_title(f"{schedule}: best lr (solid) and next-to-highest lr (dotted)")
+
+
 def plot_results(
     runs: list[Run], table, method_names, lrs, schedules, collapse_at, out: Path
 ) -> list[Path]:
@@ -305,72 +352,21 @@ def plot_results(
     import matplotlib.pyplot as plt
 
     paths = []
-    fig, axes = plt.subplots(1, len(schedules), figsize=(6 * len(schedules), 4.5), squeeze=False)
-    for ax, schedule in zip(axes[0], schedules, strict=True):
-        for name in method_names:
-            cells_ = [table[(name, schedule, lr)] for lr in lrs]
-            finals = [
-                [
-                    min(x, collapse_at + 1.0) if math.isfinite(x) else collapse_at + 1.0
-                    for x in c.losses
-                ]
-                for c in cells_
-            ]
-            means = [statistics.fmean(f) for f in finals]
-            low = [m - min(f) for m, f in zip(means, finals, strict=True)]
-            high = [max(f) - m for m, f in zip(means, finals, strict=True)]
-            ax.errorbar(lrs, means, yerr=[low, high], marker="o", capsize=3, label=name)
-        ax.axhline(
-            collapse_at,
-            color="black",
-            linestyle="--",
-            linewidth=0.8,
-            label="unigram entropy (collapse)",
+    figures = (
+        ("quality-loss-vs-lr.png", _draw_loss_vs_lr, 7),
+        ("quality-curves.png", _draw_curves, 6),
+    )
+    for filename, draw, legend_size in figures:
+        fig, axes = plt.subplots(
+            1, len(schedules), figsize=(6 * len(schedules), 4.5), squeeze=False
         )
-        ax.set_xscale("log")
-        ax.set_xlabel("learning rate")
-        ax.set_ylabel("final validation loss (nats/byte; diverged drawn at top)")
-        ax.set_title(f"{schedule} schedule")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(out / "quality-loss-vs-lr.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
-
-    fig, axes = plt.subplots(1, len(schedules), figsize=(6 * len(schedules), 4.5), squeeze=False)
-    for ax, schedule in zip(axes[0], schedules, strict=True):
-        best_lr = min(
-            lrs,
-            key=lambda lr: min(
-                (
-                    table[(n, schedule, lr)].mean
-                    for n in method_names
-                    if math.isfinite(table[(n, schedule, lr)].mean)
-                ),
-                default=math.inf,
-            ),
-        )
-        high_lr = max(lrs)
-        for lr, style in ((best_lr, "-"), (sorted(lrs)[-2] if len(lrs) > 1 else high_lr, ":")):
-            for index, name in enumerate(method_names):
-                curves = [
-                    r.curve for r in runs if (r.method, r.schedule, r.lr) == (name, schedule, lr)
-                ]
-                shortest = min(len(c) for c in curves)
-                points = list(zip(*[c[:shortest] for c in curves], strict=True))
-                steps = [point[0][0] for point in points]
-                mean = [statistics.fmean(p[1] for p in point) for point in points]
-                ax.plot(steps, mean, style, color=f"C{index}", label=f"{name}, lr {lr:g}")
-        ax.axhline(collapse_at, color="black", linestyle="--", linewidth=0.8)
-        ax.set_ylim(top=collapse_at + 1.0)
-        ax.set_xlabel("step")
-        ax.set_ylabel("validation loss (seed mean)")
-        ax.set_title(f"{schedule}: best lr (solid) and next-to-highest lr (dotted)")
-    axes[0][0].legend(fontsize=6)
-    fig.tight_layout()
-    paths.append(out / "quality-curves.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+        for ax, schedule in zip(axes[0], schedules, strict=True):
+            draw(ax, schedule, runs, table, method_names, lrs, collapse_at)
+        axes[0][0].legend(fontsize=legend_size)
+        fig.tight_layout()
+        paths.append(out / filename)
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
 
 

@@ -10,7 +10,7 @@ from helpers import assert_close, gradient_stream, make_params
 from hypothesis import strategies as st
 
 from adawarm import AdaWarm, adawarm
-from adawarm.optimizer import needs_compensation, state_dtype_for
+from adawarm.optimizer import moment_like, needs_compensation
 
 GRAD_SCALE = 1024.0  # a power of two: scaling and unscaling are exact
 
@@ -64,8 +64,8 @@ def reference_trajectory(shapes, dtype, options, steps, inf_steps):
     states = [
         {
             "step": torch.tensor(0.0),
-            "exp_avg": torch.zeros_like(p, dtype=state_dtype_for(p, state_dtype)),
-            "exp_avg_sq": torch.zeros_like(p, dtype=state_dtype_for(p, state_dtype)),
+            "exp_avg": moment_like(p, state_dtype),
+            "exp_avg_sq": moment_like(p, state_dtype),
         }
         for p in params
     ]

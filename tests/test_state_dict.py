@@ -113,3 +113,18 @@ def test_two_runs_with_the_same_seed_are_bit_identical():
         assert_bit_identical(
             [a["exp_avg"], a["exp_avg_sq"], a["step"]], [b["exp_avg"], b["exp_avg_sq"], b["step"]]
         )
+
+
+def test_a_copied_or_pickled_optimizer_keeps_stepping_like_the_original():
+    import pickle
+
+    params = make_params([(5,)], torch.float32, seed=25)
+    opt = AdaWarm(params, lr=1e-2, warmup_steps=3)
+    params[0].grad = torch.ones(5)
+    opt.step()
+    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        for group in clone.param_groups:
+            for param in group["params"]:
+                param.grad = torch.ones_like(param)  # pickling drops gradients
+        clone.step()
+        assert float(next(iter(clone.state.values()))["step"]) == 2.0

@@ -15,7 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from adawarm import adawarm
-from adawarm.optimizer import state_dtype_for
+from adawarm.optimizer import moment_like
 from adawarm.torch_backend import IMPLEMENTATIONS
 
 
@@ -24,8 +24,8 @@ def run_functional(implementation, shapes, dtype, steps, seed, options, strided_
     if strided_params:
         generator = torch.Generator().manual_seed(seed)
         params = [non_contiguous_randn(p.shape, dtype, generator) for p in params]
-    exp_avgs = [torch.zeros_like(p, dtype=state_dtype_for(p)) for p in params]
-    exp_avg_sqs = [torch.zeros_like(p, dtype=state_dtype_for(p)) for p in params]
+    exp_avgs = [moment_like(p) for p in params]
+    exp_avg_sqs = [moment_like(p) for p in params]
     state_steps = [torch.tensor(0.0) for _ in params]
     for grads in gradient_stream(shapes, dtype, steps, seed):
         adawarm(
