@@ -81,8 +81,16 @@ def _data_pointers(tensors: Sequence[Tensor]) -> tuple[int, ...]:
 
 
 def _build_tables(
-    lists: dict[str, list[Tensor]], signature: tuple[tuple[int, ...], ...], device: torch.device
-) -> PointerTables:
+    lists: dict[str, list[Tensor]],
+    pointers: tuple[tuple[int, ...], ...],
+    device: torch.device,
+    stream_ids: list[int] | None = None,
+) -> dict[str, Tensor]:
+    """Check the tensors of one launch group and put their tables on the device.
+
+    ``stream_ids`` numbers the tensors' random streams for stochastic rounding: their positions
+    in the list the backend received, as in the torch backend.
+    """
     for name, tensors in lists.items():
         for tensor in tensors:
             if tensor.device != device:
@@ -109,15 +117,17 @@ def _build_tables(
     kernels = _kernels()
     numels = [param.numel() for param in lists["param"]]
     block_tensors, block_starts = kernels.block_tables(numels, device)
-    pointers = torch.tensor(signature, dtype=torch.int64)
-    tensors = {f"{name}_ptrs": pointers[index].to(device) for index, name in enumerate(lists)}
+    table = torch.tensor(pointers, dtype=torch.int64)
+    tensors = {f"{name}_ptrs": table[index].to(device) for index, name in enumerate(lists)}
     tensors.update(
         numels=torch.tensor(numels, dtype=torch.int64, device=device),
         block_tensors=block_tensors,
         block_starts=block_starts,
         done_counters=torch.zeros(len(numels), dtype=torch.int32, device=device),
     )
-    return PointerTables(signature, tensors)
+    if stream_ids is not None:
+        tensors["stream_ids"] = torch.tensor(stream_ids, dtype=torch.int32, device=device)
+    return tensors
 
 
 def triton_step(
@@ -169,13 +179,8 @@ def triton_step(
         key = (device, dtype)
         tables = table_cache.get(key)
         if tables is None or tables.signature != signature:
-            tables = _build_tables(lists, pointers, device)
-            if stochastic:
-                # Random streams are numbered by position in the list, as in the torch backend.
-                tables.tensors["stream_ids"] = torch.tensor(
-                    indices, dtype=torch.int32, device=device
-                )
-            tables.signature = signature
+            stream_ids = indices if stochastic else None
+            tables = PointerTables(signature, _build_tables(lists, pointers, device, stream_ids))
             table_cache[key] = tables
         _kernels().launch_adawarm_step(
             tables.tensors,

@@ -1,14 +1,15 @@
 """The fused AdaWarm step: one Triton launch updates any number of tensors.
 
 The launcher receives int64 tables of data pointers (params, grads, exp_avg, exp_avg_sq, step
-counters), one entry per tensor, and per-block tables mapping each program to a tensor and an
-element offset. Each program:
+counters, and Kahan buffers when used), one entry per tensor, and per-block tables mapping each
+program to a tensor and an element offset. Each program:
 
 1. loads its tensor's step counter ``s`` (fp32, on the device) and computes the whole schedule for
    ``t = s + 1`` in fp64 -- the same formulas as ``adawarm.schedule``, which the tests check it
    against. fp64 matters: RAdam's ``rho_t`` loses too much to cancellation in fp32. Powers are
    taken by repeated squaring (multiplications only), so no libdevice function is needed;
-2. loads a block of param, grad and moments, computes in fp32, and stores in the tensors' dtypes;
+2. loads a block of param, grad and moments, computes in fp32, and stores in the tensors' dtypes
+   (rounding to nearest even, Kahan-compensated, or stochastically -- constexpr switches);
 3. counts itself done on a per-tensor counter; the tensor's last program writes ``t`` back to the
    step counter and resets the counter. Every program has read the step before its atomic
    (acq_rel) increment, so no program can see the new step; a tensor of zero elements still gets
