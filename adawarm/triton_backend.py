@@ -14,11 +14,13 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import attrgetter
 
 import torch
 from torch import Tensor
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
 
 
@@ -43,13 +45,32 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+IS_CUDA = attrgetter("is_cuda")
+_IS_CPU = attrgetter("is_cpu")
+_DTYPE = attrgetter("dtype")
+
+
 def unservable_reason(params: Sequence[Tensor]) -> str | None:
     """Why the Triton backend cannot update these parameters, or None when it can."""
     if not triton_importable():
         return "triton is not installed"
+    # This runs every step: whole-list passes first (~40 ns a tensor each), the loop that names
+    # the offending parameter only when one of them fails.
+    devices_served = all(map(IS_CUDA, params)) or (
+        interpreter_enabled() and all(map(_IS_CPU, params))
+    )
+    if (
+        devices_served
+        and set(map(_DTYPE, params)) <= _KERNEL_DTYPE_SET
+        and all(map(Tensor.is_contiguous, params))
+    ):
+        return None
+    return _first_unservable(params)
+
+
+def _first_unservable(params: Sequence[Tensor]) -> str | None:
     interpreting = interpreter_enabled()
     for param in params:
-        # Cheap flags first: this runs every step for every parameter.
         if not param.is_cuda:
             if param.is_cpu and not interpreting:
                 return (
@@ -74,6 +95,30 @@ class PointerTables:
 
     signature: tuple[tuple[int, ...], ...]
     tensors: dict[str, Tensor]
+
+
+def _launch_groups(
+    params: Sequence[Tensor],
+) -> list[tuple[torch.device, torch.dtype, range | list]]:
+    """(device, dtype, indices into ``params``) of each launch.
+
+    One pass over each attribute decides the common case, a single group (~100 us less at 500
+    tensors than grouping tensor by tensor).
+    """
+    dtypes = list(map(_DTYPE, params))
+    device_indices = list(map(Tensor.get_device, params))  # an int: cheaper than .device
+    if len(set(dtypes)) == 1 and len(set(device_indices)) == 1:
+        return [(params[0].device, dtypes[0], range(len(params)))]
+    groups: dict[tuple[int, torch.dtype], list[int]] = defaultdict(list)
+    for index, key in enumerate(zip(device_indices, dtypes, strict=True)):
+        groups[key].append(index)
+    return [(params[indices[0]].device, key[1], indices) for key, indices in groups.items()]
+
+
+def _select(tensors: Sequence, indices: range | list) -> list:
+    if isinstance(indices, range) and len(indices) == len(tensors):
+        return list(tensors)
+    return [tensors[index] for index in indices]
 
 
 def _data_pointers(tensors: Sequence[Tensor]) -> tuple[int, ...]:
@@ -159,27 +204,24 @@ def triton_step(
     """
     if table_cache is None:
         table_cache = {}
-    groups: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for index, param in enumerate(params):
-        groups[(param.device, param.dtype)].append(index)
-    for (device, dtype), indices in groups.items():
+    for device, dtype, indices in _launch_groups(params):
         lists = {
-            "param": [params[i] for i in indices],
+            "param": _select(params, indices),
             # The kernel indexes gradients like their (contiguous) parameters.
-            "grad": [grads[i].contiguous() for i in indices],
-            "exp_avg": [exp_avgs[i] for i in indices],
-            "exp_avg_sq": [exp_avg_sqs[i] for i in indices],
-            "step": [state_steps[i] for i in indices],
+            "grad": list(map(Tensor.contiguous, _select(grads, indices))),
+            "exp_avg": _select(exp_avgs, indices),
+            "exp_avg_sq": _select(exp_avg_sqs, indices),
+            "step": _select(state_steps, indices),
         }
         if compensations is not None and compensations[indices[0]] is not None:
-            lists["compensation"] = [compensations[i] for i in indices]
+            lists["compensation"] = _select(compensations, indices)
         stochastic = rounding_seed is not None and dtype == torch.bfloat16
         pointers = tuple(_data_pointers(tensors) for tensors in lists.values())
-        signature = (*pointers, tuple(indices) if stochastic else ())
+        signature = (*pointers, indices if stochastic else ())
         key = (device, dtype)
         tables = table_cache.get(key)
         if tables is None or tables.signature != signature:
-            stream_ids = indices if stochastic else None
+            stream_ids = list(indices) if stochastic else None
             tables = PointerTables(signature, _build_tables(lists, pointers, device, stream_ids))
             table_cache[key] = tables
         _kernels().launch_adawarm_step(
