@@ -10,6 +10,7 @@ from torch import Tensor
 from adawarm.schedule import resolve_warmup_steps
 from adawarm.torch_backend import torch_step
 from adawarm.triton_backend import IS_CUDA, triton_step, unservable_reason
+from adawarm.triton_op import triton_step_op
 
 if not torch.distributed.is_available():  # builds without distributed support have no DTensor
     _DTensor = None
@@ -132,7 +133,10 @@ def run_backend(
     tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     options.update(beta2=beta2, warmup_steps=resolve_warmup_steps(warmup_steps, beta2))
     if backend == "triton":
-        triton_step(
+        # Under torch.compile the step is one custom op; eagerly the op's dispatch would only
+        # add host time.
+        step = triton_step_op if torch.compiler.is_compiling() else triton_step
+        step(
             *tensors,
             **options,
             table_cache=table_cache,

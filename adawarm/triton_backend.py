@@ -10,6 +10,7 @@ and can be captured in a CUDA graph.
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
 from collections import defaultdict
 from collections.abc import Sequence
@@ -32,13 +33,9 @@ def _kernels():
     return adawarm_step
 
 
-@functools.cache
-def triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+# Whether triton is installed, found without importing it (importing triton is slow and
+# optional); a constant, so torch.compile traces it as one.
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
 
 
 def interpreter_enabled() -> bool:
@@ -52,8 +49,11 @@ _DTYPE = attrgetter("dtype")
 
 def unservable_reason(params: Sequence[Tensor]) -> str | None:
     """Why the Triton backend cannot update these parameters, or None when it can."""
-    if not triton_importable():
+    if not TRITON_INSTALLED:
         return "triton is not installed"
+    if torch.compiler.is_compiling():
+        # Traced once; the checks become guards. Dynamo cannot call attrgetter on tensors.
+        return _first_unservable(params)
     # This runs every step: whole-list passes first (~40 ns a tensor each), the loop that names
     # the offending parameter only when one of them fails.
     devices_served = all(map(IS_CUDA, params)) or (

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import assert_close
 
-from adawarm import AdaWarm
+from adawarm import AdaWarm, adawarm
 
 pytestmark = [
     pytest.mark.gpu,
@@ -112,3 +112,64 @@ def test_grad_scaler_fp16_training_loop_skips_inf_steps():
         assert float(opt.state[p]["step"]) == 60 - skipped
         assert torch.isfinite(p).all()
     assert losses[-1] < 0.5 * losses[0]
+
+
+def test_compiled_training_step_with_the_functional_triton_step_matches_eager():
+    # Forward, backward and the Triton step in one compiled function, through inductor.
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(
+            torch.nn.Linear(33, 65), torch.nn.Tanh(), torch.nn.Linear(65, 3)
+        ).cuda()
+        params = list(model.parameters())
+        states = {
+            "exp_avgs": [torch.zeros_like(p) for p in params],
+            "exp_avg_sqs": [torch.zeros_like(p) for p in params],
+            "state_steps": [torch.zeros((), device="cuda") for _ in params],
+        }
+        return model, params, states
+
+    def train_step(model, params, states, inputs, targets, lr):
+        loss = torch.nn.functional.mse_loss(model(inputs), targets)
+        loss.backward()  # a graph break: the step below is the second graph
+        adawarm(
+            params,
+            [p.grad for p in params],
+            **states,
+            lr=lr,
+            beta1=0.9,
+            beta2=0.99,
+            eps=1e-8,
+            weight_decay=0.1,
+            warmup_steps="auto",
+            rectify=True,
+            backend="triton",
+        )
+        for p in params:
+            p.grad = None
+        return loss.detach()
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled_step = torch.compile(train_step, backend=counter)
+    eager, compiled = build(), build()
+    generator = torch.Generator(device="cuda").manual_seed(1)
+    frames_after_first_step = None
+    for step in range(12):
+        inputs = torch.randn(64, 33, device="cuda", generator=generator)
+        targets = torch.randn(64, 3, device="cuda", generator=generator)
+        lr = torch.tensor(1e-2 / (1 + step), device="cuda")
+        train_step(*eager, inputs, targets, lr)
+        compiled_step(*compiled, inputs, targets, lr)
+        frames_after_first_step = frames_after_first_step or counter.frame_count
+    torch.cuda.synchronize()
+    assert counter.frame_count == frames_after_first_step, "recompiled"
+    assert sum("torch.ops.adawarm.triton_step_" in graph.code for graph in counter.graphs) == 1
+    for a, b in zip(compiled[1], eager[1], strict=True):
+        assert_close(a.detach().cpu(), b.detach().cpu(), torch.float32, "param")
+    for key in ("exp_avgs", "exp_avg_sqs", "state_steps"):
+        for a, b in zip(compiled[2][key], eager[2][key], strict=True):
+            assert_close(a.cpu(), b.cpu(), torch.float32, key)

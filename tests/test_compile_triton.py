@@ -1,0 +1,114 @@
+"""The Triton step under torch.compile: one custom op in the graph, the same update as eager.
+
+On CPU the op runs the kernel through Triton's interpreter, so CI checks the whole compiled path
+(dynamo, functionalization of the declared mutations, inductor's call of the op) except CUDA
+itself; test_gpu.py repeats the check on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import assert_bit_identical
+
+from adawarm import adawarm
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SIZES = (0, 1, 1023, 1025)
+STEPS = 8  # past RAdam's rectification threshold (step 6)
+
+
+def functional_state(seed: int) -> dict[str, list]:
+    """fp32 tensors of odd sizes and one bf16 tensor with a Kahan buffer, and their states."""
+    generator = torch.Generator().manual_seed(seed)
+    params = [torch.randn(n, generator=generator).to(DEVICE) for n in SIZES]
+    params.append(torch.randn(5, generator=generator).to(DEVICE, torch.bfloat16))
+    return {
+        "params": params,
+        "exp_avgs": [torch.zeros_like(p, dtype=torch.float32) for p in params],
+        "exp_avg_sqs": [torch.zeros_like(p, dtype=torch.float32) for p in params],
+        "state_steps": [torch.zeros((), device=DEVICE) for _ in params],
+        "compensations": [None] * len(SIZES) + [torch.zeros_like(params[-1])],
+    }
+
+
+def gradients(step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1000 + step)
+    return [torch.randn(p.shape, generator=generator).to(p) for p in params]
+
+
+def functional_step(state: dict[str, list], grads: list[torch.Tensor], lr: torch.Tensor) -> None:
+    adawarm(
+        state["params"],
+        grads,
+        state["exp_avgs"],
+        state["exp_avg_sqs"],
+        state["state_steps"],
+        lr=lr,
+        beta1=0.9,
+        beta2=0.99,
+        eps=1e-8,
+        weight_decay=0.1,
+        warmup_steps="auto",
+        rectify=True,
+        backend="triton",
+        compensations=state["compensations"],
+    )
+
+
+def every_tensor(state: dict[str, list]) -> list[torch.Tensor]:
+    return [t for tensors in state.values() for t in tensors if t is not None]
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_functional_step_is_one_op_and_updates_like_eager(compiler):
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend(compiler)
+    compiled_step = torch.compile(functional_step, backend=counter, fullgraph=True)
+    eager, compiled = functional_state(seed=3), functional_state(seed=3)
+    for step in range(STEPS):
+        lr = torch.tensor(1e-2 / (step + 1), device=DEVICE)  # a new rate every step
+        functional_step(eager, gradients(step, eager["params"]), lr)
+        compiled_step(compiled, gradients(step, compiled["params"]), lr)
+    assert counter.frame_count == 1, "a tensor learning rate that changes must not recompile"
+    (graph,) = counter.graphs
+    operators = [
+        str(node.target)
+        for node in graph.graph.nodes
+        if isinstance(node.target, (torch._ops.OpOverloadPacket, torch._ops.OpOverload))
+    ]
+    assert operators == ["adawarm.triton_step_"], operators
+    # The same kernel runs in both, so parameters and every state entry agree bit for bit.
+    assert_bit_identical(every_tensor(compiled), every_tensor(eager))
+    assert all(float(step) == STEPS for step in compiled["state_steps"])
+
+
+def test_custom_op_declares_exactly_what_it_mutates():
+    state = functional_state(seed=4)
+    params = state["params"]
+    args = (
+        params,
+        gradients(0, params),
+        state["exp_avgs"],
+        state["exp_avg_sqs"],
+        state["state_steps"],
+        [state["compensations"][-1]],
+        [len(params) - 1],
+        1e-2,
+        None,
+        0.9,
+        0.99,
+        1e-8,
+        0.1,
+        3,
+        True,
+        False,
+        None,
+        None,
+        None,
+    )
+    # Checks the schema against the op's real mutations, its fake kernel, and AOT dispatch.
+    results = torch.library.opcheck(torch.ops.adawarm.triton_step_.default, args)
+    assert set(results.values()) == {"SUCCESS"}, results
