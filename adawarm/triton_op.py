@@ -13,10 +13,9 @@ could reorder reads of the parameters around the update. ``triton_op`` also trac
 with fake tensors, which have no data pointers to put in the tables.
 """
 
-from __future__ import annotations
-
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor
@@ -41,6 +40,10 @@ def _table_cache_for(params: Sequence[Tensor]) -> dict:
     return cache
 
 
+# The op's schema is inferred from these annotations. They are evaluated (no postponed
+# annotations in this module) and optional arguments say typing.Optional: the form torch's schema
+# inference has listed since custom_op appeared (torch 2.4); `X | None` and string annotations are
+# only tested here on torch 2.13, and the GPU image has 2.11.
 @torch.library.custom_op(
     "adawarm::triton_step_",
     mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps", "compensations"),
@@ -54,7 +57,7 @@ def _triton_step_(
     compensations: list[Tensor],
     compensation_positions: list[int],
     lr: float,
-    lr_tensor: Tensor | None,
+    lr_tensor: Optional[Tensor],  # noqa: UP045
     beta1: float,
     beta2: float,
     eps: float,
@@ -62,9 +65,9 @@ def _triton_step_(
     warmup_steps: int,
     rectify: bool,
     maximize: bool,
-    grad_scale: Tensor | None,
-    found_inf: Tensor | None,
-    rounding_seed: int | None,
+    grad_scale: Optional[Tensor],  # noqa: UP045
+    found_inf: Optional[Tensor],  # noqa: UP045
+    rounding_seed: Optional[int],  # noqa: UP045
 ) -> None:
     aligned: list[Tensor | None] = [None] * len(params)
     for position, buffer in zip(compensation_positions, compensations, strict=True):
