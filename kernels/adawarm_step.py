@@ -269,7 +269,6 @@ def _adawarm_step_kernel(
 def _schedule_kernel(
     steps_ptr,
     out_ptr,
-    count,
     lr_bits,
     beta1_bits,
     beta2_bits,
@@ -279,25 +278,26 @@ def _schedule_kernel(
     RECTIFY: tl.constexpr,
 ):
     """Write the kernel's schedule for each step in ``steps_ptr`` (tests check it against
-    ``adawarm.schedule``): rows of (decay, step_size, bias_correction2_sqrt, eps, adaptive)."""
-    for index in range(count):
-        step = tl.load(steps_ptr + index)
-        decay, step_size, bias_correction2_sqrt, eps_t, adaptive = _schedule(
-            step,
-            _from_bits(lr_bits),
-            _from_bits(beta1_bits),
-            _from_bits(beta2_bits),
-            _from_bits(eps_bits),
-            _from_bits(weight_decay_bits),
-            warmup_steps,
-            RECTIFY,
-        )
-        row = out_ptr + 5 * index
-        tl.store(row + 0, decay)
-        tl.store(row + 1, step_size)
-        tl.store(row + 2, bias_correction2_sqrt)
-        tl.store(row + 3, eps_t)
-        tl.store(row + 4, adaptive.to(tl.float64))
+    ``adawarm.schedule``): rows of (decay, step_size, bias_correction2_sqrt, eps, adaptive).
+    One program per step."""
+    index = tl.program_id(0)
+    step = tl.load(steps_ptr + index)
+    decay, step_size, bias_correction2_sqrt, eps_t, adaptive = _schedule(
+        step,
+        _from_bits(lr_bits),
+        _from_bits(beta1_bits),
+        _from_bits(beta2_bits),
+        _from_bits(eps_bits),
+        _from_bits(weight_decay_bits),
+        warmup_steps,
+        RECTIFY,
+    )
+    row = out_ptr + 5 * index
+    tl.store(row + 0, decay)
+    tl.store(row + 1, step_size)
+    tl.store(row + 2, bias_correction2_sqrt)
+    tl.store(row + 3, eps_t)
+    tl.store(row + 4, adaptive.to(tl.float64))
 
 
 def float_bits(value: float) -> int:
@@ -398,10 +398,9 @@ def kernel_schedule(
     bias_correction2_sqrt, eps, adaptive)."""
     steps_tensor = torch.tensor(steps, dtype=torch.int64, device=device)
     out = torch.empty((len(steps), 5), dtype=torch.float64, device=device)
-    _schedule_kernel[(1,)](
+    _schedule_kernel[(len(steps),)](
         steps_tensor,
         out,
-        len(steps),
         float_bits(lr),
         float_bits(beta1),
         float_bits(beta2),
