@@ -94,7 +94,7 @@ class PointerTables:
     """Device tables for one launch group and the host pointers they were built from."""
 
     signature: tuple[tuple[int, ...], ...]
-    tensors: dict[str, Tensor]
+    tensors: dict[str, Tensor | int]
 
 
 def _launch_groups(
@@ -130,7 +130,7 @@ def _build_tables(
     pointers: tuple[tuple[int, ...], ...],
     device: torch.device,
     stream_ids: list[int] | None = None,
-) -> dict[str, Tensor]:
+) -> dict[str, Tensor | int]:
     """Check the tensors of one launch group and put their tables on the device.
 
     ``stream_ids`` numbers the tensors' random streams for stochastic rounding: their positions
@@ -159,20 +159,7 @@ def _build_tables(
     for step in lists["step"]:
         if step.dtype != torch.float32 or step.numel() != 1:
             raise RuntimeError(f"The Triton kernel needs fp32 scalar steps, got {step.dtype}")
-    kernels = _kernels()
-    numels = [param.numel() for param in lists["param"]]
-    block_tensors, block_starts = kernels.block_tables(numels, device)
-    table = torch.tensor(pointers, dtype=torch.int64)
-    tensors = {f"{name}_ptrs": table[index].to(device) for index, name in enumerate(lists)}
-    tensors.update(
-        numels=torch.tensor(numels, dtype=torch.int64, device=device),
-        block_tensors=block_tensors,
-        block_starts=block_starts,
-        done_counters=torch.zeros(len(numels), dtype=torch.int32, device=device),
-    )
-    if stream_ids is not None:
-        tensors["stream_ids"] = torch.tensor(stream_ids, dtype=torch.int32, device=device)
-    return tensors
+    return _kernels().launch_tables(lists, device, pointers=pointers, stream_ids=stream_ids)
 
 
 def triton_step(

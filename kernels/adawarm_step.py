@@ -305,20 +305,58 @@ def float_bits(value: float) -> int:
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
 
 
-def block_tables(numels: list[int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def block_tables(
+    numels: list[int], device: torch.device, block_size: int = BLOCK_SIZE
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-program tables: the tensor each program updates and the element offset it starts at.
 
-    A tensor gets ``ceil(numel / BLOCK_SIZE)`` programs, and one when it is empty.
+    A tensor gets ``ceil(numel / block_size)`` programs, and one when it is empty.
     """
-    counts = [max(1, triton.cdiv(numel, BLOCK_SIZE)) for numel in numels]
+    counts = [max(1, triton.cdiv(numel, block_size)) for numel in numels]
     tensors = torch.repeat_interleave(torch.arange(len(numels)), torch.tensor(counts))
     first_block = torch.cumsum(torch.tensor([0, *counts[:-1]]), 0)
-    starts = (torch.arange(len(tensors)) - first_block[tensors]) * BLOCK_SIZE
+    starts = (torch.arange(len(tensors)) - first_block[tensors]) * block_size
     return tensors.to(torch.int32).to(device), starts.to(torch.int64).to(device)
 
 
+def launch_tables(
+    lists: dict[str, list[torch.Tensor]],
+    device: torch.device,
+    *,
+    pointers: tuple[tuple[int, ...], ...] | None = None,
+    stream_ids: list[int] | None = None,
+    block_size: int = BLOCK_SIZE,
+) -> dict[str, torch.Tensor | int]:
+    """The tables :func:`launch_adawarm_step` walks, on ``device``.
+
+    ``lists`` maps "param", "grad", "exp_avg", "exp_avg_sq", "step" and optionally
+    "compensation" to one tensor per parameter (checked by the caller); ``pointers`` are their
+    data pointers in that order when the caller has them already. ``stream_ids`` numbers the
+    tensors' random streams for stochastic rounding. The program layout is built for
+    ``block_size``, which the tables carry so that the launch uses the same.
+    """
+    if pointers is None:
+        pointers = tuple(tuple(t.data_ptr() for t in tensors) for tensors in lists.values())
+    numels = [param.numel() for param in lists["param"]]
+    block_tensors, block_starts = block_tables(numels, device, block_size)
+    table = torch.tensor(pointers, dtype=torch.int64)
+    tables: dict[str, torch.Tensor | int] = {
+        f"{name}_ptrs": table[index].to(device) for index, name in enumerate(lists)
+    }
+    tables.update(
+        numels=torch.tensor(numels, dtype=torch.int64, device=device),
+        block_tensors=block_tensors,
+        block_starts=block_starts,
+        done_counters=torch.zeros(len(numels), dtype=torch.int32, device=device),
+        block_size=block_size,
+    )
+    if stream_ids is not None:
+        tables["stream_ids"] = torch.tensor(stream_ids, dtype=torch.int32, device=device)
+    return tables
+
+
 def launch_adawarm_step(
-    tables: dict[str, torch.Tensor],
+    tables: dict[str, torch.Tensor | int],
     *,
     param_dtype: torch.dtype,
     state_dtype: torch.dtype,
@@ -333,16 +371,18 @@ def launch_adawarm_step(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     rounding_seed: int | None = None,
+    num_warps: int = NUM_WARPS,
 ) -> None:
     """Launch one AdaWarm step over the tensors described by ``tables``.
 
     ``rounding_seed`` (with a ``stream_ids`` table) stores bf16 parameters by stochastic rounding.
 
-    ``tables`` holds device tensors: int64 ``param_ptrs``, ``grad_ptrs``, ``exp_avg_ptrs``,
-    ``exp_avg_sq_ptrs``, ``step_ptrs``, ``numels`` and, for Kahan-compensated parameters,
-    ``compensation_ptrs`` (one entry per tensor), the per-program
-    ``block_tensors``/``block_starts`` from :func:`block_tables`, and int32 ``done_counters``
-    (zeros, one per tensor, kept between launches).
+    ``tables`` comes from :func:`launch_tables`: device tensors int64 ``param_ptrs``,
+    ``grad_ptrs``, ``exp_avg_ptrs``, ``exp_avg_sq_ptrs``, ``step_ptrs``, ``numels`` and, for
+    Kahan-compensated parameters, ``compensation_ptrs`` (one entry per tensor), the per-program
+    ``block_tensors``/``block_starts`` from :func:`block_tables`, int32 ``done_counters`` (zeros,
+    one per tensor, kept between launches), and the ``block_size`` they were laid out for.
+    ``num_warps`` is for tuning (``python -m bench tune``); the default is :data:`NUM_WARPS`.
     """
     lr_is_tensor = isinstance(lr, torch.Tensor)
     grid = (tables["block_tensors"].numel(),)
@@ -377,8 +417,8 @@ def launch_adawarm_step(
         LR_FROM_TENSOR=lr_is_tensor,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
-        BLOCK=BLOCK_SIZE,
-        num_warps=NUM_WARPS,
+        BLOCK=tables["block_size"],
+        num_warps=num_warps,
     )
 
 

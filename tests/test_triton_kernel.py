@@ -8,7 +8,7 @@ import pytest
 import torch
 from adawarm.kernels import adawarm_step
 from adawarm.kernels.adawarm_step import BLOCK_SIZE, kernel_schedule
-from helpers import TOLERANCES
+from helpers import TOLERANCES, assert_bit_identical
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from kernel_cases import (
@@ -61,6 +61,46 @@ def test_kernel_on_block_edges_past_the_threshold(dtype, rectify):
         shapes, dtype, {**options, "betas": (0.9, 0.999), "eps": 1e-8, "maximize": False}, 12, {3}
     )
     assert_same_params_and_state(kernel, reference, dtype)
+
+
+@pytest.mark.parametrize(("block_size", "num_warps"), [(128, 2), (4096, 8)])
+def test_other_block_sizes_and_warps_update_like_the_default(block_size, num_warps):
+    # What `python -m bench tune` varies: the program layout must not change a single bit.
+    sizes = [0, 1, block_size - 1, block_size + 1, 2 * BLOCK_SIZE + 3]
+
+    def run(block, warps):
+        generator = torch.Generator().manual_seed(5)
+        params = [torch.randn(n, generator=generator).to(DEVICE) for n in sizes]
+        lists = {
+            "param": params,
+            "grad": [torch.empty_like(p) for p in params],
+            "exp_avg": [torch.zeros_like(p) for p in params],
+            "exp_avg_sq": [torch.zeros_like(p) for p in params],
+            "step": [torch.zeros((), device=DEVICE) for _ in params],
+        }
+        tables = adawarm_step.launch_tables(lists, DEVICE, block_size=block)
+        for _ in range(8):  # past the rectification threshold
+            for grad in lists["grad"]:
+                grad.copy_(torch.randn(grad.shape, generator=generator))
+            adawarm_step.launch_adawarm_step(
+                tables,
+                param_dtype=torch.float32,
+                state_dtype=torch.float32,
+                lr=1e-2,
+                beta1=0.9,
+                beta2=0.99,
+                eps=1e-8,
+                weight_decay=0.1,
+                warmup_steps=3,
+                rectify=True,
+                maximize=False,
+                num_warps=warps,
+            )
+        return [t for name, tensors in lists.items() if name != "grad" for t in tensors]
+
+    tuned, default = run(block_size, num_warps), run(BLOCK_SIZE, adawarm_step.NUM_WARPS)
+    assert float(tuned[-1]) == 8.0
+    assert_bit_identical(tuned, default)
 
 
 def test_bf16_stores_round_to_nearest_even_like_torch():
