@@ -1,4 +1,4 @@
-"""``python -m bench [speed|quality|schedule]``: AdaWarm against AdamW, on this machine.
+"""``python -m bench [speed|quality|schedule|tune]``: AdaWarm against AdamW, on this machine.
 
 Without a sub-command: a short tour -- a quick speed table and a quick quality run, a summary,
 and PNG plots in bench/results/tour/.
@@ -10,9 +10,14 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import quality, schedule, speed
+from bench import quality, schedule, speed, tune
 
-SUBCOMMANDS = {"speed": speed.main, "quality": quality.main, "schedule": schedule.main}
+SUBCOMMANDS = {
+    "speed": speed.main,
+    "quality": quality.main,
+    "schedule": schedule.main,
+    "tune": tune.main,
+}
 TOUR_OUT = Path("bench/results/tour")
 
 

@@ -30,8 +30,9 @@ import triton.language as tl
 
 from adawarm.schedule import RECTIFICATION_THRESHOLD
 
-# Elements per program. Untuned: to be measured on a GPU (issue 3's benchmark); 1024 fp32 elements
-# per program with 4 warps is the Triton tutorials' choice for memory-bound element-wise kernels.
+# Elements per program and warps. Untuned: `python -m bench tune` measures the alternatives on a
+# GPU (none has been available yet); 1024 elements per program with 4 warps is the Triton
+# tutorials' choice for memory-bound element-wise kernels.
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
 # RAdam takes the adaptive step only while rho_t exceeds this (defined in adawarm.schedule).

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from bench import quality, schedule, speed
+from bench import quality, schedule, speed, tune
 
 
 def test_bytes_per_parameter_match_the_reference_counts():
@@ -29,6 +29,17 @@ def test_speed_run_on_a_tiny_case_measures_every_optimizer():
         assert row.median_ms > 0 and math.isfinite(row.gb_per_s)
         assert row.bytes_per_param == 28
     assert "AdaWarm torch backend" in speed.format_table(rows)
+
+
+def test_tune_run_measures_every_launch_configuration():
+    # On CPU the kernel runs under Triton's interpreter (tests/conftest.py): the harness only.
+    configs = [(128, 2), (1024, 4)]
+    rows = tune.run(torch.device("cpu"), tune.QUICK_CASES, configs, steps=1)
+    assert [(r.block_size, r.num_warps) for r in rows] == configs
+    for row in rows:
+        assert row.median_ms > 0 and math.isfinite(row.gb_per_s) and row.percent_of_copy > 0
+    assert tune.best_overall(rows) in configs
+    assert "best overall" in tune.format_table(rows)
 
 
 def test_methods_name_the_default_exactly_once():
