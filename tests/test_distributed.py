@@ -22,9 +22,17 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def spawn(worker, tmp_path, *extra):
+def spawn(worker, tmp_path, *extra, attempts=3):
+    """Run ``worker`` on WORLD ranks; retried only when the rendezvous port was taken between
+    :func:`free_port` and the bind (torch's own distributed tests retry the same way)."""
     out = str(tmp_path / "result.pt")
-    mp.spawn(worker, args=(WORLD, free_port(), out, *extra), nprocs=WORLD, join=True)
+    for attempt in range(attempts):
+        try:
+            mp.spawn(worker, args=(WORLD, free_port(), out, *extra), nprocs=WORLD, join=True)
+            break
+        except mp.ProcessRaisedException as error:
+            if "Address already in use" not in str(error) or attempt == attempts - 1:
+                raise
     return torch.load(out)
 
 
