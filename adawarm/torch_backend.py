@@ -27,6 +27,7 @@ from torch import Tensor
 
 from adawarm.rounding import stochastic_round_to_bf16, stream_base
 from adawarm.schedule import StepSchedule, step_schedule
+from adawarm.tensor_lists import select
 
 IMPLEMENTATIONS = ("reference", "foreach", "fused")
 
@@ -114,7 +115,7 @@ def _fused_bucket(
     strided = [i for i, param in enumerate(params) if not param.is_contiguous()]
     if strided:
         _foreach_bucket(
-            *(_select(tensors, strided) for tensors in (params, grads, exp_avgs, exp_avg_sqs)),
+            *(select(tensors, strided) for tensors in (params, grads, exp_avgs, exp_avg_sqs)),
             schedule,
             **foreach_options,
         )
@@ -123,7 +124,7 @@ def _fused_bucket(
         if not dense:
             return
         params, grads, exp_avgs, exp_avg_sqs, steps = (
-            _select(tensors, dense) for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)
+            select(tensors, dense) for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)
         )
     grads = [grad.contiguous() for grad in grads]
     # The kernel computes p *= 1 - lr * wd; with lr = lr_t r_t, wd / r_t keeps the decay lr_t wd.
@@ -268,23 +269,23 @@ def torch_step(
                 rectify=rectify,
             )
             stored = [
-                _select(tensors, indices)
+                select(tensors, indices)
                 for tensors in (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
             ]
             computing = compute_dtype(stored[0][0].dtype)
             work = [_upcast(tensors, computing) for tensors in stored]
             if implementation == "fused":
-                extra = {"steps": _select(group_steps, indices), "weight_decay": weight_decay}
+                extra = {"steps": select(group_steps, indices), "weight_decay": weight_decay}
                 _fused_bucket(*work, schedule, **options, **extra)
             else:
                 _BUCKET_STEPS[implementation](*work, schedule, **options)
             _store(stored[2], work[2])
             _store(stored[3], work[3])
-            buffers = _select(group_buffers, indices)
+            buffers = select(group_buffers, indices)
             if buffers[0] is not None:
                 _store_compensated(stored[0], work[0], buffers)
             elif rounding_seed is not None and dtype == torch.bfloat16:
-                positions = _select(group_positions, indices)
+                positions = select(group_positions, indices)
                 for param, new, position in zip(stored[0], work[0], positions, strict=True):
                     base = stream_base(rounding_seed, position, step)
                     param.copy_(stochastic_round_to_bf16(new, base))
@@ -308,7 +309,7 @@ def _group_by_device_and_dtype(
     for index, key in enumerate(keys):
         by_key[key].append(index)
     return [
-        (key[1], [_select(tensors, indices) for tensors in tensor_lists])
+        (key[1], [select(tensors, indices) for tensors in tensor_lists])
         for key, indices in by_key.items()
     ]
 
@@ -322,10 +323,6 @@ def _indices_by_step(steps: list[Tensor]) -> list[tuple[int, list[int] | None]]:
     for index, value in enumerate(values):
         by_step[value].append(index)
     return list(by_step.items())
-
-
-def _select(tensors: list[Tensor], indices: list[int] | None) -> list[Tensor]:
-    return tensors if indices is None else [tensors[i] for i in indices]
 
 
 _BUCKET_STEPS: dict[str, Callable[..., None]] = {

@@ -20,6 +20,8 @@ from operator import attrgetter
 import torch
 from torch import Tensor
 
+from adawarm.tensor_lists import select
+
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
@@ -108,17 +110,11 @@ def _launch_groups(
     dtypes = list(map(_DTYPE, params))
     device_indices = list(map(Tensor.get_device, params))  # an int: cheaper than .device
     if len(set(dtypes)) == 1 and len(set(device_indices)) == 1:
-        return [(params[0].device, dtypes[0], range(len(params)))]
+        return [(params[0].device, dtypes[0], None)]
     groups: dict[tuple[int, torch.dtype], list[int]] = defaultdict(list)
     for index, key in enumerate(zip(device_indices, dtypes, strict=True)):
         groups[key].append(index)
     return [(params[indices[0]].device, key[1], indices) for key, indices in groups.items()]
-
-
-def _select(tensors: Sequence, indices: range | list) -> list:
-    if isinstance(indices, range) and len(indices) == len(tensors):
-        return list(tensors)
-    return [tensors[index] for index in indices]
 
 
 def _data_pointers(tensors: Sequence[Tensor]) -> tuple[int, ...]:
@@ -193,22 +189,24 @@ def triton_step(
         table_cache = {}
     for device, dtype, indices in _launch_groups(params):
         lists = {
-            "param": _select(params, indices),
+            "param": select(params, indices),
             # The kernel indexes gradients like their (contiguous) parameters.
-            "grad": list(map(Tensor.contiguous, _select(grads, indices))),
-            "exp_avg": _select(exp_avgs, indices),
-            "exp_avg_sq": _select(exp_avg_sqs, indices),
-            "step": _select(state_steps, indices),
+            "grad": list(map(Tensor.contiguous, select(grads, indices))),
+            "exp_avg": select(exp_avgs, indices),
+            "exp_avg_sq": select(exp_avg_sqs, indices),
+            "step": select(state_steps, indices),
         }
-        if compensations is not None and compensations[indices[0]] is not None:
-            lists["compensation"] = _select(compensations, indices)
+        buffers = None if compensations is None else select(compensations, indices)
+        if buffers is not None and buffers[0] is not None:
+            lists["compensation"] = buffers
         stochastic = rounding_seed is not None and dtype == torch.bfloat16
         pointers = tuple(_data_pointers(tensors) for tensors in lists.values())
-        signature = (*pointers, indices if stochastic else ())
+        positions = range(len(params)) if indices is None else indices
+        signature = (*pointers, tuple(positions) if stochastic else ())
         key = (device, dtype)
         tables = table_cache.get(key)
         if tables is None or tables.signature != signature:
-            stream_ids = list(indices) if stochastic else None
+            stream_ids = list(positions) if stochastic else None
             tables = PointerTables(signature, _build_tables(lists, pointers, device, stream_ids))
             table_cache[key] = tables
         _kernels().launch_adawarm_step(
