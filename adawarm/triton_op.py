@@ -108,20 +108,13 @@ def triton_step_op(
     state_steps: Sequence[Tensor],
     *,
     lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    warmup_steps: int,
-    rectify: bool,
-    maximize: bool,
-    grad_scale: Tensor | None = None,
-    found_inf: Tensor | None = None,
     table_cache: dict | None = None,
     compensations: Sequence[Tensor | None] | None = None,
-    rounding_seed: int | None = None,
+    **options,
 ) -> None:
-    """:func:`adawarm.triton_backend.triton_step` through the custom op (same arguments).
+    """:func:`adawarm.triton_backend.triton_step` through the custom op, with the same arguments
+    (the other hyper-parameters and ``grad_scale``/``found_inf``/``rounding_seed`` in
+    ``options``, passed to the op by name).
 
     ``table_cache`` is not used: a compiled graph cannot pass a dict into an op, so the op keeps
     its own caches. Kahan buffers travel as the present ones and their positions, because
@@ -129,6 +122,9 @@ def triton_step_op(
     """
     del table_cache
     positions = [i for i, buffer in enumerate(compensations or ()) if buffer is not None]
+    options.setdefault("grad_scale", None)
+    options.setdefault("found_inf", None)
+    options.setdefault("rounding_seed", None)
     torch.ops.adawarm.triton_step_(
         list(params),
         list(grads),
@@ -137,16 +133,7 @@ def triton_step_op(
         list(state_steps),
         [compensations[i] for i in positions],
         positions,
-        0.0 if isinstance(lr, Tensor) else float(lr),
-        lr if isinstance(lr, Tensor) else None,
-        beta1,
-        beta2,
-        eps,
-        weight_decay,
-        warmup_steps,
-        rectify,
-        maximize,
-        grad_scale,
-        found_inf,
-        rounding_seed,
+        lr=0.0 if isinstance(lr, Tensor) else float(lr),
+        lr_tensor=lr if isinstance(lr, Tensor) else None,
+        **options,
     )
