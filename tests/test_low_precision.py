@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import assert_bit_identical, assert_close
 
-from adawarm import AdaWarm
+from adawarm import AdaWarm, rounding
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # A quadratic 0.5 |p - target|^2 whose optimum lies 0.05 away from a start near 1, where a bf16
@@ -156,6 +156,20 @@ def test_stochastic_rounding_draws_the_same_stream_in_both_backends():
     assert_bit_identical(kernel, torch_params)
     for mine, theirs in zip(kernel_moments, torch_moments, strict=True):
         assert_close(mine, theirs, torch.float32, "moment")
+
+
+def test_random_bits_of_every_tensor_form_equal_the_python_hash():
+    # One hash, three forms: Python ints (the reference and the kernel's), int64 tensors (other
+    # devices) and uint32 tensors (CPU); keys cover the wrap-around of the 32-bit counter.
+    base = rounding.MASK32 - 3 * rounding.GOLDEN
+    keys = [(base + i * rounding.GOLDEN) & rounding.MASK32 for i in range(4099)]
+    expected = [rounding.mix32(key) & 0xFFFF for key in keys]
+    as_int64 = rounding.mix32(torch.tensor(keys, dtype=torch.int64)) & 0xFFFF
+    as_uint32 = rounding._mix32_uint32(torch.tensor(keys, dtype=torch.int64).to(torch.uint32))
+    drawn = rounding.random_bits(base, len(keys), torch.device("cpu"))
+    assert as_int64.tolist() == expected
+    assert (as_uint32 & 0xFFFF).tolist() == expected
+    assert drawn.tolist() == expected
 
 
 def test_stochastic_rounding_is_reproducible_from_its_seed():
