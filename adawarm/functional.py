@@ -9,7 +9,7 @@ from torch import Tensor
 
 from adawarm.schedule import resolve_warmup_steps
 from adawarm.torch_backend import torch_step
-from adawarm.triton_backend import IS_CUDA, triton_step, unservable_reason
+from adawarm.triton_backend import triton_step, unservable_reason
 from adawarm.triton_op import triton_step_op
 
 if not torch.distributed.is_available():  # builds without distributed support have no DTensor
@@ -44,7 +44,7 @@ def select_backend(requested: str | None, params: Sequence[Tensor]) -> str:
     if requested == "torch":
         return "torch"
     if requested is None:
-        if params and all(map(IS_CUDA, params)) and unservable_reason(params) is None:
+        if params and all(p.is_cuda for p in params) and unservable_reason(params) is None:
             return "triton"
         return "torch"
     if requested == "triton":

@@ -44,7 +44,7 @@ def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-IS_CUDA = attrgetter("is_cuda")
+_IS_CUDA = attrgetter("is_cuda")
 _IS_CPU = attrgetter("is_cpu")
 _DTYPE = attrgetter("dtype")
 
@@ -58,7 +58,7 @@ def unservable_reason(params: Sequence[Tensor]) -> str | None:
         return _first_unservable(params)
     # This runs every step: whole-list passes first (~40 ns a tensor each), the loop that names
     # the offending parameter only when one of them fails.
-    devices_served = all(map(IS_CUDA, params)) or (
+    devices_served = all(map(_IS_CUDA, params)) or (
         interpreter_enabled() and all(map(_IS_CPU, params))
     )
     if (

@@ -112,3 +112,13 @@ def test_custom_op_declares_exactly_what_it_mutates():
     # Checks the schema against the op's real mutations, its fake kernel, and AOT dispatch.
     results = torch.library.opcheck(torch.ops.adawarm.triton_step_.default, args)
     assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("requested", [None, "triton"])
+def test_backend_choice_traces_without_a_graph_break(requested):
+    # backend=None is the default: on CUDA it must resolve to the op inside a compiled graph.
+    from adawarm.functional import select_backend
+
+    params = functional_state(seed=5)["params"]
+    choose = torch.compile(lambda ps: select_backend(requested, ps), fullgraph=True)
+    assert choose(params) == select_backend(requested, params)
