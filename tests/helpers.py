@@ -96,3 +96,17 @@ def assert_same_trajectory_state(
 def assert_bit_identical(first: Sequence[Tensor], second: Sequence[Tensor]) -> None:
     for a, b in zip(first, second, strict=True):
         assert torch.equal(a, b), "tensors differ"
+
+
+def count_calls(monkeypatch, owner: object, name: str) -> list[str]:
+    """Replace ``owner.name`` for the test with a wrapper that records each call (the list grows
+    with every call)."""
+    calls: list[str] = []
+    original = getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_bit_identical
+from helpers import assert_bit_identical, count_calls
 
-from adawarm import adawarm
+from adawarm import adawarm, triton_backend
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = (0, 1, 1023, 1025)
@@ -86,9 +86,25 @@ def test_compiled_functional_step_is_one_op_and_updates_like_eager(compiler):
 
 
 def test_custom_op_declares_exactly_what_it_mutates():
-    state = functional_state(seed=4)
+    args = op_arguments(functional_state(seed=4))
+    # Checks the schema against the op's real mutations, its fake kernel, and AOT dispatch.
+    results = torch.library.opcheck(torch.ops.adawarm.triton_step_.default, args)
+    assert set(results.values()) == {"SUCCESS"}, results
+
+
+@pytest.mark.parametrize("requested", [None, "triton"])
+def test_backend_choice_traces_without_a_graph_break(requested):
+    # backend=None is the default: on CUDA it must resolve to the op inside a compiled graph.
+    from adawarm.functional import select_backend
+
+    params = functional_state(seed=5)["params"]
+    choose = torch.compile(lambda ps: select_backend(requested, ps), fullgraph=True)
+    assert choose(params) == select_backend(requested, params)
+
+
+def op_arguments(state: dict[str, list]) -> tuple:
     params = state["params"]
-    args = (
+    return (
         params,
         gradients(0, params),
         state["exp_avgs"],
@@ -109,16 +125,17 @@ def test_custom_op_declares_exactly_what_it_mutates():
         None,
         None,
     )
-    # Checks the schema against the op's real mutations, its fake kernel, and AOT dispatch.
-    results = torch.library.opcheck(torch.ops.adawarm.triton_step_.default, args)
-    assert set(results.values()) == {"SUCCESS"}, results
 
 
-@pytest.mark.parametrize("requested", [None, "triton"])
-def test_backend_choice_traces_without_a_graph_break(requested):
-    # backend=None is the default: on CUDA it must resolve to the op inside a compiled graph.
-    from adawarm.functional import select_backend
-
-    params = functional_state(seed=5)["params"]
-    choose = torch.compile(lambda ps: select_backend(requested, ps), fullgraph=True)
-    assert choose(params) == select_backend(requested, params)
+def test_the_op_keeps_pointer_tables_per_parameter_set(monkeypatch):
+    builds = count_calls(monkeypatch, triton_backend, "_build_tables")
+    first, second = functional_state(seed=6), functional_state(seed=7)
+    first_args, second_args = op_arguments(first), op_arguments(second)  # gradients kept
+    for args in (first_args, second_args, first_args, second_args):
+        torch.ops.adawarm.triton_step_(*args)
+    # Two launch groups (fp32, bf16) per parameter set, built once each and then reused: the
+    # second set does not evict the first.
+    assert len(builds) == 4
+    assert all(float(step) == 2 for step in first["state_steps"] + second["state_steps"])
+    torch.ops.adawarm.triton_step_(*op_arguments(first))  # new gradients: new pointers
+    assert len(builds) == 6

@@ -8,7 +8,7 @@ import pytest
 import torch
 from adawarm.kernels import adawarm_step
 from adawarm.kernels.adawarm_step import BLOCK_SIZE, kernel_schedule
-from helpers import TOLERANCES, assert_bit_identical
+from helpers import TOLERANCES, assert_bit_identical, count_calls
 from hypothesis import assume, given
 from hypothesis import strategies as st
 from kernel_cases import (
@@ -134,18 +134,6 @@ def test_kernel_schedule_matches_the_schedule_module(rectify, warmup_steps):
         assert step_size == pytest.approx(expected.step_size, rel=rtol)
         assert bias_correction2_sqrt == pytest.approx(expected.bias_correction2_sqrt, rel=rtol)
         assert eps == pytest.approx(expected.eps, rel=rtol)
-
-
-def count_calls(monkeypatch, owner, name):
-    calls = []
-    original = getattr(owner, name)
-
-    def counted(*args, **kwargs):
-        calls.append(name)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(owner, name, counted)
-    return calls
 
 
 def set_grads(params):
