@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 
 from adawarm.functional import local_tensors, run_backend, select_backend
 from adawarm.schedule import resolve_warmup_steps, step_schedule
+from adawarm.tensor_lists import DTYPE, IS_CPU
 from adawarm.validation import check_group
 
 # Chosen from the quality benchmark (README, "Choosing the defaults"): a linear ramp over
@@ -31,10 +32,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CPU = torch.device("cpu")
 # Whole-list accessors for the per-step passes over parameters and their states.
 _GRAD = attrgetter("grad")
-_DTYPE = attrgetter("dtype")
 _DEVICE = attrgetter("device")
 _IS_SPARSE = attrgetter("is_sparse")
-_IS_CPU = attrgetter("is_cpu")
 _STEP = itemgetter("step")
 _EXP_AVG = itemgetter("exp_avg")
 _EXP_AVG_SQ = itemgetter("exp_avg_sq")
@@ -196,7 +195,7 @@ class AdaWarm(Optimizer):
             )
         # torch checks shape and device when a gradient is assigned, and dtype unless the
         # parameter's grad_dtype says otherwise.
-        if list(map(_DTYPE, grads)) != list(map(_DTYPE, params)):
+        if list(map(DTYPE, grads)) != list(map(DTYPE, params)):
             param, grad = next(
                 (p, g) for p, g in zip(params, grads, strict=True) if g.dtype is not p.dtype
             )
@@ -225,7 +224,7 @@ class AdaWarm(Optimizer):
         counters_in_place = (
             list(map(_DEVICE, steps)) == list(map(_DEVICE, params))
             if on_device
-            else all(map(_IS_CPU, steps))
+            else all(map(IS_CPU, steps))
         )
         if not counters_in_place:
             # Loaded from a checkpoint, or the backend changed: move the counters once.

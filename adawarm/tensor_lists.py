@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from operator import attrgetter
 from typing import TypeVar
 
 Item = TypeVar("Item")
+
+# Accessors for the per-step whole-list passes, e.g. ``set(map(DTYPE, params))``. Dynamo cannot
+# call them on tensors, so code that torch.compile traces uses plain attribute access.
+DTYPE = attrgetter("dtype")
+IS_CPU = attrgetter("is_cpu")
+IS_CUDA = attrgetter("is_cuda")
 
 
 def select(items: Sequence[Item], indices: Sequence[int] | None) -> Sequence[Item]:

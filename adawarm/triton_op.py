@@ -41,9 +41,8 @@ def _table_cache_for(params: Sequence[Tensor]) -> dict:
 
 
 # The op's schema is inferred from these annotations. They are evaluated (no postponed
-# annotations in this module) and optional arguments say typing.Optional: the form torch's schema
-# inference has listed since custom_op appeared (torch 2.4); `X | None` and string annotations are
-# only tested here on torch 2.13, and the GPU image has 2.11.
+# annotations in this module) and optional arguments say typing.Optional, the form torch's schema
+# inference has listed since custom_op appeared (torch 2.4); checked on torch 2.11 and 2.13.
 @torch.library.custom_op(
     "adawarm::triton_step_",
     mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps", "compensations"),
@@ -65,9 +64,9 @@ def _triton_step_(
     warmup_steps: int,
     rectify: bool,
     maximize: bool,
-    grad_scale: Optional[Tensor],  # noqa: UP045
-    found_inf: Optional[Tensor],  # noqa: UP045
-    rounding_seed: Optional[int],  # noqa: UP045
+    grad_scale: Optional[Tensor] = None,  # noqa: UP045
+    found_inf: Optional[Tensor] = None,  # noqa: UP045
+    rounding_seed: Optional[int] = None,  # noqa: UP045
 ) -> None:
     aligned: list[Tensor | None] = [None] * len(params)
     for position, buffer in zip(compensation_positions, compensations, strict=True):
@@ -122,9 +121,6 @@ def triton_step_op(
     """
     del table_cache
     positions = [i for i, buffer in enumerate(compensations or ()) if buffer is not None]
-    options.setdefault("grad_scale", None)
-    options.setdefault("found_inf", None)
-    options.setdefault("rounding_seed", None)
     torch.ops.adawarm.triton_step_(
         list(params),
         list(grads),
