@@ -53,7 +53,7 @@ def _logical_shift_right(x: Tensor, shift: int) -> Tensor:
 def _mix32_uint32(x: Tensor) -> Tensor:
     """:func:`mix32` on a uint32 tensor, in place: uint32 products wrap mod 2^32 by definition, so
     this needs no 16-bit halves and moves half the bytes of the int64 form. Stochastic rounding of
-    2.5M elements on the 2-core CI machine: 113 ms with int64, ~30 ms with this."""
+    2.5M elements on the 2-core CI machine: 113 ms with int64, 30-42 ms with this."""
     x.bitwise_xor_(_logical_shift_right(x, 16)).mul_(MIX1)
     x.bitwise_xor_(_logical_shift_right(x, 15)).mul_(MIX2)
     return x.bitwise_xor_(_logical_shift_right(x, 16))
