@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 from adawarm.schedule import resolve_warmup_steps
-from adawarm.torch_backend import torch_step
+from adawarm.torch_backend import fused_available, torch_step
 from adawarm.triton_backend import triton_step, unservable_reason
 from adawarm.triton_op import triton_step_op
+from adawarm.validation import check_execution
 
-if not torch.distributed.is_available():  # builds without distributed support have no DTensor
-    _DTensor = None
-else:
-    try:
-        from torch.distributed.tensor import DTensor as _DTensor
-    except ImportError:  # torch < 2.5 kept it private
-        from torch.distributed._tensor import DTensor as _DTensor
+# The modules that define DTensor (torch >= 2.5, and 2.4's private one). A tensor can only be a
+# DTensor once its module is imported, so the check below never imports it: that import costs
+# ~0.5 s, a third of `import torch`.
+_DTENSOR_MODULES = ("torch.distributed.tensor._api", "torch.distributed._tensor.api")
+
+
+def _dtensor_class() -> type | None:
+    for name in _DTENSOR_MODULES:
+        module = sys.modules.get(name)
+        if module is not None:
+            return module.DTensor
+    return None
 
 
 def local_tensors(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
@@ -30,9 +37,10 @@ def local_tensors(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
     """
     # One type() pass first (~20 us at 500 tensors on the CI machine): this runs every step for
     # every tensor, and plain tensors are the common case.
-    if _DTensor is None or not any(issubclass(kind, _DTensor) for kind in set(map(type, tensors))):
+    dtensor = _dtensor_class()
+    if dtensor is None or not any(issubclass(kind, dtensor) for kind in set(map(type, tensors))):
         return list(tensors)
-    return [t.to_local() if isinstance(t, _DTensor) else t for t in tensors]
+    return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
 def select_backend(requested: str | None, params: Sequence[Tensor]) -> str:
@@ -47,12 +55,73 @@ def select_backend(requested: str | None, params: Sequence[Tensor]) -> str:
         if params and all(p.is_cuda for p in params) and unservable_reason(params) is None:
             return "triton"
         return "torch"
-    if requested == "triton":
+    reason = unservable_reason(params)  # "triton": check_execution admits no other name
+    if reason is not None:
+        raise RuntimeError(f"backend='triton' cannot serve these tensors: {reason}")
+    return "triton"
+
+
+def select_execution(
+    backend: str | None,
+    params: Sequence[Tensor],
+    *,
+    foreach: bool | None = None,
+    fused: bool | None = None,
+) -> tuple[str, str | None]:
+    """The backend, and the torch backend's implementation (None: its fastest), that run a step
+    of these tensors under torch.optim.AdamW's ``foreach``/``fused`` options.
+
+    ``fused=True`` is the fused path: the Triton kernel for CUDA tensors, torch's fused AdamW
+    kernel for CPU tensors; ``foreach=True`` the ``torch._foreach_*`` implementation,
+    ``foreach=False`` the single-tensor one, ``fused=False`` anything but a fused kernel; both
+    ``None``: ``backend`` decides. A request these tensors cannot meet raises, naming why.
+    """
+    check_execution({"backend": backend, "foreach": foreach, "fused": fused, "capturable": False})
+    if fused:
+        return _fused_execution(backend, params)
+    if foreach is not None or fused is False:
+        return "torch", "reference" if foreach is False else "foreach"
+    return select_backend(backend, params), None
+
+
+def _fused_execution(backend: str | None, params: Sequence[Tensor]) -> tuple[str, str | None]:
+    if not params:
+        return select_backend(backend, params), None
+    if all(p.is_cuda for p in params):
+        if backend == "torch":
+            raise RuntimeError(
+                "fused=True runs CUDA tensors through the Triton kernel, but backend='torch'; "
+                "pass backend=None, or fused=None to use the torch backend"
+            )
         reason = unservable_reason(params)
         if reason is not None:
-            raise RuntimeError(f"backend='triton' cannot serve these tensors: {reason}")
-        return "triton"
-    raise ValueError(f"Invalid backend: {requested!r}, expected None, 'torch' or 'triton'")
+            raise RuntimeError(
+                f"fused=True runs CUDA tensors through the Triton kernel, which cannot serve "
+                f"these: {reason}; pass fused=None to let the torch backend take them"
+            )
+        return "triton", None
+    if backend == "triton":  # CPU tensors under Triton's interpreter
+        return select_backend(backend, params), None
+    if all(p.is_cpu for p in params):
+        if not fused_available(params[0].device):
+            raise RuntimeError(
+                f"fused=True: torch {torch.__version__} has no fused AdamW kernel for CPU "
+                "tensors (torch._fused_adamw_); pass fused=None"
+            )
+        strided = next((p for p in params if not p.is_contiguous()), None)
+        if strided is not None:
+            raise RuntimeError(
+                f"fused=True: a parameter of shape {tuple(strided.shape)} and strides "
+                f"{strided.stride()} is not contiguous, and torch's fused CPU kernel walks "
+                "contiguous memory (it mis-updates strided tensors); pass fused=None, which "
+                "updates such tensors with foreach ops"
+            )
+        return "torch", "fused"
+    device = next(p.device for p in params if not p.is_cpu)
+    raise RuntimeError(
+        f"fused=True: no fused kernel serves tensors on {device} (the Triton kernel takes CUDA "
+        "tensors, torch's fused AdamW kernel CPU ones); pass fused=None or foreach=True"
+    )
 
 
 def adawarm(
@@ -71,7 +140,8 @@ def adawarm(
     rectify: bool,
     maximize: bool = False,
     backend: str | None = None,
-    torch_implementation: str | None = None,
+    foreach: bool | None = None,
+    fused: bool | None = None,
     grad_scale: Tensor | None = None,
     found_inf: Tensor | None = None,
     table_cache: dict | None = None,
@@ -80,17 +150,18 @@ def adawarm(
 ) -> None:
     """One AdaWarm step over lists of tensors; see :class:`adawarm.AdaWarm` for the algorithm.
 
-    ``state_steps`` are float32 scalar tensors, incremented here. ``torch_implementation``
-    (``"reference"``, ``"foreach"``, ``"fused"`` or ``None`` for the fastest) picks the torch
-    backend's implementation; it exists to test them against each other.
+    ``state_steps`` are float32 scalar tensors, incremented here. ``backend``, ``foreach``
+    and ``fused`` choose how the step runs, as in :class:`adawarm.AdaWarm` (see
+    :func:`select_execution`).
     """
     params, grads, exp_avgs, exp_avg_sqs = (
         local_tensors(tensors) for tensors in (params, grads, exp_avgs, exp_avg_sqs)
     )
     if compensations is not None:
         compensations = local_tensors(compensations)
+    backend, torch_implementation = select_execution(backend, params, foreach=foreach, fused=fused)
     run_backend(
-        select_backend(backend, params),
+        backend,
         params,
         grads,
         exp_avgs,

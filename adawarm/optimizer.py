@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from operator import attrgetter, itemgetter
 from typing import Any
 
@@ -10,53 +11,62 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adawarm.functional import local_tensors, run_backend, select_backend
+from adawarm import checkpoint
+from adawarm.functional import local_tensors, run_backend, select_execution
+from adawarm.rollback import StepSnapshot, failed_step_error
 from adawarm.schedule import resolve_warmup_steps, step_schedule
+from adawarm.state import new_state
 from adawarm.tensor_lists import DTYPE, IS_CPU
-from adawarm.validation import check_group
+from adawarm.validation import check_group, check_torch_only_options, group_betas
 
 # Chosen from the quality benchmark (README, "Choosing the defaults"): a linear ramp over
 # 1 / (1 - beta2) steps, no rectification.
 DEFAULT_WARMUP_STEPS: int | str = "auto"
 DEFAULT_RECTIFY = False
 
-# Keys torch.optim.AdamW/RAdam keep in their param groups that mean nothing to AdaWarm (AdaWarm's
-# decay is always decoupled; the others pick torch's implementations).
-_FOREIGN_GROUP_KEYS = ("amsgrad", "foreach", "fused", "differentiable", "decoupled_weight_decay")
-# Execution choices rather than hyper-parameters: a loaded checkpoint does not change them.
-_EXECUTION_KEYS = ("backend", "capturable")
-# Storage choices: a checkpoint's states are converted to this optimizer's (moments cast to its
-# state dtype, rounding to nearest even; Kahan buffers kept, created or dropped).
-_STORAGE_KEYS = ("state_dtype", "compensation")
-_LOW_PRECISION = (torch.float16, torch.bfloat16)
 _CPU = torch.device("cpu")
 # Whole-list accessors for the per-step passes over parameters and their states.
 _GRAD = attrgetter("grad")
-_DEVICE = attrgetter("device")
 _IS_SPARSE = attrgetter("is_sparse")
 _STEP = itemgetter("step")
 _EXP_AVG = itemgetter("exp_avg")
 _EXP_AVG_SQ = itemgetter("exp_avg_sq")
 
 
-def state_dtype_for(param: Tensor, state_dtype: torch.dtype | None = None) -> torch.dtype:
-    """The dtype of ``exp_avg``/``exp_avg_sq``: ``state_dtype`` when given (bf16 moments), else fp32
-    for fp16/bf16/fp32 parameters and the parameter's own dtype when wider (fp64, complex)."""
-    if param.dtype in (*_LOW_PRECISION, torch.float32):
-        return state_dtype or torch.float32
-    return param.dtype
+@dataclass
+class _GroupStep:
+    """One parameter group's part of a step: checked, and then given its states."""
 
+    index: int
+    group: dict[str, Any]
+    params: list[Tensor]  # those with gradients
+    shards: list[Tensor]  # their local tensors (DTensor shards)
+    grads: list[Tensor]
+    backend: str
+    implementation: str | None  # the torch backend's; None: its fastest
+    betas: tuple[float, float]
+    exp_avgs: list[Tensor] | None = None
+    exp_avg_sqs: list[Tensor] | None = None
+    steps: list[Tensor] | None = None
+    buffers: list[Tensor | None] | None = None
 
-def moment_like(param: Tensor, state_dtype: torch.dtype | None = None) -> Tensor:
-    """A zero moment buffer for ``param``: its shape and strides, in the state dtype."""
-    return torch.zeros_like(
-        param, dtype=state_dtype_for(param, state_dtype), memory_format=torch.preserve_format
-    )
-
-
-def needs_compensation(param: Tensor, compensation: str | None) -> bool:
-    """Whether ``param`` keeps a Kahan buffer: only fp16/bf16 parameters lose small updates."""
-    return compensation == "kahan" and param.dtype in _LOW_PRECISION
+    def configuration(self, lr_is_tensor: bool, scaled: bool, skippable: bool) -> tuple:
+        """What decides which kernels run (and so what could fail that has not run before)."""
+        group = self.group
+        return (
+            self.index,
+            self.backend,
+            self.implementation,
+            frozenset(map(DTYPE, self.params)),
+            frozenset(map(Tensor.get_device, self.params)),
+            group["state_dtype"],
+            group["compensation"],
+            group["rectify"],
+            group["maximize"],
+            lr_is_tensor,
+            scaled,
+            skippable,
+        )
 
 
 class AdaWarm(Optimizer):
@@ -126,19 +136,24 @@ class AdaWarm(Optimizer):
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float | Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
+        betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
+        amsgrad: bool = False,
         *,
         warmup_steps: int | str = DEFAULT_WARMUP_STEPS,
         rectify: bool = DEFAULT_RECTIFY,
         maximize: bool = False,
+        foreach: bool | None = None,
         capturable: bool = False,
+        differentiable: bool = False,
+        fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
         compensation: str | None = None,
         rounding_seed: int = 0,
         backend: str | None = None,
     ) -> None:
+        check_torch_only_options(amsgrad=amsgrad, differentiable=differentiable)
         defaults = {
             "lr": lr,
             "betas": betas,
@@ -147,6 +162,8 @@ class AdaWarm(Optimizer):
             "warmup_steps": warmup_steps,
             "rectify": rectify,
             "maximize": maximize,
+            "foreach": foreach,
+            "fused": fused,
             "capturable": capturable,
             "state_dtype": state_dtype,
             "compensation": compensation,
@@ -156,6 +173,8 @@ class AdaWarm(Optimizer):
         check_group(defaults)
         # Per parameter group, the Triton backend's cached pointer tables.
         self._table_caches: dict[int, dict] = {}
+        # Configurations (see _GroupStep.configuration) whose step has completed once.
+        self._completed: set[tuple] = set()
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -168,10 +187,20 @@ class AdaWarm(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self._table_caches = {}  # not pickled (torch's __getstate__ keeps the state dicts only)
+        # torch's base class adds this key of its own optimizers to the defaults; AdaWarm has no
+        # such option, and copying it into the groups would put it in every later state_dict.
+        self.defaults.pop("differentiable", None)
+        # Neither is pickled (torch's __getstate__ keeps the defaults, state and groups only).
+        self._table_caches = {}
+        self._completed = set()
+        params = [param for group in self.param_groups for param in group["params"]]
         for group in self.param_groups:
-            for key, value in self.defaults.items():
+            for key, value in self.defaults.items():  # groups pickled by older versions
                 group.setdefault(key, value)
+        for index, param in enumerate(params):  # pickles of older torch versions: number steps
+            saved = self.state.get(param)
+            if saved and not isinstance(saved["step"], Tensor):
+                saved["step"] = checkpoint.step_counter(saved["step"], index)
 
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """The group's parameters that have gradients and those gradients, after checking them.
@@ -205,55 +234,100 @@ class AdaWarm(Optimizer):
             )
         return list(params), grads
 
-    def _states(
-        self, params: list[Tensor], backend: str, group: dict[str, Any]
-    ) -> tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor | None]]:
-        """``exp_avg``, ``exp_avg_sq``, ``step`` and Kahan buffer (or None) of each parameter,
-        created on first use.
+    def _check(self, index: int, group: dict[str, Any]) -> _GroupStep | None:
+        """Everything about one group's step that can be checked without changing anything;
+        None when no parameter of the group has a gradient."""
+        check_group(group)
+        params, grads = self._collect(group)
+        if group["compensation"] == "stochastic":
+            _check_stochastic_dtypes(params)
+        if not params:
+            return None
+        shards = local_tensors(params)
+        backend, implementation = select_execution(
+            group["backend"], shards, foreach=group["foreach"], fused=group["fused"]
+        )
+        if group["capturable"] and backend != "triton":
+            raise RuntimeError(
+                f"capturable=True needs the Triton backend, but backend={group['backend']!r} "
+                f"resolved to {backend!r} for these tensors (CUDA tensors of dtype float32, "
+                "bfloat16 or float16 are needed)"
+            )
+        return _GroupStep(
+            index, group, params, shards, grads, backend, implementation, group_betas(group)
+        )
+
+    def _attach_states(self, work: _GroupStep, created: list[Tensor]) -> None:
+        """Give ``work`` the states of its parameters, creating those of first steps (recorded
+        in ``created``).
 
         Step counters live where the backend reads them: on the CPU for the torch backend (as in
         torch.optim.AdamW), on the parameter's device for the Triton kernel, which advances them.
         """
-        on_device = backend == "triton"
-        states = list(map(self.state.__getitem__, params))
+        on_device = work.backend == "triton"
+        states = list(map(self.state.__getitem__, work.params))
         if not all(states):
-            for param, state in zip(params, states, strict=True):
+            for param, state in zip(work.params, states, strict=True):
                 if not state:
-                    self._init_state(param, state, group, on_device)
+                    state.update(
+                        new_state(
+                            param,
+                            state_dtype=work.group["state_dtype"],
+                            compensation=work.group["compensation"],
+                            counter_device=param.device if on_device else _CPU,
+                        )
+                    )
+                    created.append(param)
         steps = list(map(_STEP, states))
         counters_in_place = (
-            list(map(_DEVICE, steps)) == list(map(_DEVICE, params))
+            list(map(Tensor.get_device, steps)) == list(map(Tensor.get_device, work.params))
             if on_device
             else all(map(IS_CPU, steps))
         )
         if not counters_in_place:
             # Loaded from a checkpoint, or the backend changed: move the counters once.
-            for param, state in zip(params, states, strict=True):
+            for param, state in zip(work.params, states, strict=True):
                 state["step"] = state["step"].to(param.device if on_device else _CPU)
             steps = list(map(_STEP, states))
-        return (
-            list(map(_EXP_AVG, states)),
-            list(map(_EXP_AVG_SQ, states)),
-            steps,
-            [state.get("compensation") for state in states],
-        )
+        work.exp_avgs = list(map(_EXP_AVG, states))
+        work.exp_avg_sqs = list(map(_EXP_AVG_SQ, states))
+        work.steps = steps
+        work.buffers = [state.get("compensation") for state in states]
 
-    @staticmethod
-    def _init_state(
-        param: Tensor, state: dict[str, Tensor], group: dict[str, Any], on_device: bool
-    ) -> None:
-        state_dtype = group["state_dtype"]
-        device = param.device if on_device else "cpu"
-        state["step"] = torch.zeros((), dtype=torch.float32, device=device)
-        state["exp_avg"] = moment_like(param, state_dtype)
-        state["exp_avg_sq"] = moment_like(param, state_dtype)
-        if needs_compensation(param, group["compensation"]):
-            state["compensation"] = torch.zeros_like(param)
+    def _run(self, work: _GroupStep, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        group = work.group
+        beta1, beta2 = work.betas
+        run_backend(
+            work.backend,
+            work.shards,
+            local_tensors(work.grads),
+            local_tensors(work.exp_avgs),
+            local_tensors(work.exp_avg_sqs),
+            work.steps,
+            lr=group["lr"],
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+            warmup_steps=group["warmup_steps"],
+            rectify=group["rectify"],
+            maximize=group["maximize"],
+            torch_implementation=work.implementation,
+            grad_scale=grad_scale,
+            found_inf=found_inf,
+            table_cache=self._table_caches.setdefault(work.index, {}),
+            compensations=local_tensors(work.buffers),
+            rounding_seed=(
+                group["rounding_seed"] if group["compensation"] == "stochastic" else None
+            ),
+        )
 
     # Under torch.compile the step runs eagerly (a graph break around it): its schedule is a set
     # of per-step Python floats, which dynamo would specialise on and recompile for at every step
-    # of the warmup and every learning-rate change.
-    @torch.compiler.disable
+    # of the warmup and every learning-rate change. torch._disable_dynamo (what torch.optim uses)
+    # imports dynamo at the first call, not at import: dynamo imports triton, which is slow and
+    # not needed by a CPU step.
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(
         self,
@@ -262,7 +336,17 @@ class AdaWarm(Optimizer):
         grad_scale: Tensor | None = None,
         found_inf: Tensor | None = None,
     ) -> float | None:
-        """Perform one optimization step.
+        """Perform one optimization step; all or nothing.
+
+        Every check (hyper-parameters, gradients, backends) runs for every group before the
+        first tensor changes. The first step of each configuration -- backend, implementation,
+        dtypes, devices, options; that is, whenever a kernel runs that has not run before --
+        keeps a copy of what it changes until it completes, and puts it back if anything fails
+        (a kernel that cannot compile or launch, an interpreter error): parameters, moments,
+        Kahan buffers and step counters are then as before, and states this step created are
+        removed. Later steps of a configuration take no copy (it would add a read and a write
+        of every parameter and moment to every step); a failure then leaves each tensor either
+        stepped or untouched.
 
         Args:
             closure: re-evaluates the model and returns the loss.
@@ -280,56 +364,38 @@ class AdaWarm(Optimizer):
         if found_inf is None:
             found_inf = getattr(self, "found_inf", None)
 
-        # Check everything before the first tensor changes, so bad input leaves no half-update.
-        work = []
-        for index, group in enumerate(self.param_groups):
-            check_group(group)
-            params, grads = self._collect(group)
-            if group["compensation"] == "stochastic":
-                _check_stochastic_dtypes(params)
-            if params:
-                shards = local_tensors(params)
-                work.append((index, group, params, shards, grads, self._backend_for(group, shards)))
-
-        for index, group, params, shards, grads, backend in work:
-            beta1, beta2 = group["betas"]
-            exp_avgs, exp_avg_sqs, steps, buffers = self._states(params, backend, group)
-            run_backend(
-                backend,
-                shards,
-                local_tensors(grads),
-                local_tensors(exp_avgs),
-                local_tensors(exp_avg_sqs),
-                steps,
-                lr=group["lr"],
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=group["weight_decay"],
-                warmup_steps=group["warmup_steps"],
-                rectify=group["rectify"],
-                maximize=group["maximize"],
-                torch_implementation=None,
-                grad_scale=grad_scale,
-                found_inf=found_inf,
-                table_cache=self._table_caches.setdefault(index, {}),
-                compensations=local_tensors(buffers),
-                rounding_seed=(
-                    group["rounding_seed"] if group["compensation"] == "stochastic" else None
-                ),
+        work = [
+            checked
+            for index, group in enumerate(self.param_groups)
+            if (checked := self._check(index, group)) is not None
+        ]
+        configurations = {
+            item.configuration(
+                isinstance(item.group["lr"], Tensor), grad_scale is not None, found_inf is not None
             )
+            for item in work
+        }
+        created: list[Tensor] = []
+        snapshot = None
+        try:
+            for item in work:
+                self._attach_states(item, created)
+            if created or not configurations <= self._completed:
+                snapshot = StepSnapshot(work, created)
+            for item in work:
+                self._run(item, grad_scale, found_inf)
+        except BaseException as error:
+            for param in created:
+                del self.state[param]
+            if snapshot is None:
+                raise
+            snapshot.restore()
+            replacement = failed_step_error(error, (item.backend for item in work))
+            if replacement is None:
+                raise
+            raise replacement from error
+        self._completed |= configurations
         return loss
-
-    @staticmethod
-    def _backend_for(group: dict[str, Any], params: list[Tensor]) -> str:
-        backend = select_backend(group["backend"], params)
-        if group["capturable"] and backend != "triton":
-            raise RuntimeError(
-                f"capturable=True needs the Triton backend, but backend={group['backend']!r} "
-                f"resolved to {backend!r} for these tensors (CUDA tensors of dtype float32, "
-                "bfloat16 or float16 are needed)"
-            )
-        return backend
 
     def warmup_factor(self) -> list[float]:
         """The warmup multiplier ``ramp_t * r_t`` that the next :meth:`step` puts on each group's
@@ -345,7 +411,7 @@ class AdaWarm(Optimizer):
                 for p in group["params"]
                 if "step" in self.state[p]
             ]
-            beta1, beta2 = group["betas"]
+            beta1, beta2 = group_betas(group)
             schedule = step_schedule(
                 max(steps, default=0) + 1,
                 lr=1.0,
@@ -360,21 +426,12 @@ class AdaWarm(Optimizer):
         return factors
 
     def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        # torch.optim.RAdam reads a group without this key as coupled (L2) decay; AdaWarm's decay
-        # is always decoupled, so say so for checkpoints loaded into torch's optimizers.
-        for group in state["param_groups"]:
-            group["decoupled_weight_decay"] = True
-        return state
+        return checkpoint.with_decoupled_decay_flag(super().state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state_dict of AdaWarm, or of torch.optim.AdamW / RAdam.
-
-        Hyper-parameters the checkpoint lacks (``warmup_steps``, ``rectify`` from torch's
-        optimizers) keep this optimizer's values; ``backend`` always stays this optimizer's. The
-        whole state_dict is checked (groups, sizes, shapes, hyper-parameters) before anything is
-        loaded.
-        """
+        """Load a state_dict of AdaWarm, or of torch.optim.AdamW / RAdam, by the rules of
+        :mod:`adawarm.checkpoint`. The whole state_dict is checked (groups, sizes, shapes,
+        hyper-parameters, step counts) before anything is loaded."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):
             raise ValueError(
@@ -382,52 +439,20 @@ class AdaWarm(Optimizer):
                 f"{len(self.param_groups)}"
             )
         groups = []
-        moments = []
+        loaded = []
         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
-            if len(saved["params"]) != len(group["params"]):
-                raise ValueError(
-                    f"Loaded parameter group {index} has {len(saved['params'])} parameters, "
-                    f"expected {len(group['params'])}"
-                )
-            if saved.get("amsgrad", False):
-                raise ValueError(
-                    f"Loaded parameter group {index} uses amsgrad=True; AdaWarm has no AMSGrad"
-                )
-            if not saved.get("decoupled_weight_decay", True) and saved.get("weight_decay", 0):
-                raise ValueError(
-                    f"Loaded parameter group {index} uses coupled (L2) weight decay "
-                    f"{saved['weight_decay']!r}; AdaWarm's weight decay is decoupled"
-                )
-            merged = {k: v for k, v in saved.items() if k not in _FOREIGN_GROUP_KEYS}
-            for key, value in group.items():
-                if key != "params":
-                    merged.setdefault(key, value)
-            for key in (*_EXECUTION_KEYS, *_STORAGE_KEYS):
-                merged[key] = group[key]
-            check_group(merged)
+            merged = checkpoint.loaded_group(group, saved, index)
             groups.append(merged)
             for param, param_id in zip(group["params"], saved["params"], strict=True):
                 saved_state = state_dict["state"].get(param_id)
-                _check_saved_state(saved_state, param, param_id)
+                checkpoint.check_saved_state(saved_state, param, param_id)
                 if saved_state:
-                    moments.append((param, saved_state, merged))
+                    loaded.append((param, saved_state, merged, param_id))
         super().load_state_dict({**state_dict, "param_groups": groups})
-        # torch casts every floating-point state to the parameter's dtype, which would round fp32
-        # moments of bf16 parameters; take them from the checkpoint in AdaWarm's state dtype.
-        for param, saved_state, group in moments:
-            for key in ("exp_avg", "exp_avg_sq"):
-                self.state[param][key] = moment_like(param, group["state_dtype"]).copy_(
-                    saved_state[key]
-                )
-            # Kahan buffers follow this optimizer's option: kept when both sides have them,
-            # zeros when only this one does, dropped when only the checkpoint does.
-            if needs_compensation(param, group["compensation"]):
-                buffer = saved_state.get("compensation")
-                self.state[param]["compensation"] = (
-                    torch.zeros_like(param) if buffer is None else buffer.to(param).clone()
-                )
-            else:
-                self.state[param].pop("compensation", None)
+        # torch casts every floating-point state to the parameter's dtype (which would round
+        # fp32 moments of bf16 parameters) and keeps steps as saved; convert from the checkpoint.
+        for param, saved_state, group, param_id in loaded:
+            self.state[param] = checkpoint.converted_state(param, saved_state, group, param_id)
 
 
 def _check_stochastic_dtypes(params: list[Tensor]) -> None:
@@ -436,19 +461,4 @@ def _check_stochastic_dtypes(params: list[Tensor]) -> None:
             raise ValueError(
                 f"Invalid compensation for a float16 parameter of shape {tuple(param.shape)}: "
                 "'stochastic' rounds to bfloat16 only; expected 'kahan' or None for float16"
-            )
-
-
-def _check_saved_state(saved: dict[str, Any] | None, param: Tensor, param_id: Any) -> None:
-    if not saved:
-        return
-    for key in ("step", "exp_avg", "exp_avg_sq"):
-        if key not in saved:
-            raise ValueError(f"Loaded state of parameter {param_id} lacks {key!r}")
-    for key in ("exp_avg", "exp_avg_sq"):
-        shape = tuple(saved[key].shape)
-        if shape != tuple(param.shape):
-            raise ValueError(
-                f"Loaded {key} of parameter {param_id} has shape {shape}, expected "
-                f"{tuple(param.shape)} (the parameter's shape)"
             )

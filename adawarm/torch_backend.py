@@ -216,10 +216,6 @@ def torch_step(
     """
     if implementation is None:
         implementation = "fused"
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(
-            f"Invalid torch implementation: {implementation!r}, expected one of {IMPLEMENTATIONS}"
-        )
     if found_inf is not None and bool(found_inf.item()):
         return
     if not params:
@@ -228,11 +224,6 @@ def torch_step(
         grads = torch._foreach_div(list(grads), grad_scale.to(grads[0].device))
     if isinstance(lr, Tensor):
         lr = float(lr.item())
-    if implementation == "reference":
-        for step in state_steps:
-            step.add_(1)
-    else:
-        torch._foreach_add_(list(state_steps), 1)
 
     if compensations is None:
         compensations = [None] * len(params)
@@ -257,7 +248,8 @@ def torch_step(
                 [torch.view_as_real(t) for t in tensors]
                 for tensors in (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
             )
-        for step, indices in _indices_by_step(group_steps):
+        for previous_step, indices in _indices_by_step(group_steps):
+            step = previous_step + 1
             schedule = step_schedule(
                 step,
                 lr=lr,
@@ -274,11 +266,19 @@ def torch_step(
             ]
             computing = compute_dtype(stored[0][0].dtype)
             work = [_upcast(tensors, computing) for tensors in stored]
-            if implementation == "fused":
-                extra = {"steps": select(group_steps, indices), "weight_decay": weight_decay}
-                _fused_bucket(*work, schedule, **options, **extra)
-            else:
-                _BUCKET_STEPS[implementation](*work, schedule, **options)
+            # Counters advance with their bucket (the fused kernel reads them), and go back if
+            # the bucket's update fails: each tensor is either stepped or untouched.
+            bucket_steps = list(select(group_steps, indices))
+            torch._foreach_add_(bucket_steps, 1)
+            try:
+                if implementation == "fused":
+                    extra = {"steps": bucket_steps, "weight_decay": weight_decay}
+                    _fused_bucket(*work, schedule, **options, **extra)
+                else:
+                    _BUCKET_STEPS[implementation](*work, schedule, **options)
+            except BaseException:
+                torch._foreach_sub_(bucket_steps, 1)
+                raise
             _store(stored[2], work[2])
             _store(stored[3], work[3])
             buffers = select(group_buffers, indices)

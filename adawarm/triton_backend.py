@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,23 +38,59 @@ def _kernels():
 # Whether triton is installed, found without importing it (importing triton is slow and
 # optional); a constant, so torch.compile traces it as one.
 TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+NOT_INSTALLED = (
+    "triton is not installed; CUDA builds of torch bring it (on Linux, `pip install triton` "
+    "adds it to other builds), or pass backend='torch'"
+)
+INTERPRETER_TOO_LATE = (
+    "TRITON_INTERPRET=1 was set after triton was imported (torch.compile and other libraries "
+    "import it), so its interpreter is off; set it before anything imports triton, e.g. first "
+    "thing in the script or in conftest.py"
+)
 
 
 def interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _interpreted(function: object) -> bool:
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(function, InterpretedFunction)
+
+
+def interpreter_problem() -> str | None:
+    """Why CPU tensors cannot run under Triton's interpreter now, or None when they can.
+
+    Triton decides at import whether ``@triton.jit`` functions (its own and the kernel's) are
+    interpreted, so the variable must be set before the first import; a kernel launched with
+    half of them compiled fails midway.
+    """
+    if not interpreter_enabled():
+        return (
+            "CPU tensors need Triton's interpreter: TRITON_INTERPRET=1 set before triton is "
+            "imported"
+        )
+    triton = sys.modules.get("triton")
+    kernels = sys.modules.get("adawarm.kernels.adawarm_step")
+    if (triton is not None and not _interpreted(triton.language.cdiv)) or (
+        kernels is not None and not _interpreted(kernels._adawarm_step_kernel)
+    ):
+        return INTERPRETER_TOO_LATE
+    return None
+
+
 def unservable_reason(params: Sequence[Tensor]) -> str | None:
     """Why the Triton backend cannot update these parameters, or None when it can."""
     if not TRITON_INSTALLED:
-        return "triton is not installed"
+        return NOT_INSTALLED
     if torch.compiler.is_compiling():
         # Traced once; the checks become guards. Dynamo cannot call attrgetter on tensors.
         return _first_unservable(params)
     # This runs every step: whole-list passes first (~40 ns a tensor each), the loop that names
     # the offending parameter only when one of them fails.
     devices_served = all(map(IS_CUDA, params)) or (
-        interpreter_enabled() and all(map(IS_CPU, params))
+        all(map(IS_CPU, params)) and interpreter_problem() is None
     )
     if (
         devices_served
@@ -65,16 +102,13 @@ def unservable_reason(params: Sequence[Tensor]) -> str | None:
 
 
 def _first_unservable(params: Sequence[Tensor]) -> str | None:
-    interpreting = interpreter_enabled()
     for param in params:
-        if not param.is_cuda:
-            if param.is_cpu and not interpreting:
-                return (
-                    f"a parameter is on {param.device}; the Triton kernels need CUDA tensors (or "
-                    "CPU tensors with TRITON_INTERPRET=1 set before triton is imported)"
-                )
-            if not param.is_cpu:
-                return f"a parameter is on {param.device}; the Triton kernels need CUDA tensors"
+        if param.is_cpu:
+            problem = interpreter_problem()
+            if problem is not None:
+                return f"a parameter is on the CPU: {problem}"
+        elif not param.is_cuda:
+            return f"a parameter is on {param.device}; the Triton kernels need CUDA tensors"
         if param.dtype not in KERNEL_DTYPES:
             return f"a parameter has dtype {param.dtype}; the Triton kernels take {KERNEL_DTYPES}"
         if not param.is_contiguous():

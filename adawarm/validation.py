@@ -18,6 +18,11 @@ def _is_real_number(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
+def _reading_would_sync(value: torch.Tensor) -> bool:
+    """Whether reading ``value`` on the host now would break a CUDA graph capture."""
+    return value.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def check_lr(lr: Any) -> None:
     if isinstance(lr, torch.Tensor):
         if lr.numel() != 1 or not lr.is_floating_point():
@@ -25,8 +30,8 @@ def check_lr(lr: Any) -> None:
                 f"Invalid lr: a tensor of shape {tuple(lr.shape)} and dtype {lr.dtype}, "
                 "expected a float or a one-element floating-point tensor"
             )
-        if lr.is_cuda and torch.cuda.is_current_stream_capturing():
-            return  # reading the value would synchronise, which a CUDA graph capture forbids
+        if _reading_would_sync(lr):
+            return  # the kernel reads it on the device; a capture forbids reading it here
         value = float(lr.detach().cpu())
     elif _is_real_number(lr):
         value = float(lr)
@@ -34,6 +39,46 @@ def check_lr(lr: Any) -> None:
         raise TypeError(f"Invalid lr: {lr!r}, expected a float >= 0")
     if math.isnan(value) or value < 0.0:
         raise ValueError(f"Invalid lr: {value}, expected 0 <= lr")
+
+
+def group_betas(group: dict[str, Any]) -> tuple[float, float]:
+    """A group's ``(beta1, beta2)`` as floats: one-element tensors (which torch.optim.AdamW also
+    takes, so a schedule can change them in place) are read on the host at every step."""
+    values = []
+    for index, beta in enumerate(group["betas"]):
+        if isinstance(beta, torch.Tensor):
+            if beta.numel() != 1 or not beta.is_floating_point():
+                raise ValueError(
+                    f"Invalid beta{index + 1}: a tensor of shape {tuple(beta.shape)} and dtype "
+                    f"{beta.dtype}, expected a float or a one-element floating-point tensor"
+                )
+            if _reading_would_sync(beta):
+                raise RuntimeError(
+                    f"beta{index + 1} is a CUDA tensor, which AdaWarm reads on the host at every "
+                    "step, and a CUDA graph capture forbids that read; pass betas as floats or "
+                    "CPU tensors"
+                )
+            values.append(float(beta.detach().cpu()))
+        elif _is_real_number(beta):
+            values.append(float(beta))
+        else:
+            raise TypeError(
+                f"Invalid beta{index + 1}: {beta!r}, expected a float or a one-element tensor"
+            )
+    return values[0], values[1]
+
+
+def check_torch_only_options(*, amsgrad: Any, differentiable: Any) -> None:
+    """Refuse the torch.optim.AdamW options that AdaWarm has no algorithm for (False is fine)."""
+    if amsgrad is not False:
+        raise ValueError(
+            f"Invalid amsgrad: {amsgrad!r}; AdaWarm has no AMSGrad variant, expected False"
+        )
+    if differentiable is not False:
+        raise ValueError(
+            f"Invalid differentiable: {differentiable!r}; AdaWarm's step does not record "
+            "autograd history (like torch's fused optimizers), expected False"
+        )
 
 
 def check_group(group: dict[str, Any]) -> None:
@@ -45,10 +90,10 @@ def check_group(group: dict[str, Any]) -> None:
     betas = group["betas"]
     if not isinstance(betas, tuple | list) or len(betas) != 2:
         raise ValueError(f"Invalid betas: {betas!r}, expected a pair (beta1, beta2)")
-    for index, beta in enumerate(betas):
-        if not _is_real_number(beta) or not 0.0 <= beta < 1.0:
+    for index, beta in enumerate(group_betas(group)):
+        if not 0.0 <= beta < 1.0:
             raise ValueError(
-                f"Invalid beta{index + 1}: {beta!r}, expected 0 <= beta{index + 1} < 1"
+                f"Invalid beta{index + 1}: {betas[index]!r}, expected 0 <= beta{index + 1} < 1"
             )
     weight_decay = group["weight_decay"]
     if not _is_real_number(weight_decay) or math.isnan(weight_decay) or weight_decay < 0.0:
@@ -59,16 +104,19 @@ def check_group(group: dict[str, Any]) -> None:
     rectify = group["rectify"]
     if not isinstance(rectify, bool):
         raise TypeError(f"Invalid rectify: {rectify!r}, expected True or False")
-    beta2 = betas[1]
+    beta2 = group_betas(group)[1]
     if rectify and not can_rectify(beta2):
         raise ValueError(
-            f"Invalid beta2 for rectify=True: {beta2!r} gives rho_inf = "
-            f"{rho_inf(beta2) if beta2 < 1 else float('inf'):.4g} <= 5, so rectification never "
-            "engages; expected beta2 > 2/3, or rectify=False"
+            f"Invalid beta2 for rectify=True: {betas[1]!r} gives rho_inf = "
+            f"{rho_inf(beta2):.4g} <= 5, so rectification never engages; expected beta2 > 2/3, "
+            "or rectify=False"
         )
     for flag in ("maximize", "capturable"):
         if not isinstance(group[flag], bool):
             raise TypeError(f"Invalid {flag}: {group[flag]!r}, expected True or False")
+    check_torch_only_options(
+        amsgrad=group.get("amsgrad", False), differentiable=group.get("differentiable", False)
+    )
     if group["state_dtype"] not in (None, torch.float32, torch.bfloat16):
         raise ValueError(
             f"Invalid state_dtype: {group['state_dtype']!r}, expected None, torch.float32 or "
@@ -81,9 +129,40 @@ def check_group(group: dict[str, Any]) -> None:
     seed = group["rounding_seed"]
     if not isinstance(seed, numbers.Integral) or isinstance(seed, bool) or seed < 0:
         raise ValueError(f"Invalid rounding_seed: {seed!r}, expected an int >= 0")
-    backend = group["backend"]
+    check_execution(group)
+
+
+def check_execution(group: dict[str, Any]) -> None:
+    """The execution choices (backend, foreach, fused, capturable) agree with each other."""
+    backend, foreach, fused = group["backend"], group["foreach"], group["fused"]
     if backend not in BACKENDS:
         raise ValueError(f"Invalid backend: {backend!r}, expected one of {BACKENDS}")
+    for name, flag in (("foreach", foreach), ("fused", fused)):
+        if flag is not None and not isinstance(flag, bool):
+            raise TypeError(f"Invalid {name}: {flag!r}, expected None, True or False")
+    if foreach and fused:
+        raise ValueError(
+            "Invalid foreach=True with fused=True: each names an implementation, expected at "
+            "most one of them True (as torch.optim.AdamW)"
+        )
+    # foreach (either value) and fused=False name implementations of the torch backend.
+    if foreach is not None:
+        torch_only = f"foreach={foreach}"
+    elif fused is False:
+        torch_only = "fused=False"
+    else:
+        torch_only = None
+    if torch_only is not None and backend == "triton":
+        raise ValueError(
+            f"Invalid {torch_only} with backend='triton': it selects an implementation of the "
+            "torch backend; expected foreach=None and fused=None or True with the Triton backend"
+        )
+    if group["capturable"] and (backend == "torch" or torch_only is not None):
+        raise ValueError(
+            f"Invalid capturable=True with "
+            f"{torch_only or 'backend=' + repr(backend)}: a capturable step needs the Triton "
+            "backend; expected backend=None or 'triton', foreach=None, fused=None or True"
+        )
 
 
 def check_warmup_steps(warmup_steps: Any) -> None:

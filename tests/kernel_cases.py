@@ -10,7 +10,7 @@ from helpers import assert_close, gradient_stream, make_params
 from hypothesis import strategies as st
 
 from adawarm import AdaWarm, adawarm
-from adawarm.optimizer import moment_like, needs_compensation
+from adawarm.state import moment_like, needs_compensation
 
 GRAD_SCALE = 1024.0  # a power of two: scaling and unscaling are exact
 
@@ -91,7 +91,7 @@ def reference_trajectory(shapes, dtype, options, steps, inf_steps):
             rectify=options["rectify"],
             maximize=options["maximize"],
             backend="torch",
-            torch_implementation="reference",
+            foreach=False,
             compensations=[s.get("compensation") for s in states],
             rounding_seed=(
                 options["rounding_seed"] if options.get("compensation") == "stochastic" else None

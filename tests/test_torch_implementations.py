@@ -15,8 +15,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from adawarm import adawarm
-from adawarm.optimizer import moment_like
+from adawarm.state import moment_like
 from adawarm.torch_backend import IMPLEMENTATIONS
+
+# How the functional API's torch.optim-style options select each implementation. fused=True
+# refuses strided parameters (torch's fused kernel mis-updates them); the automatic choice runs
+# the fused implementation, which sends them through foreach ops.
+SELECT = {"reference": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+SELECT_STRIDED = {**SELECT, "fused": {}}
 
 
 def run_functional(implementation, shapes, dtype, steps, seed, options, strided_params=False):
@@ -35,7 +41,7 @@ def run_functional(implementation, shapes, dtype, steps, seed, options, strided_
             exp_avg_sqs,
             state_steps,
             backend="torch",
-            torch_implementation=implementation,
+            **(SELECT_STRIDED if strided_params else SELECT)[implementation],
             **options,
         )
     return params, exp_avgs, exp_avg_sqs, state_steps
@@ -97,21 +103,25 @@ def test_implementations_agree_on_odd_shapes_past_threshold(rectify, dtype, stri
     assert_implementations_agree(ODD_SHAPES, dtype, 12, options, strided_params)
 
 
-def test_unknown_implementation_is_refused():
-    with pytest.raises(ValueError, match="'vectorized'"):
-        run_functional(
-            "vectorized",
-            [(3,)],
-            torch.float32,
-            1,
-            0,
-            {
-                "lr": 1e-3,
-                "beta1": 0.9,
-                "beta2": 0.999,
-                "eps": 1e-8,
-                "weight_decay": 0.0,
-                "warmup_steps": 0,
-                "rectify": False,
-            },
+@pytest.mark.parametrize(
+    ("selection", "error", "message"),
+    [
+        ({"foreach": "yes"}, TypeError, "Invalid foreach: 'yes', expected None, True or False"),
+        ({"foreach": True, "fused": True}, ValueError, "foreach=True with fused=True"),
+        ({"fused": False, "backend": "triton"}, ValueError, "fused=False with backend='triton'"),
+    ],
+)
+def test_contradictory_or_bad_selections_are_refused(selection, error, message):
+    options = {"lr": 1e-3, "beta1": 0.9, "beta2": 0.999, "eps": 1e-8, "weight_decay": 0.0}
+    options |= {"warmup_steps": 0, "rectify": False}
+    params = [torch.zeros(3)]
+    with pytest.raises(error, match=message):
+        adawarm(
+            params,
+            [torch.ones(3)],
+            [torch.zeros(3)],
+            [torch.zeros(3)],
+            [torch.tensor(0.0)],
+            **options,
+            **selection,
         )

@@ -179,7 +179,7 @@ def test_triton_on_cpu_without_the_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     params = [torch.randn(3, requires_grad=True)]
     params[0].grad = torch.ones(3)
-    with pytest.raises(RuntimeError, match=r"cpu; the Triton kernels need CUDA tensors"):
+    with pytest.raises(RuntimeError, match=r"on the CPU: CPU tensors need Triton's interpreter"):
         AdaWarm(params, backend="triton").step()
     AdaWarm(params).step()  # backend=None falls back to torch
 
@@ -233,8 +233,12 @@ def test_sparse_gradient_is_refused_with_triton():
 def test_capturable_needs_the_triton_backend():
     param = torch.randn(3, device=DEVICE, requires_grad=True)
     param.grad = torch.ones(3, device=DEVICE)
+    with pytest.raises(ValueError, match="capturable=True with backend='torch'"):
+        AdaWarm([param], capturable=True, backend="torch")
+    wide = torch.randn(3, dtype=torch.float64, device=DEVICE, requires_grad=True)
+    wide.grad = torch.ones_like(wide)
     with pytest.raises(RuntimeError, match="capturable=True needs the Triton backend"):
-        AdaWarm([param], capturable=True, backend="torch").step()
+        AdaWarm([wide], capturable=True).step()  # backend=None resolves to torch for fp64
     opt = AdaWarm([param], capturable=True, backend="triton", lr=torch.tensor(1e-2, device=DEVICE))
     opt.step()
     assert opt.state[param]["step"].device == param.device

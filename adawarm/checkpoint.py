@@ -1,0 +1,126 @@
+"""Checkpoint rules: what AdaWarm keeps, converts and drops when it loads a state_dict.
+
+A state_dict may come from AdaWarm (this version or an older one), ``torch.optim.AdamW`` or
+``torch.optim.RAdam`` -- all share the state names ``step``, ``exp_avg`` and ``exp_avg_sq``:
+
+- Hyper-parameters come from the checkpoint; those it lacks (``warmup_steps`` and ``rectify``
+  from torch's optimizers) keep the loading optimizer's values.
+- Execution choices (``backend``, ``foreach``, ``fused``, ``capturable``) and storage choices
+  (``state_dtype``, ``compensation``) stay the loading optimizer's: they say how this run
+  computes and stores, not what was learned.
+- Keys that only torch's optimizers use (``amsgrad``, ``differentiable``,
+  ``decoupled_weight_decay``) are dropped, after refusing what AdaWarm cannot continue
+  (AMSGrad, coupled L2 decay).
+- ``step`` becomes a float32 scalar tensor on the CPU, whatever the checkpoint held: a tensor,
+  or a Python number (older torch versions saved those).
+- Moments are cast to the loading optimizer's state dtype (rounding to nearest even; bf16 ->
+  fp32 is exact). Kahan buffers are kept when both sides have them, created as zeros when only
+  the loader wants them, dropped otherwise. Other state entries are dropped.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from adawarm.state import moment_like, needs_compensation
+from adawarm.validation import check_group
+
+# Keys torch.optim.AdamW/RAdam keep in their param groups that mean nothing to AdaWarm.
+FOREIGN_GROUP_KEYS = ("amsgrad", "differentiable", "decoupled_weight_decay")
+# Execution choices: a loaded checkpoint does not change them.
+EXECUTION_KEYS = ("backend", "foreach", "fused", "capturable")
+# Storage choices: the checkpoint's states are converted to the loading optimizer's.
+STORAGE_KEYS = ("state_dtype", "compensation")
+MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def loaded_group(group: dict[str, Any], saved: dict[str, Any], index: int) -> dict[str, Any]:
+    """The param group that loading ``saved`` into ``group`` gives (``params`` still the saved
+    ids, which torch's loader replaces), checked."""
+    if len(saved["params"]) != len(group["params"]):
+        raise ValueError(
+            f"Loaded parameter group {index} has {len(saved['params'])} parameters, "
+            f"expected {len(group['params'])}"
+        )
+    if saved.get("amsgrad", False):
+        raise ValueError(
+            f"Loaded parameter group {index} uses amsgrad=True; AdaWarm has no AMSGrad"
+        )
+    if not saved.get("decoupled_weight_decay", True) and saved.get("weight_decay", 0):
+        raise ValueError(
+            f"Loaded parameter group {index} uses coupled (L2) weight decay "
+            f"{saved['weight_decay']!r}; AdaWarm's weight decay is decoupled"
+        )
+    merged = {k: v for k, v in saved.items() if k not in FOREIGN_GROUP_KEYS}
+    for key, value in group.items():
+        if key != "params":
+            merged.setdefault(key, value)
+    for key in (*EXECUTION_KEYS, *STORAGE_KEYS):
+        merged[key] = group[key]
+    check_group(merged)
+    return merged
+
+
+def check_saved_state(saved: dict[str, Any] | None, param: Tensor, param_id: Any) -> None:
+    """Raise if a parameter's saved state cannot be loaded for ``param``."""
+    if not saved:
+        return
+    for key in ("step", *MOMENT_KEYS):
+        if key not in saved:
+            raise ValueError(f"Loaded state of parameter {param_id} lacks {key!r}")
+    step_counter(saved["step"], param_id)
+    for key in MOMENT_KEYS:
+        shape = tuple(saved[key].shape)
+        if shape != tuple(param.shape):
+            raise ValueError(
+                f"Loaded {key} of parameter {param_id} has shape {shape}, expected "
+                f"{tuple(param.shape)} (the parameter's shape)"
+            )
+
+
+def step_counter(value: Any, param_id: Any) -> Tensor:
+    """A saved ``step`` (a tensor or a Python number) as a float32 scalar tensor on the CPU."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1:
+            raise ValueError(
+                f"Loaded step of parameter {param_id} is a tensor of shape "
+                f"{tuple(value.shape)}, expected a scalar"
+            )
+        number = float(value.detach().cpu())
+    elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        raise TypeError(f"Loaded step of parameter {param_id} is {value!r}, expected a number")
+    if not math.isfinite(number) or number < 0 or number != int(number):
+        raise ValueError(
+            f"Loaded step of parameter {param_id} is {number!r}, expected a whole number >= 0"
+        )
+    return torch.tensor(number, dtype=torch.float32)
+
+
+def converted_state(
+    param: Tensor, saved: dict[str, Any], group: dict[str, Any], param_id: Any
+) -> dict[str, Tensor]:
+    """The state of ``param`` loaded from ``saved`` under ``group``'s storage choices."""
+    state = {"step": step_counter(saved["step"], param_id)}
+    for key in MOMENT_KEYS:
+        state[key] = moment_like(param, group["state_dtype"]).copy_(saved[key])
+    if needs_compensation(param, group["compensation"]):
+        buffer = saved.get("compensation")
+        state["compensation"] = (
+            torch.zeros_like(param) if buffer is None else buffer.to(param).clone()
+        )
+    return state
+
+
+def with_decoupled_decay_flag(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """Mark every group's decay as decoupled: torch.optim.RAdam reads a group without this key
+    as coupled (L2) decay, and AdaWarm's decay always is decoupled."""
+    for group in state_dict["param_groups"]:
+        group["decoupled_weight_decay"] = True
+    return state_dict
