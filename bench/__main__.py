@@ -1,7 +1,7 @@
 """``python -m bench [speed|quality|schedule|tune]``: AdaWarm against AdamW, on this machine.
 
 Without a sub-command: a short tour -- a quick speed table and a quick quality run, a summary,
-and PNG plots in bench/results/tour/.
+and PNG plots in bench/runs/tour/ (or --out).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import quality, schedule, speed, tune
+from bench import RUNS, quality, schedule, speed, tune
 
 SUBCOMMANDS = {
     "speed": speed.main,
@@ -18,15 +18,14 @@ SUBCOMMANDS = {
     "schedule": schedule.main,
     "tune": tune.main,
 }
-TOUR_OUT = Path("bench/results/tour")
 
 
-def tour() -> None:
+def tour(out: Path) -> None:
     print("== speed (quick) ==")
-    speed_rows = speed.main(["--quick", "--out", str(TOUR_OUT)])
+    speed_rows = speed.main(["--quick", "--out", str(out)])
     print("\n== quality (quick) ==")
-    result = quality.main(["--quick", "--out", str(TOUR_OUT)])
-    schedule.main(["--out", str(TOUR_OUT)])
+    result = quality.main(["--quick", "--out", str(out)])
+    schedule.main(["--out", str(out)])
     print("\n== summary ==")
     fused = next(r for r in speed_rows if r.optimizer == "torch AdamW fused")
     for row in speed_rows:
@@ -34,7 +33,7 @@ def tour() -> None:
         print(f"speed: {row.optimizer:24} {row.median_ms:8.2f} ms  ({ratio:.2f}x fused AdamW)")
     for verdict in result["verdicts"]:
         print(f"quality: {verdict}")
-    print(f"plots and tables: {TOUR_OUT}/")
+    print(f"plots and tables: {out}/")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,8 +43,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("subcommand", nargs="?", choices=sorted(SUBCOMMANDS))
-    parser.parse_args(argv)
-    tour()
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=RUNS / "tour",
+        help=f"folder for the tour's tables and plots (default: {RUNS / 'tour'})",
+    )
+    tour(parser.parse_args(argv).out)
 
 
 if __name__ == "__main__":

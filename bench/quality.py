@@ -28,6 +28,7 @@ import torch
 
 from adawarm import AdaWarm
 from adawarm.optimizer import DEFAULT_RECTIFY, DEFAULT_WARMUP_STEPS
+from bench import RUNS
 from bench.lm import ModelConfig, PostLNTransformer, batches, loss_on, stdlib_corpus
 
 
@@ -344,8 +345,9 @@ def _draw_curves(ax, schedule, runs, table, method_names, lrs, collapse_at) -> N
 
 
 def plot_results(
-    runs: list[Run], table, method_names, lrs, schedules, collapse_at, out: Path
+    runs: list[Run], table, method_names, lrs, schedules, collapse_at, out: Path, stem: str
 ) -> list[Path]:
+    """The figures of a run, named after its stem (a quick run never replaces a full run's)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -353,8 +355,8 @@ def plot_results(
 
     paths = []
     figures = (
-        ("quality-loss-vs-lr.png", _draw_loss_vs_lr, 7),
-        ("quality-curves.png", _draw_curves, 6),
+        (f"{stem}-loss-vs-lr.png", _draw_loss_vs_lr, 7),
+        (f"{stem}-curves.png", _draw_curves, 6),
     )
     for filename, draw, legend_size in figures:
         fig, axes = plt.subplots(
@@ -385,7 +387,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--workers", type=int, default=os.cpu_count() or 1, help="processes, 1 thread each"
     )
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--out", type=Path, default=RUNS, help=f"folder for the results (default: {RUNS})"
+    )
     args = parser.parse_args(argv)
     from tqdm import tqdm
 
@@ -448,6 +452,6 @@ def main(argv: list[str] | None = None) -> dict:
     stem = "quality-quick" if args.quick else "quality"
     (args.out / f"{stem}.md").write_text(report + "\n")
     (args.out / f"{stem}.json").write_text(json.dumps([asdict(r) for r in runs]) + "\n")
-    for path in plot_results(runs, table, names, lrs, schedules, collapse_at, args.out):
+    for path in plot_results(runs, table, names, lrs, schedules, collapse_at, args.out, stem):
         print(f"wrote {path}")
     return {"report": report, "verdicts": verdicts}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from adawarm import warmup_factor
 from adawarm.schedule import untuned_warmup_steps
+from bench import RUNS
 
 
 def curves(beta2: float, warmup_steps: int | str, steps: int) -> dict[str, list[float]]:
@@ -39,7 +40,9 @@ def main(argv: list[str] | None = None) -> Path:
         "--warmup-steps", default="untuned", help='an int, or "untuned" for 2 / (1 - beta2)'
     )
     parser.add_argument("--steps", type=int, default=None, help="default: 3 / (1 - beta2)")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--out", type=Path, default=RUNS, help=f"folder for the results (default: {RUNS})"
+    )
     args = parser.parse_args(argv)
     warmup = args.warmup_steps if args.warmup_steps == "untuned" else int(args.warmup_steps)
 

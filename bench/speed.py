@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from adawarm import AdaWarm
+from bench import RUNS
 
 WARMUP_STEPS = 8
 
@@ -340,7 +341,9 @@ def main(argv: list[str] | None = None) -> list[Row]:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2], help="CPU only")
     parser.add_argument("--steps", type=int, default=40, help="timed steps per measurement")
     parser.add_argument("--quick", action="store_true", help="one small case, 1 thread, 10 steps")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--out", type=Path, default=RUNS, help=f"folder for the results (default: {RUNS})"
+    )
     args = parser.parse_args(argv)
     from tqdm import tqdm
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from bench import RUNS
 from bench.speed import (
     Case,
     Timer,
@@ -195,7 +196,9 @@ def main(argv: list[str] | None = None) -> list[TuneRow]:
     parser.add_argument("--warps", type=int, nargs="+", default=list(WARPS))
     parser.add_argument("--steps", type=int, default=40, help="timed launches per measurement")
     parser.add_argument("--quick", action="store_true", help="a tiny case, 2 configs, 2 launches")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument(
+        "--out", type=Path, default=RUNS, help=f"folder for the results (default: {RUNS})"
+    )
     args = parser.parse_args(argv)
     from tqdm import tqdm
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import copy
 
 import torch
-from adawarm.kernels.adawarm_step import BLOCK_SIZE
 from helpers import assert_close, gradient_stream, make_params
 from hypothesis import strategies as st
 
 from adawarm import AdaWarm, adawarm
+from adawarm.kernels.adawarm_step import BLOCK_SIZE
 from adawarm.state import moment_like, needs_compensation
 
 GRAD_SCALE = 1024.0  # a power of two: scaling and unscaling are exact

@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+import subprocess
+from pathlib import Path
 
 import pytest
 import torch
 
-from bench import quality, schedule, speed, tune
+from bench import RUNS, quality, schedule, speed, tune
+from bench.__main__ import SUBCOMMANDS
+from bench.__main__ import main as bench_main
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_bytes_per_parameter_match_the_reference_counts():
@@ -98,6 +104,7 @@ def test_schedule_curves_ramp_only_is_the_untuned_linear_warmup():
 
 
 def test_cli_dispatches_sub_commands_and_refuses_unknown_ones(tmp_path):
+    pytest.importorskip("matplotlib", reason="the bench extra: pip install -e '.[bench]'")
     from bench.__main__ import main
 
     main(["schedule", "--beta2", "0.99", "--out", str(tmp_path)])
@@ -131,3 +138,37 @@ def test_precision_report_checks_the_compensated_rows_against_fp32():
     rows, verdicts = quality.precision_report(table, "Mine (default)")
     assert len(rows) == 6 and len(verdicts) == 2
     assert verdicts[0].endswith("PASS") and verdicts[1].endswith("FAIL")
+
+
+@pytest.mark.parametrize("subcommand", [*sorted(SUBCOMMANDS), None])
+def test_every_run_writes_under_the_runs_folder_unless_told_otherwise(subcommand, capsys):
+    with pytest.raises(SystemExit):
+        bench_main([subcommand, "--help"] if subcommand else ["--help"])
+    help_text = " ".join(capsys.readouterr().out.split())  # argparse wraps long paths
+    assert f"(default: {RUNS}" in help_text
+
+
+def test_the_runs_folder_is_ignored_by_git_and_the_committed_results_are_not():
+    def ignored(path: Path) -> bool:
+        check = subprocess.run(["git", "check-ignore", "-q", str(path)], cwd=ROOT)
+        assert check.returncode in (0, 1), "not a git checkout"
+        return check.returncode == 0
+
+    assert ignored(RUNS / "quality.json")
+    assert not ignored(ROOT / "bench" / "results" / "quality.json")
+
+
+def test_a_quick_quality_run_never_replaces_the_full_runs_plots(tmp_path):
+    pytest.importorskip("matplotlib", reason="the bench extra: pip install -e '.[bench]'")
+    runs = [
+        quality.Run("AdamW no warmup", lr, 0, "cosine", 2.5, [(1, 3.0), (2, 2.5)], 0.0)
+        for lr in (1e-2, 3e-2)
+    ]
+    table = quality.cells(runs, collapse_at=3.1)
+    paths = quality.plot_results(
+        runs, table, ["AdamW no warmup"], [1e-2, 3e-2], ["cosine"], 3.1, tmp_path, "quality-quick"
+    )
+    assert sorted(p.name for p in paths) == [
+        "quality-quick-curves.png",
+        "quality-quick-loss-vs-lr.png",
+    ]

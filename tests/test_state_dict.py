@@ -128,3 +128,87 @@ def test_a_copied_or_pickled_optimizer_keeps_stepping_like_the_original():
                 param.grad = torch.ones_like(param)  # pickling drops gradients
         clone.step()
         assert float(next(iter(clone.state.values()))["step"]) == 2.0
+
+
+def with_number_steps(state_dict):
+    """A checkpoint as older torch versions wrote it: ``step`` a Python number."""
+    saved = copy.deepcopy(state_dict)
+    for state in saved["state"].values():
+        state["step"] = float(state["step"])
+    return saved
+
+
+def test_checkpoints_with_number_steps_load_and_train_on():
+    grads = gradient_stream(SHAPES, torch.float32, STEPS, seed=26)
+    reference = make_params(SHAPES, torch.float32, seed=26)
+    adamw = torch.optim.AdamW(reference, **HP)
+    train(adamw, reference, grads[:5])
+
+    params = [p.detach().clone().requires_grad_() for p in reference]
+    adawarm = AdaWarm(params, **HP, rectify=False, warmup_steps=0)
+    adawarm.load_state_dict(with_number_steps(adamw.state_dict()))
+    assert all(state["step"].dtype == torch.float32 for state in adawarm.state.values())
+    train(adawarm, params, grads[5:])
+    train(adamw, reference, grads[5:])
+    assert_same_trajectory_state(adawarm, params, adamw, reference, torch.float32)
+
+
+@pytest.mark.parametrize("bad_step", [2.5, -1.0, float("nan"), "3"])
+def test_checkpoints_with_impossible_steps_are_refused(bad_step):
+    params = make_params([(4,)], torch.float32, seed=27)
+    opt = AdaWarm(params)
+    params[0].grad = torch.ones(4)
+    opt.step()
+    saved = copy.deepcopy(opt.state_dict())
+    saved["state"][0]["step"] = bad_step
+    with pytest.raises((ValueError, TypeError), match="Loaded step of parameter 0"):
+        AdaWarm(params).load_state_dict(saved)
+
+
+def group_keys(state_dict):
+    return [sorted(group) for group in state_dict["param_groups"]]
+
+
+def state_keys(state_dict):
+    return {index: sorted(state) for index, state in state_dict["state"].items()}
+
+
+def trained_adawarm(**options):
+    params = make_params([(5,), (2, 3)], torch.float32, seed=28)
+    opt = AdaWarm([{"params": params[:1]}, {"params": params[1:], "lr": 1e-2}], **options)
+    for param in params:
+        param.grad = torch.ones_like(param)
+    opt.step()
+    return params, opt
+
+
+def test_state_dict_after_load_copy_or_pickle_has_exactly_the_original_keys():
+    import pickle
+
+    params, opt = trained_adawarm()
+    original = opt.state_dict()
+    reloaded = AdaWarm([{"params": params[:1]}, {"params": params[1:]}])
+    reloaded.load_state_dict(copy.deepcopy(original))
+    for other in (reloaded, copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
+        assert group_keys(other.state_dict()) == group_keys(original)
+        assert state_keys(other.state_dict()) == state_keys(original)
+
+
+@pytest.mark.parametrize(
+    "make_torch",
+    [
+        lambda ps: torch.optim.AdamW(ps, **HP),
+        lambda ps: torch.optim.RAdam(ps, **HP, decoupled_weight_decay=True),
+    ],
+    ids=["adamw", "radam"],
+)
+def test_loading_a_torch_checkpoint_drops_the_keys_only_torch_uses(make_torch):
+    params, mine = trained_adawarm()
+    theirs = make_torch([{"params": params[:1]}, {"params": params[1:], "lr": 1e-2}])
+    for param in params:
+        param.grad = torch.ones_like(param)
+    theirs.step()
+    mine.load_state_dict(theirs.state_dict())
+    assert group_keys(mine.state_dict()) == group_keys(trained_adawarm()[1].state_dict())
+    for group in mine.param_groups:
+        assert not {"amsgrad", "differentiable", "decoupled_weight_decay"} & set(group)

@@ -6,8 +6,6 @@ import copy
 
 import pytest
 import torch
-from adawarm.kernels import adawarm_step
-from adawarm.kernels.adawarm_step import BLOCK_SIZE, kernel_schedule
 from helpers import TOLERANCES, assert_bit_identical, count_calls
 from hypothesis import assume, given
 from hypothesis import strategies as st
@@ -22,6 +20,8 @@ from kernel_cases import (
 
 import adawarm.triton_backend
 from adawarm import AdaWarm, step_schedule
+from adawarm.kernels import adawarm_step
+from adawarm.kernels.adawarm_step import BLOCK_SIZE, kernel_schedule
 from adawarm.schedule import resolve_warmup_steps
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
