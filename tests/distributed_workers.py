@@ -53,6 +53,15 @@ def _init(rank: int, world: int, port: int) -> None:
     )
 
 
+def _finish() -> None:
+    # Every rank's collectives are complete before any rank tears its process group down: a rank
+    # that exits while gloo still runs work for the other was seen to abort ("terminate called
+    # without an active exception", SIGABRT) or leave the other hanging, about one run in three
+    # of this file on the 2-core CI machine.
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def ddp_worker(rank: int, world: int, port: int, out: str, backend: str) -> None:
     _init(rank, world, port)
     model = nn.parallel.DistributedDataParallel(make_model())
@@ -60,7 +69,7 @@ def ddp_worker(rank: int, world: int, port: int, out: str, backend: str) -> None
     train(model, optimizer, range(STEPS), rank, world)
     if rank == 0:
         torch.save([p.detach() for p in model.module.parameters()], out)
-    dist.destroy_process_group()
+    _finish()
 
 
 def _fully_sharded(world: int) -> nn.Module:
@@ -87,7 +96,7 @@ def fsdp_worker(rank: int, world: int, port: int, out: str, backend: str) -> Non
     full = [p.full_tensor().detach() for p in model.parameters()]
     if rank == 0:
         torch.save(full, out)
-    dist.destroy_process_group()
+    _finish()
 
 
 def checkpoint_worker(rank: int, world: int, port: int, out: str, directory: str) -> None:
@@ -129,4 +138,4 @@ def checkpoint_worker(rank: int, world: int, port: int, out: str, directory: str
     steps = {float(s["step"]) for s in resumed_optimizer.state.values()}
     if rank == 0:
         torch.save({"uninterrupted": uninterrupted, "resumed": resumed, "steps": steps}, out)
-    dist.destroy_process_group()
+    _finish()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import distributed_workers as workers
 import pytest
@@ -28,12 +29,25 @@ def spawn(worker, tmp_path, *extra, attempts=3):
     out = str(tmp_path / "result.pt")
     for attempt in range(attempts):
         try:
-            mp.spawn(worker, args=(WORLD, free_port(), out, *extra), nprocs=WORLD, join=True)
+            join_within(
+                mp.spawn(worker, args=(WORLD, free_port(), out, *extra), nprocs=WORLD, join=False)
+            )
             break
         except mp.ProcessRaisedException as error:
             if "Address already in use" not in str(error) or attempt == attempts - 1:
                 raise
     return torch.load(out)
+
+
+def join_within(context, seconds: float = 120.0) -> None:
+    """Join the ranks, failing (not hanging CI) if they take longer than ``seconds``; a run of
+    this file takes ~22 s on the 2-core CI machine."""
+    deadline = time.monotonic() + seconds
+    while not context.join(timeout=1.0):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed ranks still running after {seconds:.0f} s")
 
 
 def assert_matches_single_process(params):
