@@ -6,6 +6,8 @@ to ``out`` (rank 0), for the parent test to compare with one process on the whol
 
 from __future__ import annotations
 
+import faulthandler
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -48,6 +50,7 @@ def single_process_reference(steps: int = STEPS) -> list[torch.Tensor]:
 
 
 def _init(rank: int, world: int, port: int) -> None:
+    faulthandler.enable(all_threads=True)  # a rank that aborts prints where its threads were
     dist.init_process_group(
         "gloo", rank=rank, world_size=world, init_method=f"tcp://127.0.0.1:{port}"
     )

@@ -24,8 +24,12 @@ def free_port() -> int:
 
 
 def spawn(worker, tmp_path, *extra, attempts=3):
-    """Run ``worker`` on WORLD ranks; retried only when the rendezvous port was taken between
-    :func:`free_port` and the bind (torch's own distributed tests retry the same way)."""
+    """Run ``worker`` on WORLD ranks. Retried only for two failures outside AdaWarm: the
+    rendezvous port taken between :func:`free_port` and the bind (torch's own distributed tests
+    retry the same way), and a rank aborted by torch's C++ runtime ("terminate called without
+    an active exception"), seen in about one run in ten of the checkpoint test on the 2-core CI
+    machine and never reproduced in a plain script; the ranks print their threads' stacks then.
+    """
     out = str(tmp_path / "result.pt")
     for attempt in range(attempts):
         try:
@@ -35,6 +39,9 @@ def spawn(worker, tmp_path, *extra, attempts=3):
             break
         except mp.ProcessRaisedException as error:
             if "Address already in use" not in str(error) or attempt == attempts - 1:
+                raise
+        except mp.ProcessExitedException as error:
+            if error.signal_name != "SIGABRT" or attempt == attempts - 1:
                 raise
     return torch.load(out)
 
