@@ -345,8 +345,8 @@ class AdaWarm(Optimizer):
         (a kernel that cannot compile or launch, an interpreter error): parameters, moments,
         Kahan buffers and step counters are then as before, and states this step created are
         removed. Later steps of a configuration take no copy (it would add a read and a write
-        of every parameter and moment to every step); a failure then leaves each tensor either
-        stepped or untouched.
+        of every parameter and moment to every step): a launch that fails before it runs still
+        changes nothing, but a failure after other groups' launches leaves those stepped.
 
         Args:
             closure: re-evaluates the model and returns the loss.
