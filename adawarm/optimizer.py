@@ -100,17 +100,26 @@ class AdaWarm(Optimizer):
     Args:
         params: parameters or parameter groups; every hyper-parameter below can be set per group.
         lr: learning rate (a float, or a one-element tensor).
-        betas: coefficients of the running averages of the gradient and of its square.
+        betas: coefficients of the running averages of the gradient and of its square (floats,
+            or one-element tensors, read on the host at every step).
         eps: added to the denominator for numerical stability.
         weight_decay: decoupled weight decay coefficient.
+        amsgrad: accepted as False for torch.optim.AdamW's signature; AdaWarm has no AMSGrad.
         warmup_steps: length W of the linear ramp (0: none), ``"untuned"`` for
             ``round(2 / (1 - beta2))`` steps (Ma & Yarats, 2019), or ``"auto"`` (the default)
             for ``round(1 / (1 - beta2))`` steps.
         rectify: RAdam's variance rectification of the adaptive step (Liu et al., 2019).
         maximize: maximize the objective instead of minimizing it.
+        foreach: as in torch.optim.AdamW: True runs the torch backend's ``torch._foreach_*``
+            implementation, False its single-tensor one; None lets ``fused``/``backend`` decide.
+        fused: True runs the fused path: the Triton kernel for CUDA tensors, torch's fused AdamW
+            kernel for CPU tensors (raising where neither serves the tensors); False anything
+            else; None automatic.
         capturable: promise a step with no host synchronisation, which a CUDA graph can capture:
             the step counters and the schedule stay on the device (lr may be a tensor there).
             Needs the Triton backend; raises where it cannot serve the tensors.
+        differentiable: accepted as False for torch.optim.AdamW's signature; the step records
+            no autograd history.
         state_dtype: dtype of ``exp_avg``/``exp_avg_sq`` for fp32/fp16/bf16 parameters: ``None``
             (fp32) or ``torch.bfloat16`` (half the state memory; the math stays fp32). Wider
             parameters keep moments of their own dtype.
