@@ -3,8 +3,9 @@
 A state_dict may come from AdaWarm (this version or an older one), ``torch.optim.AdamW`` or
 ``torch.optim.RAdam`` -- all share the state names ``step``, ``exp_avg`` and ``exp_avg_sq``:
 
-- Hyper-parameters come from the checkpoint; those it lacks (``warmup_steps`` and ``rectify``
-  from torch's optimizers) keep the loading optimizer's values.
+- Hyper-parameters come from the checkpoint; those it lacks keep the loading optimizer's values
+  (``rectify`` from torch's optimizers), except that a group trained by torch's optimizers counts
+  as warmed up: it loads with ``warmup_steps=0``, so training goes on without a new ramp.
 - Execution choices (``backend``, ``foreach``, ``fused``, ``capturable``) and storage choices
   (``state_dtype``, ``compensation``) stay the loading optimizer's: they say how this run
   computes and stores, not what was learned.
@@ -39,9 +40,12 @@ STORAGE_KEYS = ("state_dtype", "compensation")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
 
 
-def loaded_group(group: dict[str, Any], saved: dict[str, Any], index: int) -> dict[str, Any]:
+def loaded_group(
+    group: dict[str, Any], saved: dict[str, Any], index: int, trained: bool
+) -> dict[str, Any]:
     """The param group that loading ``saved`` into ``group`` gives (``params`` still the saved
-    ids, which torch's loader replaces), checked."""
+    ids, which torch's loader replaces), checked. ``trained``: the checkpoint has state for a
+    parameter of the group."""
     if len(saved["params"]) != len(group["params"]):
         raise ValueError(
             f"Loaded parameter group {index} has {len(saved['params'])} parameters, "
@@ -57,6 +61,10 @@ def loaded_group(group: dict[str, Any], saved: dict[str, Any], index: int) -> di
             f"{saved['weight_decay']!r}; AdaWarm's weight decay is decoupled"
         )
     merged = {k: v for k, v in saved.items() if k not in FOREIGN_GROUP_KEYS}
+    if "warmup_steps" not in saved and trained:
+        # A torch optimizer's checkpoint: its steps count as warmed up, so training goes on at
+        # its rate instead of ramping up again.
+        merged["warmup_steps"] = 0
     for key, value in group.items():
         if key != "params":
             merged.setdefault(key, value)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from operator import attrgetter, itemgetter
@@ -14,14 +15,14 @@ from torch.optim import Optimizer
 from adawarm import checkpoint
 from adawarm.functional import local_tensors, run_backend, select_execution
 from adawarm.rollback import StepSnapshot, failed_step_error
-from adawarm.schedule import resolve_warmup_steps, step_schedule
+from adawarm.schedule import AUTO, resolve_warmup_steps, step_schedule
 from adawarm.state import new_state
 from adawarm.tensor_lists import DTYPE, IS_CPU
 from adawarm.validation import check_group, check_torch_only_options, group_betas
 
 # Chosen from the quality benchmark (README, "Choosing the defaults"): a linear ramp over
-# 1 / (1 - beta2) steps, no rectification.
-DEFAULT_WARMUP_STEPS: int | str = "auto"
+# min(50, 2 / (1 - beta2)) steps (adawarm.schedule.reliable_warmup_steps), no rectification.
+DEFAULT_WARMUP_STEPS: int | str = AUTO
 DEFAULT_RECTIFY = False
 
 _CPU = torch.device("cpu")
@@ -45,6 +46,8 @@ class _GroupStep:
     backend: str
     implementation: str | None  # the torch backend's; None: its fastest
     betas: tuple[float, float]
+    # The group's "auto" ramp steps aside for its LR scheduler's own warmup (from this step on).
+    scheduler_warms_up: bool
     exp_avgs: list[Tensor] | None = None
     exp_avg_sqs: list[Tensor] | None = None
     steps: list[Tensor] | None = None
@@ -107,7 +110,9 @@ class AdaWarm(Optimizer):
         amsgrad: accepted as False for torch.optim.AdamW's signature; AdaWarm has no AMSGrad.
         warmup_steps: length W of the linear ramp (0: none), ``"untuned"`` for
             ``round(2 / (1 - beta2))`` steps (Ma & Yarats, 2019), or ``"auto"`` (the default)
-            for ``round(1 / (1 - beta2))`` steps.
+            for ``min(50, round(2 / (1 - beta2)))`` steps. With ``"auto"``, a group whose LR
+            scheduler warms up itself (its rate at the group's first step is below the
+            ``initial_lr`` the scheduler recorded) gets no ramp: its ``warmup_steps`` becomes 0.
         rectify: RAdam's variance rectification of the adaptive step (Liu et al., 2019).
         maximize: maximize the objective instead of minimizing it.
         foreach: as in torch.optim.AdamW: True runs the torch backend's ``torch._foreach_*``
@@ -263,8 +268,31 @@ class AdaWarm(Optimizer):
                 "bfloat16 or float16 are needed)"
             )
         return _GroupStep(
-            index, group, params, shards, grads, backend, implementation, group_betas(group)
+            index,
+            group,
+            params,
+            shards,
+            grads,
+            backend,
+            implementation,
+            group_betas(group),
+            self._scheduler_warms_up(group, params),
         )
+
+    def _scheduler_warms_up(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """Whether, at this group's first step, its "auto" ramp should step aside: a torch LR
+        scheduler (which records ``initial_lr``) has set the rate below that initial rate, so
+        it warms up itself (HF's ``get_*_schedule_with_warmup``, ``LinearLR``, ``OneCycleLR``)."""
+        if group["warmup_steps"] != AUTO or "initial_lr" not in group:
+            return False
+        if any(self.state.get(param) for param in params):
+            return False  # not the group's first step
+        lr, initial = group["lr"], group["initial_lr"]
+        if any(isinstance(v, Tensor) and v.is_cuda for v in (lr, initial)) and (
+            torch.cuda.is_current_stream_capturing()
+        ):
+            return False  # the rates cannot be read during a CUDA graph capture
+        return float(lr) < float(initial)
 
     def _attach_states(self, work: _GroupStep, created: list[Tensor]) -> None:
         """Give ``work`` the states of its parameters, creating those of first steps (recorded
@@ -318,7 +346,7 @@ class AdaWarm(Optimizer):
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
-            warmup_steps=group["warmup_steps"],
+            warmup_steps=0 if work.scheduler_warms_up else group["warmup_steps"],
             rectify=group["rectify"],
             maximize=group["maximize"],
             torch_implementation=work.implementation,
@@ -404,6 +432,16 @@ class AdaWarm(Optimizer):
                 raise
             raise replacement from error
         self._completed |= configurations
+        for item in work:
+            if item.scheduler_warms_up:
+                item.group["warmup_steps"] = 0
+                warnings.warn(
+                    f"AdaWarm: the LR scheduler of parameter group {item.index} warms up itself "
+                    "(its rate at the first step is below its initial_lr), so this group's "
+                    "warmup_steps='auto' ramp is off (warmup_steps=0); pass warmup_steps "
+                    "explicitly to have both",
+                    stacklevel=2,
+                )
         return loss
 
     def warmup_factor(self) -> list[float]:
@@ -421,6 +459,9 @@ class AdaWarm(Optimizer):
                 if "step" in self.state[p]
             ]
             beta1, beta2 = group_betas(group)
+            warmup = (
+                0 if self._scheduler_warms_up(group, group["params"]) else group["warmup_steps"]
+            )
             schedule = step_schedule(
                 max(steps, default=0) + 1,
                 lr=1.0,
@@ -428,11 +469,20 @@ class AdaWarm(Optimizer):
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=0.0,
-                warmup_steps=resolve_warmup_steps(group["warmup_steps"], beta2),
+                warmup_steps=resolve_warmup_steps(warmup, beta2),
                 rectify=group["rectify"],
             )
             factors.append(schedule.warmup_factor)
         return factors
+
+    def effective_lr(self) -> list[float]:
+        """Per group, the rate the next :meth:`step` applies to the adaptive step: the group's
+        ``lr`` (after any LR scheduler) times :meth:`warmup_factor`. Log it next to, or instead
+        of, a scheduler's ``get_last_lr()``, which knows nothing of AdaWarm's ramp."""
+        return [
+            float(group["lr"]) * factor
+            for group, factor in zip(self.param_groups, self.warmup_factor(), strict=True)
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return checkpoint.with_decoupled_decay_flag(super().state_dict())
@@ -450,7 +500,8 @@ class AdaWarm(Optimizer):
         groups = []
         loaded = []
         for index, (group, saved) in enumerate(zip(self.param_groups, saved_groups, strict=True)):
-            merged = checkpoint.loaded_group(group, saved, index)
+            trained = any(state_dict["state"].get(param_id) for param_id in saved["params"])
+            merged = checkpoint.loaded_group(group, saved, index, trained)
             groups.append(merged)
             for param, param_id in zip(group["params"], saved["params"], strict=True):
                 saved_state = state_dict["state"].get(param_id)

@@ -56,6 +56,88 @@ def test_schedulers_compose_multiplicatively_with_the_ramp(name):
             assert_close(opt_mine.state[p][key], opt_theirs.state[q][key], torch.float32, key)
 
 
+# Schedulers that warm up themselves: their rate at the first step is below their initial_lr.
+WARMING_SCHEDULERS = {
+    "one-cycle": SCHEDULERS["one-cycle"],
+    "linear-then-cosine": SCHEDULERS["linear-then-cosine"],
+    # transformers' get_linear_schedule_with_warmup(opt, 5, STEPS), written out
+    "hugging-face-linear": lambda opt: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: s / 5 if s < 5 else max(0.0, (STEPS - s) / (STEPS - 5))
+    ),
+}
+
+
+def train_under(make_optimizer, make_scheduler, seed=53):
+    grads = gradient_stream(SHAPES, torch.float32, STEPS, seed=seed)
+    params = make_params(SHAPES, torch.float32, seed)
+    optimizer = make_optimizer(params)
+    scheduler = make_scheduler(optimizer)
+    rates = []
+    for step_grads in grads:
+        for param, grad in zip(params, step_grads, strict=True):
+            param.grad = grad.clone()
+        if isinstance(optimizer, AdaWarm):
+            rates.append(optimizer.effective_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return params, optimizer, rates
+
+
+@pytest.mark.parametrize("name", list(WARMING_SCHEDULERS))
+def test_the_default_ramp_steps_aside_for_a_scheduler_that_warms_up(name):
+    make_scheduler = WARMING_SCHEDULERS[name]
+    with pytest.warns(UserWarning, match="group 0 warms up itself"):
+        mine, opt_mine, rates = train_under(lambda ps: AdaWarm(ps, lr=1e-2), make_scheduler)
+    theirs, _, _ = train_under(lambda ps: torch.optim.AdamW(ps, lr=1e-2), make_scheduler)
+    assert opt_mine.param_groups[0]["warmup_steps"] == 0
+    for p, q in zip(mine, theirs, strict=True):
+        assert_close(p.detach(), q.detach(), torch.float32, name)
+    # The rate reported for logging is the scheduler's: nothing else scales the step.
+    assert rates == pytest.approx(_scheduled_rates(make_scheduler), rel=1e-12)
+
+
+def _scheduled_rates(make_scheduler) -> list[float]:
+    optimizer = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=1e-2)
+    scheduler = make_scheduler(optimizer)
+    rates = []
+    for _ in range(STEPS):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_the_default_ramp_stays_under_a_scheduler_without_warmup():
+    _, opt_mine, rates = train_under(lambda ps: AdaWarm(ps, lr=1e-2), SCHEDULERS["cosine"])
+    assert opt_mine.param_groups[0]["warmup_steps"] == "auto"
+    cosine = _scheduled_rates(SCHEDULERS["cosine"])
+    # beta2 = 0.999: a 50-step ramp, times the scheduler's rate
+    assert rates == pytest.approx([r * step / 50 for step, r in enumerate(cosine, 1)], rel=1e-12)
+
+
+def test_an_explicit_ramp_is_kept_under_a_scheduler_that_warms_up():
+    _, opt_mine, rates = train_under(
+        lambda ps: AdaWarm(ps, lr=1e-2, warmup_steps=WARMUP), WARMING_SCHEDULERS["one-cycle"]
+    )
+    assert opt_mine.param_groups[0]["warmup_steps"] == WARMUP
+    one_cycle = _scheduled_rates(WARMING_SCHEDULERS["one-cycle"])
+    assert rates == pytest.approx(
+        [r * ramp(step, WARMUP) for step, r in enumerate(one_cycle, 1)], rel=1e-12
+    )
+
+
+def test_a_group_added_later_ramps_from_its_own_first_step():
+    params = make_params([(3,)], torch.float32, 54)
+    opt = AdaWarm(params, lr=1e-2)
+    for _ in range(60):
+        params[0].grad = torch.ones(3)
+        opt.step()
+    late = make_params([(4,)], torch.float32, 55)
+    opt.add_param_group({"params": late})
+    late[0].grad = torch.ones(4)
+    assert opt.effective_lr() == pytest.approx([1e-2, 1e-2 / 50])
+
+
 @pytest.mark.parametrize("name", list(SCHEDULERS))
 def test_resuming_optimizer_and_scheduler_continues_exactly(name):
     grads = gradient_stream(SHAPES, torch.float32, STEPS, seed=52)
@@ -122,27 +204,50 @@ def test_compiled_training_step_matches_eager_and_does_not_recompile_on_lr_chang
         assert_close(p.detach(), q.detach(), torch.float32, "compiled vs eager")
 
 
-def test_hugging_face_trainer_trains_with_adawarm(tmp_path):
+def test_hugging_face_trainer_trains_with_adawarm_and_logs_the_rate_it_uses(tmp_path):
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     tokens = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0))
     dataset = [{"input_ids": row, "labels": row} for row in tokens]
-    optimizer = AdaWarm(model.parameters(), lr=3e-3, warmup_steps=2)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    logged = []
+
+    # The README's example, with a list to look at instead of a logger.
+    class LogAdaWarmRate(transformers.TrainerCallback):
+        """Logs the rate AdaWarm applies at each step as "adawarm_lr"."""
+
+        def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
+            optimizer = getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
+            self.rate = optimizer.effective_lr()[0]
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs["adawarm_lr"] = self.rate
+            logged.append(dict(logs))
+
+    optimizer = AdaWarm(model.parameters(), lr=3e-3)
+    scheduler = transformers.get_linear_schedule_with_warmup(optimizer, 2, 6)
     arguments = transformers.TrainingArguments(
         output_dir=str(tmp_path),
         max_steps=5,
         per_device_train_batch_size=8,
         report_to=[],
         save_strategy="no",
-        logging_strategy="no",
+        logging_steps=1,
         use_cpu=True,
     )
     trainer = transformers.Trainer(
-        model=model, args=arguments, train_dataset=dataset, optimizers=(optimizer, scheduler)
+        model=model,
+        args=arguments,
+        train_dataset=dataset,
+        optimizers=(optimizer, scheduler),
+        callbacks=[LogAdaWarmRate()],
     )
-    trainer.train()
+    with pytest.warns(UserWarning, match="warms up itself"):
+        trainer.train()
     steps = {float(state["step"]) for state in optimizer.state.values()}
     assert steps == {5.0}
+    assert optimizer.param_groups[0]["warmup_steps"] == 0  # the scheduler's warmup alone
+    rates = [(entry["learning_rate"], entry["adawarm_lr"]) for entry in logged if "loss" in entry]
+    assert len(rates) == 5
+    assert all(float(trainer) == pytest.approx(float(used)) for trainer, used in rates)

@@ -31,8 +31,13 @@ def test_untuned_warmup_is_two_over_one_minus_beta2():
     assert untuned_warmup_steps(0.999) == 2000
     assert untuned_warmup_steps(0.99) == 200
     assert resolve_warmup_steps("untuned", 0.98) == 100
-    assert resolve_warmup_steps("auto", 0.999) == 1000
-    assert resolve_warmup_steps("auto", 0.98) == 50
+
+
+@pytest.mark.parametrize(
+    ("beta2", "steps"), [(0.999, 50), (0.99, 50), (0.98, 50), (0.96, 50), (0.95, 40), (0.9, 20)]
+)
+def test_the_default_ramp_is_50_steps_or_the_untuned_length_where_shorter(beta2, steps):
+    assert resolve_warmup_steps("auto", beta2) == steps
     assert resolve_warmup_steps(7, 0.999) == 7
 
 

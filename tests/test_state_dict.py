@@ -212,3 +212,27 @@ def test_loading_a_torch_checkpoint_drops_the_keys_only_torch_uses(make_torch):
     assert group_keys(mine.state_dict()) == group_keys(trained_adawarm()[1].state_dict())
     for group in mine.param_groups:
         assert not {"amsgrad", "differentiable", "decoupled_weight_decay"} & set(group)
+
+
+@pytest.mark.parametrize("steps_before", [5, 60])
+def test_a_torch_checkpoint_counts_as_warmed_up(steps_before):
+    grads = gradient_stream(SHAPES, torch.float32, steps_before + 8, seed=29)
+    reference = make_params(SHAPES, torch.float32, seed=29)
+    adamw = torch.optim.AdamW(reference, **HP)
+    train(adamw, reference, grads[:steps_before])
+
+    params = [p.detach().clone().requires_grad_() for p in reference]
+    adawarm = AdaWarm(params, **HP)  # the default ramp: 50 steps for beta2 = 0.999
+    adawarm.load_state_dict(copy.deepcopy(adamw.state_dict()))
+    assert adawarm.param_groups[0]["warmup_steps"] == 0
+    assert adawarm.effective_lr() == [HP["lr"]]
+    train(adawarm, params, grads[steps_before:])
+    train(adamw, reference, grads[steps_before:])
+    assert_same_trajectory_state(adawarm, params, adamw, reference, torch.float32)
+
+
+def test_an_untrained_torch_checkpoint_keeps_the_ramp():
+    params = make_params(SHAPES, torch.float32, seed=30)
+    adawarm = AdaWarm(params, **HP)
+    adawarm.load_state_dict(torch.optim.AdamW(params, **HP).state_dict())
+    assert adawarm.param_groups[0]["warmup_steps"] == "auto"
