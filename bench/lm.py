@@ -1,9 +1,12 @@
-"""A small byte-level post-LN transformer language model and its training data.
+"""Small byte-level language models and their training data, for the quality benchmark.
 
-Post-LN (normalise after each residual addition, as in the original Transformer) is the
-architecture known to need warmup: without it, large early Adam steps blow up the residual
-stream. The text is the Python standard library's own source, present on every machine with
-Python, so nothing is downloaded; whole files are held out for validation.
+Three families: a **post-LN** transformer (normalise after each residual addition, as in the
+original Transformer), the architecture known to need warmup -- without it, large early Adam steps
+blow up the residual stream; a **pre-LN** transformer (normalise before each sub-layer, as GPT-2
+and most current LLMs), which tolerates more; and an **LSTM**. The text is the Python standard
+library's own source, present on every machine with Python, so nothing is downloaded; whole
+files are held out for validation. The top-level modules are the pre-training text; a set of
+packages (asyncio, email, json, http, urllib, xml, ...) is the fine-tuning text.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ class Corpus:
         return float(-(probs * probs.log()).sum())
 
 
-def stdlib_corpus(max_bytes: int = 2_000_000, validation_every: int = 10) -> Corpus:
-    """Bytes of the standard library's top-level modules, in sorted order, up to ``max_bytes``;
-    every ``validation_every``-th file goes to the validation split."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = sorted(root.glob("*.py"))
+# The fine-tuning text: packages of the standard library, not its top-level modules.
+FINE_TUNING_PACKAGES = ("asyncio", "email", "http", "json", "logging", "urllib", "xml", "xmlrpc")
+
+
+def _split(files: list[Path], max_bytes: int, validation_every: int, what: str) -> Corpus:
+    """The bytes of ``files`` in order, up to ``max_bytes``; every ``validation_every``-th file
+    goes to the validation split."""
     train, validation, total = [], [], 0
     for index, path in enumerate(files):
         data = path.read_bytes()
@@ -47,8 +52,22 @@ def stdlib_corpus(max_bytes: int = 2_000_000, validation_every: int = 10) -> Cor
         if total >= max_bytes:
             break
     as_tensor = lambda chunks: torch.frombuffer(bytearray(b"".join(chunks)), dtype=torch.uint8)  # noqa: E731
-    description = f"{index + 1} files of {root} ({total} bytes)"
+    description = f"{index + 1} files of {what} ({total} bytes)"
     return Corpus(as_tensor(train), as_tensor(validation), description)
+
+
+def stdlib_corpus(max_bytes: int = 2_000_000, validation_every: int = 10) -> Corpus:
+    """The standard library's top-level modules, in sorted order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return _split(sorted(root.glob("*.py")), max_bytes, validation_every, str(root))
+
+
+def fine_tuning_corpus(max_bytes: int = 1_000_000, validation_every: int = 10) -> Corpus:
+    """The modules of :data:`FINE_TUNING_PACKAGES`, in sorted order."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for package in FINE_TUNING_PACKAGES for p in (root / package).rglob("*.py"))
+    where = f"{root}/{{{','.join(FINE_TUNING_PACKAGES)}}}"
+    return _split(files, max_bytes, validation_every, where)
 
 
 @dataclass(frozen=True)
@@ -59,10 +78,14 @@ class ModelConfig:
     context: int = 64
 
 
-class PostLNBlock(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+class Block(nn.Module):
+    """A transformer block; ``pre_norm`` normalises before each sub-layer (pre-LN), otherwise
+    after each residual addition (post-LN)."""
+
+    def __init__(self, config: ModelConfig, pre_norm: bool) -> None:
         super().__init__()
         self.n_heads = config.n_heads
+        self.pre_norm = pre_norm
         self.qkv = nn.Linear(config.d_model, 3 * config.d_model)
         self.proj = nn.Linear(config.d_model, config.d_model)
         self.norm1 = nn.LayerNorm(config.d_model)
@@ -73,29 +96,62 @@ class PostLNBlock(nn.Module):
         )
         self.norm2 = nn.LayerNorm(config.d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def attend(self, x: Tensor) -> Tensor:
         batch, length, width = x.shape
         q, k, v = self.qkv(x).view(batch, length, 3, self.n_heads, -1).unbind(2)
         attended = F.scaled_dot_product_attention(
             q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
         )
-        x = self.norm1(x + self.proj(attended.transpose(1, 2).reshape(batch, length, width)))
+        return self.proj(attended.transpose(1, 2).reshape(batch, length, width))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.pre_norm:
+            x = x + self.attend(self.norm1(x))
+            return x + self.mlp(self.norm2(x))
+        x = self.norm1(x + self.attend(x))
         return self.norm2(x + self.mlp(x))
 
 
-class PostLNTransformer(nn.Module):
-    def __init__(self, config: ModelConfig) -> None:
+class Transformer(nn.Module):
+    """A byte-level transformer LM, post-LN or (``pre_norm``) pre-LN with a final norm."""
+
+    def __init__(self, config: ModelConfig, pre_norm: bool = False) -> None:
         super().__init__()
         self.embed = nn.Embedding(VOCAB, config.d_model)
         self.position = nn.Parameter(torch.randn(config.context, config.d_model) * 0.02)
-        self.blocks = nn.ModuleList(PostLNBlock(config) for _ in range(config.n_layers))
+        self.blocks = nn.ModuleList(Block(config, pre_norm) for _ in range(config.n_layers))
+        self.final_norm = nn.LayerNorm(config.d_model) if pre_norm else nn.Identity()
         self.head = nn.Linear(config.d_model, VOCAB)
 
     def forward(self, tokens: Tensor) -> Tensor:
         x = self.embed(tokens) * math.sqrt(self.embed.embedding_dim) + self.position
         for block in self.blocks:
             x = block(x)
-        return self.head(x)
+        return self.head(self.final_norm(x))
+
+
+class LSTMLanguageModel(nn.Module):
+    """A byte-level LSTM LM: one layer of width ``d_model``."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, config.d_model)
+        self.lstm = nn.LSTM(config.d_model, config.d_model, batch_first=True)
+        self.head = nn.Linear(config.d_model, VOCAB)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.head(self.lstm(self.embed(tokens))[0])
+
+
+ARCHITECTURES = ("post-LN", "pre-LN", "LSTM")
+
+
+def make_model(architecture: str, config: ModelConfig) -> nn.Module:
+    if architecture == "LSTM":
+        return LSTMLanguageModel(config)
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"Invalid architecture: {architecture!r}, expected one of {ARCHITECTURES}")
+    return Transformer(config, pre_norm=architecture == "pre-LN")
 
 
 def batches(data: Tensor, context: int, batch_size: int, count: int, seed: int) -> Tensor:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import RUNS, quality, schedule, speed, tune
+from bench import RUNS, schedule, speed, tune
 from bench.__main__ import SUBCOMMANDS
 from bench.__main__ import main as bench_main
 
@@ -48,54 +48,6 @@ def test_tune_run_measures_every_launch_configuration():
     assert "best overall" in tune.format_table(rows)
 
 
-def test_methods_name_the_default_exactly_once():
-    names = [m.name for m in quality.methods((20, 60))]
-    assert sum("default" in name for name in names) == 1
-    assert len(names) == len(set(names))
-
-
-def test_adamw_ramp_and_cosine_multiply_in_the_scheduler_factor():
-    setting = quality.Setting(steps=100)
-    ramped = quality.lr_multiplier(quality.Method("w", "adamw", 10), "constant", setting)
-    assert [ramped(s) for s in (0, 4, 9, 50)] == [0.1, 0.5, 1.0, 1.0]
-    cosine = quality.lr_multiplier(quality.Method("a", "adawarm", 10), "cosine", setting)
-    assert cosine(0) == 1.0  # AdaWarm ramps inside the optimizer, not in the scheduler
-    assert cosine(50) == pytest.approx(0.5)
-
-
-def test_a_tiny_training_run_reports_a_finite_validation_loss():
-    setting = quality.Setting(steps=4, eval_every=2, eval_batches=1)
-    method = quality.Method("AdaWarm", "adawarm", "untuned", True)
-    run = quality.train_one((method, 1e-3, 0, "cosine", setting))
-    assert [step for step, _ in run.curve] == [2, 4]
-    assert math.isfinite(run.final_loss) and run.final_loss == run.curve[-1][1]
-
-
-def make_table(losses_by_method):
-    runs = [
-        quality.Run(method, lr, seed, "constant", loss, [], 0.0)
-        for method, by_lr in losses_by_method.items()
-        for lr, losses in by_lr.items()
-        for seed, loss in enumerate(losses)
-    ]
-    return quality.cells(runs, collapse_at=3.0)
-
-
-def test_collapses_are_counted_and_defaults_checked():
-    table = make_table(
-        {
-            "AdamW no warmup": {0.01: [2.40, 2.42], 0.1: [3.2, float("nan")]},
-            "AdamW warmup 20": {0.01: [2.41, 2.43], 0.1: [2.9, 2.8]},
-            "Mine (default)": {0.01: [2.45, 2.44], 0.1: [3.1, 2.7]},
-        }
-    )
-    assert table[("AdamW no warmup", "constant", 0.1)].collapsed == 2
-    assert quality.format_cell(table[("AdamW no warmup", "constant", 0.1)]) == "collapsed 3.20"
-    verdicts = quality.check_default(table, "Mine (default)", [0.01, 0.1], ["constant"], (20,))
-    assert verdicts[0].endswith("FAIL at lr [0.1]")
-    assert "gap +0.035" in verdicts[1] and verdicts[1].endswith("FAIL")
-
-
 def test_schedule_curves_ramp_only_is_the_untuned_linear_warmup():
     curves = schedule.curves(0.98, "untuned", 150)
     assert curves["AdaWarm ramp only (W=untuned)"] == curves["untuned linear, min(1, t / 100)"]
@@ -124,22 +76,6 @@ def test_low_precision_speed_rows_count_state_and_moved_bytes():
     assert (kahan.state_bytes_per_param, kahan.bytes_per_param) == (6, 18)
 
 
-def test_precision_report_checks_the_compensated_rows_against_fp32():
-    names = [m.name for m in quality.precision_methods()]
-    table = make_table(
-        {
-            "Mine (default)": {quality.PRECISION_LR: [2.40, 2.42]},
-            names[0]: {quality.PRECISION_LR: [2.50, 2.52]},
-            names[1]: {quality.PRECISION_LR: [2.41, 2.43]},
-            names[2]: {quality.PRECISION_LR: [2.44, 2.46]},
-        }
-    )
-    table = {(m, "cosine", lr): cell for (m, _, lr), cell in table.items()}
-    rows, verdicts = quality.precision_report(table, "Mine (default)")
-    assert len(rows) == 6 and len(verdicts) == 2
-    assert verdicts[0].endswith("PASS") and verdicts[1].endswith("FAIL")
-
-
 @pytest.mark.parametrize("subcommand", [*sorted(SUBCOMMANDS), None])
 def test_every_run_writes_under_the_runs_folder_unless_told_otherwise(
     subcommand, capsys, monkeypatch
@@ -158,19 +94,3 @@ def test_the_runs_folder_is_ignored_by_git_and_the_committed_results_are_not():
 
     assert ignored(RUNS / "quality.json")
     assert not ignored(ROOT / "bench" / "results" / "quality.json")
-
-
-def test_a_quick_quality_run_never_replaces_the_full_runs_plots(tmp_path):
-    pytest.importorskip("matplotlib", reason="the bench extra: pip install -e '.[bench]'")
-    runs = [
-        quality.Run("AdamW no warmup", lr, 0, "cosine", 2.5, [(1, 3.0), (2, 2.5)], 0.0)
-        for lr in (1e-2, 3e-2)
-    ]
-    table = quality.cells(runs, collapse_at=3.1)
-    paths = quality.plot_results(
-        runs, table, ["AdamW no warmup"], [1e-2, 3e-2], ["cosine"], 3.1, tmp_path, "quality-quick"
-    )
-    assert sorted(p.name for p in paths) == [
-        "quality-quick-curves.png",
-        "quality-quick-loss-vs-lr.png",
-    ]

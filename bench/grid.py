@@ -1,0 +1,178 @@
+"""The quality grid: the training set-ups (cells) and the optimizers (methods) compared in each.
+
+A cell is one architecture, beta2, run length and learning-rate schedule, trained at several
+learning rates and seeds. The grid spans what AdaWarm's defaults must hold on: beta2 0.95 (LLM
+recipes), 0.98 and 0.999 (torch's default); runs of 300 and 3000 steps; post-LN and pre-LN
+transformers and an LSTM; fine-tuning a pre-trained model for a short run; and cells where every
+optimizer runs under the user's own linear warmup and cosine decay, as Hugging Face scripts do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from adawarm.optimizer import DEFAULT_RECTIFY, DEFAULT_WARMUP_STEPS
+from adawarm.schedule import resolve_warmup_steps
+
+# Schedules: cosine decay to 0 and a constant rate, each after the optimizer's own warmup (if any);
+# "user warmup + cosine" is the user's linear warmup over USER_WARMUP of the run, then cosine,
+# given to every optimizer alike.
+USER_SCHEDULE = "user warmup + cosine"
+SCHEDULES = ("cosine", "constant", USER_SCHEDULE)
+USER_WARMUP = 0.1
+# AdamW's warmup is tuned per cell among these fractions of the run (and none).
+TUNED_WARMUPS = (0.05, 0.2)
+# Schedule-free AdamW's authors highly recommend a warmup; it takes this fraction of the run.
+SCHEDULE_FREE_WARMUP = 0.05
+# The rule AdaWarm's default replaced (README, "Choosing the defaults"): 1 / (1 - beta2) steps.
+PREVIOUS_RULE = "1/(1-beta2)"
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One training set-up, trained at each of ``lrs`` with seeds ``0 .. seeds - 1``."""
+
+    architecture: str  # bench.lm.ARCHITECTURES
+    beta2: float
+    steps: int
+    schedule: str
+    lrs: tuple[float, ...]
+    seeds: int
+    fine_tune: bool = False  # from a pre-trained checkpoint, on the fine-tuning text
+
+    @property
+    def name(self) -> str:
+        what = f"{self.architecture} fine-tune" if self.fine_tune else self.architecture
+        return f"{what}, beta2 {self.beta2}, {self.steps} steps, {self.schedule}"
+
+
+@dataclass(frozen=True)
+class Method:
+    """An optimizer configuration. ``warmup`` is a number of steps, a fraction of the run (a
+    float below 1), a name AdaWarm resolves ("auto", "untuned") or :data:`PREVIOUS_RULE`."""
+
+    name: str
+    kind: str  # "adamw", "radam", "adawarm" or "schedulefree"
+    warmup: int | float | str = 0
+    rectify: bool = False
+    param_dtype: str = "float32"  # "bfloat16": bf16 parameters, no fp32 master copy
+    compensation: str | None = None
+
+    @property
+    def is_default(self) -> bool:
+        return self.kind == "adawarm" and self.name.startswith(DEFAULT_NAME)
+
+    def warmup_steps(self, cell: Cell) -> int:
+        """The warmup length this method uses in ``cell``."""
+        if isinstance(self.warmup, float):
+            return round(self.warmup * cell.steps)
+        if self.warmup == PREVIOUS_RULE:
+            return round(1.0 / (1.0 - cell.beta2))
+        return resolve_warmup_steps(self.warmup, cell.beta2)
+
+
+DEFAULT_NAME = "AdaWarm default"
+ADAMW_NO_WARMUP = "AdamW no warmup"
+
+
+def tuned_name(fraction: float) -> str:
+    return f"AdamW warmup {fraction:.0%}"
+
+
+def methods_for(cell: Cell) -> list[Method]:
+    """The methods compared in ``cell``."""
+    default = Method(DEFAULT_NAME, "adawarm", DEFAULT_WARMUP_STEPS, DEFAULT_RECTIFY)
+    schedule_free = Method("schedule-free AdamW", "schedulefree", SCHEDULE_FREE_WARMUP)
+    if cell.schedule == USER_SCHEDULE:
+        return [
+            Method("AdamW", "adamw"),
+            default,
+            Method("AdaWarm, its ramp on top (warmup_steps=50)", "adawarm", 50),
+            schedule_free,
+        ]
+    return [
+        Method(ADAMW_NO_WARMUP, "adamw"),
+        *(Method(tuned_name(fraction), "adamw", fraction) for fraction in TUNED_WARMUPS),
+        default,
+        Method(f"AdaWarm ramp {PREVIOUS_RULE} (previous default)", "adawarm", PREVIOUS_RULE),
+        Method("AdaWarm ramp 2/(1-beta2) (untuned)", "adawarm", "untuned"),
+        Method("AdaWarm rectify only (RAdam)", "adawarm", 0, True),
+        schedule_free,
+    ]
+
+
+# Low precision is compared in one cell at one rate: bf16 parameters against the fp32 default.
+PRECISION_LR = 1e-2
+PRECISION_LIMIT = 0.02  # nats
+
+
+def precision_methods() -> list[Method]:
+    base = ("adawarm", DEFAULT_WARMUP_STEPS, DEFAULT_RECTIFY, "bfloat16")
+    return [
+        Method(f"{DEFAULT_NAME}, bf16 params", *base),
+        Method(f"{DEFAULT_NAME}, bf16 params + Kahan", *base, "kahan"),
+        Method(f"{DEFAULT_NAME}, bf16 params + stochastic rounding", *base, "stochastic"),
+    ]
+
+
+TRANSFORMER_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
+FINE_TUNING_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
+SHORT, LONG = 300, 3000
+
+
+def full_grid() -> list[Cell]:
+    """The grid the defaults are chosen on (about 45 minutes on 2 cores)."""
+    short = [
+        Cell(architecture, beta2, SHORT, "cosine", TRANSFORMER_LRS, 3)
+        for architecture in ("post-LN", "pre-LN")
+        for beta2 in (0.95, 0.98, 0.999)
+    ]
+    short += [Cell("LSTM", beta2, SHORT, "cosine", TRANSFORMER_LRS, 3) for beta2 in (0.95, 0.999)]
+    short += [
+        Cell("pre-LN", beta2, SHORT, "cosine", FINE_TUNING_LRS, 3, fine_tune=True)
+        for beta2 in (0.95, 0.999)
+    ]
+    short.append(Cell("post-LN", 0.999, SHORT, "constant", TRANSFORMER_LRS, 3))
+    user = [
+        Cell("post-LN", beta2, SHORT, USER_SCHEDULE, TRANSFORMER_LRS, 3) for beta2 in (0.95, 0.999)
+    ]
+    user.append(Cell("pre-LN", 0.999, SHORT, USER_SCHEDULE, FINE_TUNING_LRS, 3, fine_tune=True))
+    long = [
+        Cell("post-LN", 0.95, LONG, "cosine", TRANSFORMER_LRS, 2),
+        Cell("post-LN", 0.999, LONG, "cosine", TRANSFORMER_LRS, 2),
+        Cell("pre-LN", 0.98, LONG, "cosine", TRANSFORMER_LRS, 2),
+    ]
+    return short + user + long
+
+
+def quick_grid() -> list[Cell]:
+    """Two small cells that exercise every method (about a minute on 2 cores)."""
+    return [
+        Cell("post-LN", 0.999, 200, "cosine", (1e-2, 3e-2), 1),
+        Cell("post-LN", 0.999, 200, USER_SCHEDULE, (1e-2, 3e-2), 1),
+    ]
+
+
+def precision_cell(cells: list[Cell]) -> Cell | None:
+    """The cell the bf16-parameter rows run in: the first short post-LN cosine cell with beta2
+    0.98 (or any beta2) that has :data:`PRECISION_LR`."""
+    candidates = [
+        c
+        for c in cells
+        if c.architecture == "post-LN"
+        and c.schedule == "cosine"
+        and not c.fine_tune
+        and PRECISION_LR in c.lrs
+    ]
+    preferred = [c for c in candidates if c.beta2 == 0.98]
+    return (preferred or candidates or [None])[0]
+
+
+def with_beta2(cells: list[Cell], values: list[float]) -> list[Cell]:
+    """The grid with each cell's beta2 replaced by each of ``values`` (duplicates dropped)."""
+    seen: dict[tuple, Cell] = {}
+    for cell in cells:
+        for beta2 in values:
+            changed = replace(cell, beta2=beta2)
+            seen.setdefault((changed.name, changed.lrs), changed)
+    return list(seen.values())

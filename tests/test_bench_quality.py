@@ -1,0 +1,167 @@
+"""The quality grid's bookkeeping: methods, schedules, checks of the defaults, reports."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from bench import grid, quality, training
+from bench.grid import USER_SCHEDULE, Cell, Method
+from bench.training import Run
+
+COSINE = Cell("post-LN", 0.999, 100, "cosine", (0.01, 0.1), 2)
+USER = Cell("post-LN", 0.999, 100, USER_SCHEDULE, (0.01, 0.1), 2)
+
+
+@pytest.mark.parametrize("cell", [COSINE, USER], ids=["cosine", "user warmup"])
+def test_every_cell_names_the_default_once_and_runs_schedule_free_adamw(cell):
+    methods = grid.methods_for(cell)
+    names = [m.name for m in methods]
+    assert len(names) == len(set(names))
+    assert sum(m.is_default for m in methods) == 1
+    assert "schedule-free AdamW" in names
+
+
+def test_warmups_resolve_per_cell():
+    long = Cell("post-LN", 0.98, 3000, "cosine", (0.01,), 1)
+    assert Method("w", "adamw", 0.05).warmup_steps(long) == 150
+    assert Method("p", "adawarm", grid.PREVIOUS_RULE).warmup_steps(long) == 50
+    assert Method("u", "adawarm", "untuned").warmup_steps(long) == 100
+    assert Method("d", "adawarm", "auto").warmup_steps(COSINE) == 50
+
+
+def test_the_schedulers_factor_carries_adamws_warmup_and_the_users_but_not_adawarms():
+    constant = Cell("post-LN", 0.999, 100, "constant", (0.01,), 1)
+    adamw = training.lr_multiplier(Method("w", "adamw", 0.1), constant)
+    assert [adamw(s) for s in (0, 4, 9, 50)] == pytest.approx([0.1, 0.5, 1.0, 1.0])
+    adawarm = training.lr_multiplier(Method("a", "adawarm", "auto"), COSINE)
+    assert adawarm(0) == 1.0 and adawarm(50) == pytest.approx(0.5)  # cosine only
+    user = training.lr_multiplier(Method("a", "adawarm", "auto"), USER)
+    assert user(0) == 0.0 and user(5) == 0.5 and user(10) == 1.0  # HF's linear warmup
+    free = training.lr_multiplier(Method("f", "schedulefree", 0.05), USER)
+    assert {free(s) for s in range(100)} == {1.0}  # constant, as its authors intend
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        Method("AdamW warmup", "adamw", 0.5),
+        Method("AdaWarm default", "adawarm", "auto"),
+        Method("schedule-free AdamW", "schedulefree", 0.5),
+    ],
+    ids=lambda m: m.kind,
+)
+@pytest.mark.parametrize("fine_tune", [False, True], ids=["from scratch", "fine-tune"])
+def test_a_tiny_training_run_reports_a_finite_validation_loss(
+    method, fine_tune, tmp_path, monkeypatch
+):
+    if method.kind == "schedulefree":
+        pytest.importorskip("schedulefree", reason="the bench extra: pip install -e '.[bench]'")
+    monkeypatch.setattr(training, "PRETRAIN_STEPS", 3)
+    monkeypatch.setattr(training, "EVAL_BATCHES", 1)
+    if fine_tune:
+        training.pretrain(tmp_path)
+    cell = Cell("pre-LN", 0.95, 6, USER_SCHEDULE, (1e-3,), 1, fine_tune=fine_tune)
+    run = training.train_one((cell, method, 1e-3, 0, tmp_path))
+    assert [step for step, _ in run.curve] == [1, 2, 3, 4, 5, 6]
+    assert math.isfinite(run.final_loss) and run.final_loss == run.curve[-1][1]
+
+
+def runs_of(cell: Cell, losses: dict[str, dict[float, list[float]]]) -> list[Run]:
+    return [
+        Run(cell.name, method, lr, seed, loss, [(1, loss)], 0.0)
+        for method, by_lr in losses.items()
+        for lr, values in by_lr.items()
+        for seed, loss in enumerate(values)
+    ]
+
+
+def cosine_losses(default_at_best: list[float], default_at_high: list[float]):
+    return {
+        "AdamW no warmup": {0.01: [2.40, 2.42], 0.1: [3.2, math.nan]},
+        "AdamW warmup 5%": {0.01: [2.45, 2.47], 0.1: [3.3, 3.4]},
+        "AdamW warmup 20%": {0.01: [2.43, 2.45], 0.1: [2.9, 2.8]},
+        "AdaWarm default": {0.01: default_at_best, 0.1: default_at_high},
+    }
+
+
+def test_collapses_are_counted_and_the_defaults_checked():
+    table = quality.tabulate(
+        runs_of(COSINE, cosine_losses([2.45, 2.46], [3.1, 2.7])), {COSINE.name: 3.0}
+    )
+    assert table[(COSINE.name, "AdamW no warmup", 0.1)].collapsed == 2
+    assert table[(COSINE.name, "AdamW no warmup", 0.1)].text() == "collapsed 3.20"
+    gap, collapse = quality.check_cell(table, COSINE, "AdaWarm default")
+    assert not gap.passed and "gap +0.045" in gap.detail  # best: AdamW no warmup at 0.01
+    assert not collapse.passed and collapse.detail == "collapses at lr 0.1"
+
+    table = quality.tabulate(
+        runs_of(COSINE, cosine_losses([2.42, 2.43], [2.9, 2.7])), {COSINE.name: 3.0}
+    )
+    assert all(verdict.passed for verdict in quality.check_cell(table, COSINE, "AdaWarm default"))
+
+
+def test_under_the_users_warmup_the_default_is_held_to_adamw_at_every_rate_adamw_trains():
+    losses = {
+        "AdamW": {0.01: [2.40, 2.42], 0.1: [3.3, 3.4]},
+        "AdaWarm default": {0.01: [2.46, 2.47], 0.1: [2.9, 2.9]},
+    }
+    table = quality.tabulate(runs_of(USER, losses), {USER.name: 3.0})
+    (verdict,) = quality.check_cell(table, USER, "AdaWarm default")
+    assert not verdict.passed and verdict.detail == "largest gap +0.055 at lr 0.01"
+
+
+def test_precision_report_checks_the_compensated_rows_against_fp32():
+    names = [m.name for m in grid.precision_methods()]
+    lr = grid.PRECISION_LR
+    losses = {
+        "AdaWarm default": {lr: [2.40, 2.42]},
+        names[0]: {lr: [2.50, 2.52]},
+        names[1]: {lr: [2.41, 2.43]},
+        names[2]: {lr: [2.44, 2.46]},
+    }
+    table = quality.tabulate(runs_of(COSINE, losses), {COSINE.name: 3.0})
+    rows, verdicts = quality.precision_report(table, COSINE, "AdaWarm default")
+    assert len(rows) == 8 and len(verdicts) == 2
+    assert verdicts[0].passed and not verdicts[1].passed
+
+
+def test_the_grid_spans_what_the_defaults_must_hold_on():
+    cells = grid.full_grid()
+    assert {c.beta2 for c in cells} == {0.95, 0.98, 0.999}
+    assert {c.architecture for c in cells} == {"post-LN", "pre-LN", "LSTM"}
+    assert min(c.steps for c in cells) <= 300 and max(c.steps for c in cells) >= 3000
+    assert any(c.fine_tune for c in cells) and any(c.schedule == USER_SCHEDULE for c in cells)
+    assert all(c.seeds >= 2 for c in cells)
+    assert {c.beta2 for c in grid.with_beta2(cells, [0.9])} == {0.9}
+
+
+def test_a_report_rebuilt_from_a_runs_json_is_the_same(tmp_path):
+    pytest.importorskip("matplotlib", reason="the bench extra: pip install -e '.[bench]'")
+    cell = Cell("post-LN", 0.999, 8, "cosine", (0.01, 0.03), 1)
+    runs = [
+        training.train_one((cell, method, lr, 0, tmp_path))
+        for method in grid.methods_for(cell)
+        if method.kind != "schedulefree"
+        for lr in cell.lrs
+    ]
+    runs += [Run(cell.name, "schedule-free AdamW", lr, 0, 2.5, [(8, 2.5)], 0.0) for lr in cell.lrs]
+    text, *_ = quality.report([cell], runs, None, "A test.")
+    saved = tmp_path / "quality.json"
+    saved.write_text(
+        quality.json.dumps(
+            {
+                "heading": "A test.",
+                "cells": [quality.asdict(cell)],
+                "precision_cell": None,
+                "runs": [quality.asdict(run) for run in runs],
+            }
+        )
+    )
+    result = quality.main(["--report-from", str(saved), "--out", str(tmp_path / "out")])
+    assert result["report"] == text
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == [
+        "quality-curves.png",
+        "quality-loss-vs-lr.png",
+    ]
