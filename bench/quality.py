@@ -102,14 +102,22 @@ def best_adamw(table: Table, cell: Cell, lr: float) -> Result:
     )
 
 
+# A cell judges the defaults only with this many seeds; with fewer it reports what it measured
+# (one seed cannot tell a 0.03-nat gap from run-to-run noise).
+SEEDS_TO_JUDGE = 2
+
+
 @dataclass
 class Verdict:
     cell: str
     promise: str
     passed: bool
     detail: str
+    seeds: int
 
     def text(self) -> str:
+        if self.seeds < SEEDS_TO_JUDGE:
+            return f"{self.cell}: {self.promise}: no verdict from {self.seeds} seed ({self.detail})"
         return f"{self.cell}: {self.promise}: {'PASS' if self.passed else 'FAIL'} ({self.detail})"
 
 
@@ -129,6 +137,7 @@ def check_cell(table: Table, cell: Cell, default: str) -> list[Verdict]:
                 "no rate where AdamW trains"
                 if worst is None
                 else f"largest gap {gaps[worst]:+.3f} at lr {worst:g}",
+                cell.seeds,
             )
         ]
     baseline = {
@@ -149,6 +158,7 @@ def check_cell(table: Table, cell: Cell, default: str) -> list[Verdict]:
             gap <= LIMIT,
             f"lr {best_lr:g}: {mine[best_lr].mean:.3f} vs {baseline[best_lr].mean:.3f}, "
             f"gap {gap:+.3f}",
+            cell.seeds,
         ),
         Verdict(
             cell.name,
@@ -157,6 +167,7 @@ def check_cell(table: Table, cell: Cell, default: str) -> list[Verdict]:
             "none"
             if not collapsed
             else f"collapses at lr {', '.join(f'{x:g}' for x in collapsed)}",
+            cell.seeds,
         ),
     ]
 
@@ -227,6 +238,7 @@ def precision_report(table: Table, cell: Cell, default: str) -> tuple[list[str],
                     f"{method.name} within {PRECISION_LIMIT} nats of fp32",
                     abs(gap) <= PRECISION_LIMIT,
                     f"{gap:+.3f}",
+                    cell.seeds,
                 )
             )
     return rows, verdicts

@@ -133,6 +133,10 @@ class Timer:
         self.cuda = device.type == "cuda"
 
     def median_seconds(self, fn: Callable[[], object], repeats: int) -> float:
+        return statistics.median(self.seconds(fn, repeats))
+
+    def seconds(self, fn: Callable[[], object], repeats: int) -> list[float]:
+        """The wall time of each of ``repeats`` calls."""
         times = []
         for _ in range(repeats):
             if self.cuda:
@@ -149,7 +153,7 @@ class Timer:
                 begin = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - begin)
-        return statistics.median(times)
+        return times
 
 
 def copy_bandwidth(device: torch.device, numel: int, timer: Timer) -> float:
@@ -192,6 +196,9 @@ class Row:
     bytes_per_param: int
     state_bytes_per_param: int
     median_ms: float
+    # The middle half of the timed steps (first and third quartile); rows of runs before this
+    # field existed have None.
+    quartiles_ms: tuple[float, float] | None
     gb_per_s: float
     percent_of_copy: float
     launches_per_step: int | None
@@ -225,7 +232,9 @@ def measure(case: Case, name: str, factory: OptimizerFactory, device, timer, ste
     optimizer = factory(params)
     for _ in range(WARMUP_STEPS):
         optimizer.step()
-    seconds = timer.median_seconds(optimizer.step, steps)
+    times = timer.seconds(optimizer.step, steps)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    seconds = statistics.median(times)
     state = optimizer.state[params[0]]
     compensation = state.get("compensation")
     per_param = bytes_per_param(
@@ -242,6 +251,7 @@ def measure(case: Case, name: str, factory: OptimizerFactory, device, timer, ste
         bytes_per_param=per_param,
         state_bytes_per_param=state_bytes_per_param(state, params[0].numel()),
         median_ms=seconds * 1e3,
+        quartiles_ms=(quartiles[0] * 1e3, quartiles[2] * 1e3),
         gb_per_s=gbs,
         percent_of_copy=100 * gbs / copy_gbs,
         launches_per_step=launches_per_step(optimizer) if on_gpu else None,
