@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import subprocess
 from pathlib import Path
@@ -48,11 +49,28 @@ def test_tune_run_measures_every_launch_configuration():
     assert "best overall" in tune.format_table(rows)
 
 
-def test_schedule_curves_ramp_only_is_the_untuned_linear_warmup():
+def test_schedule_curves_start_with_the_default_and_ramp_only_is_the_untuned_warmup():
     curves = schedule.curves(0.98, "untuned", 150)
-    assert curves["AdaWarm ramp only (W=untuned)"] == curves["untuned linear, min(1, t / 100)"]
-    product = curves["AdaWarm ramp x rectify (W=untuned)"]
-    assert all(p <= r for p, r in zip(product, curves["AdaWarm rectify only (r_t)"], strict=True))
+    assert next(iter(curves)) == "AdaWarm default"
+    assert curves["AdaWarm default"][:51] == [min(1.0, t / 50) for t in range(1, 52)]
+    ramp = curves["AdaWarm ramp, warmup_steps='untuned'"]
+    assert ramp == curves["untuned linear, min(1, t (1 - beta2) / 2)"]
+    product = curves["AdaWarm ramp x rectify, warmup_steps='untuned'"]
+    assert all(
+        p <= r for p, r in zip(product, curves["AdaWarm rectify only (r_t, RAdam)"], strict=True)
+    )
+
+
+@pytest.mark.parametrize(("text", "value"), [("auto", "auto"), ("untuned", "untuned"), ("7", 7)])
+def test_schedule_takes_every_form_of_warmup_steps(text, value):
+    assert schedule.warmup_steps_argument(text) == value
+    assert schedule.curves(0.999, value, 60)
+
+
+@pytest.mark.parametrize("text", ["tuned", "-3", "2.5"])
+def test_schedule_refuses_what_the_optimizer_refuses(text):
+    with pytest.raises(argparse.ArgumentTypeError, match="Invalid warmup_steps"):
+        schedule.warmup_steps_argument(text)
 
 
 def test_cli_dispatches_sub_commands_and_refuses_unknown_ones(tmp_path):
