@@ -139,6 +139,7 @@ def adawarm(
     warmup_steps: int | str,
     rectify: bool,
     maximize: bool = False,
+    total_steps: int | None = None,
     backend: str | None = None,
     foreach: bool | None = None,
     fused: bool | None = None,
@@ -175,6 +176,7 @@ def adawarm(
         warmup_steps=warmup_steps,
         rectify=rectify,
         maximize=maximize,
+        total_steps=total_steps,
         torch_implementation=torch_implementation,
         grad_scale=grad_scale,
         found_inf=found_inf,
@@ -195,6 +197,7 @@ def run_backend(
     warmup_steps: int | str,
     beta2: float,
     torch_implementation: str | None,
+    total_steps: int | None = None,
     table_cache: dict | None,
     compensations: Sequence[Tensor | None] | None = None,
     rounding_seed: int | None = None,
@@ -202,7 +205,7 @@ def run_backend(
 ) -> None:
     """Run the step on a backend :func:`select_backend` has already approved for these tensors."""
     tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
-    options.update(beta2=beta2, warmup_steps=resolve_warmup_steps(warmup_steps, beta2))
+    options.update(beta2=beta2, warmup_steps=resolve_warmup_steps(warmup_steps, beta2, total_steps))
     if backend == "triton":
         # Under torch.compile the step is one custom op; eagerly the op's dispatch would only
         # add host time.

@@ -21,7 +21,8 @@ from adawarm.tensor_lists import DTYPE, IS_CPU
 from adawarm.validation import check_group, check_torch_only_options, group_betas
 
 # Chosen from the quality benchmark (README, "Choosing the defaults"): a linear ramp over
-# min(50, 2 / (1 - beta2)) steps (adawarm.schedule.reliable_warmup_steps), no rectification.
+# min(50, 2 / (1 - beta2)) steps, or 20 % of total_steps if given and longer
+# (adawarm.schedule.resolve_warmup_steps), no rectification.
 DEFAULT_WARMUP_STEPS: int | str = AUTO
 DEFAULT_RECTIFY = False
 
@@ -110,9 +111,12 @@ class AdaWarm(Optimizer):
         amsgrad: accepted as False for torch.optim.AdamW's signature; AdaWarm has no AMSGrad.
         warmup_steps: length W of the linear ramp (0: none), ``"untuned"`` for
             ``round(2 / (1 - beta2))`` steps (Ma & Yarats, 2019), or ``"auto"`` (the default)
-            for ``min(50, round(2 / (1 - beta2)))`` steps. With ``"auto"``, a group whose LR
+            for ``min(50, round(2 / (1 - beta2)))`` steps, or, with ``total_steps``, 20 % of the
+            run when that is longer. With ``"auto"``, a group whose LR
             scheduler warms up itself (its rate at the group's first step is below the
             ``initial_lr`` the scheduler recorded) gets no ramp: its ``warmup_steps`` becomes 0.
+        total_steps: the number of steps the run will take, if known (the ``"auto"`` ramp then
+            lasts 20 % of it, or longer by the rule above); None: unknown.
         rectify: RAdam's variance rectification of the adaptive step (Liu et al., 2019).
         maximize: maximize the objective instead of minimizing it.
         foreach: as in torch.optim.AdamW: True runs the torch backend's ``torch._foreach_*``
@@ -156,6 +160,7 @@ class AdaWarm(Optimizer):
         amsgrad: bool = False,
         *,
         warmup_steps: int | str = DEFAULT_WARMUP_STEPS,
+        total_steps: int | None = None,
         rectify: bool = DEFAULT_RECTIFY,
         maximize: bool = False,
         foreach: bool | None = None,
@@ -174,6 +179,7 @@ class AdaWarm(Optimizer):
             "eps": eps,
             "weight_decay": weight_decay,
             "warmup_steps": warmup_steps,
+            "total_steps": total_steps,
             "rectify": rectify,
             "maximize": maximize,
             "foreach": foreach,
@@ -347,6 +353,7 @@ class AdaWarm(Optimizer):
             eps=group["eps"],
             weight_decay=group["weight_decay"],
             warmup_steps=0 if work.scheduler_warms_up else group["warmup_steps"],
+            total_steps=group["total_steps"],
             rectify=group["rectify"],
             maximize=group["maximize"],
             torch_implementation=work.implementation,
@@ -469,7 +476,7 @@ class AdaWarm(Optimizer):
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=0.0,
-                warmup_steps=resolve_warmup_steps(warmup, beta2),
+                warmup_steps=resolve_warmup_steps(warmup, beta2, group["total_steps"]),
                 rectify=group["rectify"],
             )
             factors.append(schedule.warmup_factor)

@@ -36,8 +36,12 @@ WARMUP_NAMES = (AUTO, UNTUNED)
 # torch.optim.RAdam takes the adaptive step only while the variance estimate is tractable.
 RECTIFICATION_THRESHOLD = 5.0
 # The default ramp lasts this many steps, or 2 / (1 - beta2) where that is shorter (see
-# reliable_warmup_steps). Chosen from the quality benchmark (README, "Choosing the defaults").
+# reliable_warmup_steps), or, when the run's length is known (total_steps), this fraction of it
+# if that is longer. Both chosen from the quality benchmark (README, "Choosing the defaults"):
+# across its 300- and 3000-step cells a ramp over 20 % of the run was the one length that never
+# collapsed where a tuned AdamW warmup did not and stayed within ~0.03 nats of the best AdamW.
 RELIABLE_SAMPLES = 50
+RUN_FRACTION = 0.2
 
 
 def untuned_warmup_steps(beta2: float) -> int:
@@ -58,13 +62,19 @@ def reliable_warmup_steps(beta2: float) -> int:
     return min(RELIABLE_SAMPLES, untuned_warmup_steps(beta2))
 
 
-def resolve_warmup_steps(warmup_steps: int | str, beta2: float) -> int:
+def resolve_warmup_steps(
+    warmup_steps: int | str, beta2: float, total_steps: int | None = None
+) -> int:
     """The warmup length: an int as given, ``"untuned"`` as :func:`untuned_warmup_steps`,
-    ``"auto"`` as :func:`reliable_warmup_steps`."""
+    ``"auto"`` as :func:`reliable_warmup_steps`, or, when ``total_steps`` (the run's length) is
+    known, ``RUN_FRACTION`` of it if that is longer."""
     if warmup_steps == UNTUNED:
         return untuned_warmup_steps(beta2)
     if warmup_steps == AUTO:
-        return reliable_warmup_steps(beta2)
+        reliable = reliable_warmup_steps(beta2)
+        if total_steps is None:
+            return reliable
+        return max(reliable, round(RUN_FRACTION * total_steps))
     return int(warmup_steps)
 
 
@@ -175,10 +185,17 @@ def step_schedule(
     )
 
 
-def warmup_factor(step: int, *, beta2: float, warmup_steps: int | str, rectify: bool) -> float:
+def warmup_factor(
+    step: int,
+    *,
+    beta2: float,
+    warmup_steps: int | str,
+    rectify: bool,
+    total_steps: int | None = None,
+) -> float:
     """The warmup multiplier ``ramp_t * r_t`` at step ``t`` for plotting and logging."""
     if not isinstance(step, numbers.Integral) or step < 1:
         raise ValueError(f"Invalid step: {step!r}, expected an int >= 1")
-    resolved = resolve_warmup_steps(warmup_steps, beta2)
+    resolved = resolve_warmup_steps(warmup_steps, beta2, total_steps)
     r_t = rectification(step, beta2) if rectify else 1.0
     return ramp(step, resolved) * r_t

@@ -101,6 +101,13 @@ def check_group(group: dict[str, Any]) -> None:
             f"Invalid weight_decay value: {weight_decay!r}, expected 0 <= weight_decay"
         )
     check_warmup_steps(group["warmup_steps"])
+    total_steps = group["total_steps"]
+    if total_steps is not None and (
+        not isinstance(total_steps, numbers.Integral)
+        or isinstance(total_steps, bool)
+        or total_steps < 1
+    ):
+        raise ValueError(f"Invalid total_steps: {total_steps!r}, expected None or an int >= 1")
     rectify = group["rectify"]
     if not isinstance(rectify, bool):
         raise TypeError(f"Invalid rectify: {rectify!r}, expected True or False")

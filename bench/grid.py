@@ -57,10 +57,9 @@ class Method:
     rectify: bool = False
     param_dtype: str = "float32"  # "bfloat16": bf16 parameters, no fp32 master copy
     compensation: str | None = None
-
-    @property
-    def is_default(self) -> bool:
-        return self.kind == "adawarm" and self.name.startswith(DEFAULT_NAME)
+    # AdaWarm is told the run's length (total_steps), as the README asks users to.
+    knows_length: bool = False
+    is_default: bool = False  # the row the promises are checked on
 
     def warmup_steps(self, cell: Cell) -> int:
         """The warmup length this method uses in ``cell``."""
@@ -68,7 +67,10 @@ class Method:
             return round(self.warmup * cell.steps)
         if self.warmup == PREVIOUS_RULE:
             return round(1.0 / (1.0 - cell.beta2))
-        return resolve_warmup_steps(self.warmup, cell.beta2)
+        return resolve_warmup_steps(self.warmup, cell.beta2, self.total_steps(cell))
+
+    def total_steps(self, cell: Cell) -> int | None:
+        return cell.steps if self.knows_length else None
 
 
 DEFAULT_NAME = "AdaWarm default"
@@ -81,7 +83,14 @@ def tuned_name(fraction: float) -> str:
 
 def methods_for(cell: Cell) -> list[Method]:
     """The methods compared in ``cell``."""
-    default = Method(DEFAULT_NAME, "adawarm", DEFAULT_WARMUP_STEPS, DEFAULT_RECTIFY)
+    default = Method(
+        DEFAULT_NAME,
+        "adawarm",
+        DEFAULT_WARMUP_STEPS,
+        DEFAULT_RECTIFY,
+        knows_length=True,
+        is_default=True,
+    )
     schedule_free = Method("schedule-free AdamW", "schedulefree", SCHEDULE_FREE_WARMUP)
     if cell.schedule == USER_SCHEDULE:
         return [
@@ -94,6 +103,7 @@ def methods_for(cell: Cell) -> list[Method]:
         Method(ADAMW_NO_WARMUP, "adamw"),
         *(Method(tuned_name(fraction), "adamw", fraction) for fraction in TUNED_WARMUPS),
         default,
+        Method(f"{DEFAULT_NAME} without total_steps", "adawarm", DEFAULT_WARMUP_STEPS),
         Method(f"AdaWarm ramp {PREVIOUS_RULE} (previous default)", "adawarm", PREVIOUS_RULE),
         Method("AdaWarm ramp 2/(1-beta2) (untuned)", "adawarm", "untuned"),
         Method("AdaWarm rectify only (RAdam)", "adawarm", 0, True),
@@ -109,9 +119,14 @@ PRECISION_LIMIT = 0.02  # nats
 def precision_methods() -> list[Method]:
     base = ("adawarm", DEFAULT_WARMUP_STEPS, DEFAULT_RECTIFY, "bfloat16")
     return [
-        Method(f"{DEFAULT_NAME}, bf16 params", *base),
-        Method(f"{DEFAULT_NAME}, bf16 params + Kahan", *base, "kahan"),
-        Method(f"{DEFAULT_NAME}, bf16 params + stochastic rounding", *base, "stochastic"),
+        Method(f"{DEFAULT_NAME}, bf16 params", *base, knows_length=True),
+        Method(f"{DEFAULT_NAME}, bf16 params + Kahan", *base, "kahan", knows_length=True),
+        Method(
+            f"{DEFAULT_NAME}, bf16 params + stochastic rounding",
+            *base,
+            "stochastic",
+            knows_length=True,
+        ),
     ]
 
 

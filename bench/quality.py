@@ -32,6 +32,7 @@ import torch
 from bench import RUNS
 from bench.grid import (
     ADAMW_NO_WARMUP,
+    DEFAULT_NAME,
     PRECISION_LIMIT,
     PRECISION_LR,
     TUNED_WARMUPS,
@@ -293,9 +294,18 @@ def report(
         f"### The defaults ({default}) against their promises",
         "",
         *[f"- {verdict.text()}" for verdict in verdicts],
-        "",
-        "### Every cell",
     ]
+    fallback = f"{DEFAULT_NAME} without total_steps"
+    unhinted = [
+        verdict
+        for cell in cells
+        if (cell.name, fallback, cell.lrs[0]) in table
+        for verdict in check_cell(table, cell, fallback)
+    ]
+    if unhinted:
+        text += ["", f"### {fallback}: the same checks", ""]
+        text += [f"- {verdict.text()}" for verdict in unhinted]
+    text += ["", "### Every cell"]
     for cell in cells:
         text += ["", *cell_table(table, cell)]
     if precise is not None:

@@ -57,6 +57,7 @@ def make_optimizer(method: Method, params, lr: float, cell: Cell) -> torch.optim
             warmup_steps=(
                 method.warmup if method.warmup in WARMUP_NAMES else method.warmup_steps(cell)
             ),
+            total_steps=method.total_steps(cell),
             rectify=method.rectify,
             compensation=method.compensation,
             backend="torch",
