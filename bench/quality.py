@@ -38,6 +38,7 @@ from bench.grid import (
     TUNED_WARMUPS,
     USER_SCHEDULE,
     Cell,
+    Method,
     full_grid,
     methods_for,
     precision_cell,
@@ -89,6 +90,12 @@ def tabulate(runs: list[Run], collapse_at: dict[str, float]) -> Table:
         key: Result(losses, sum(not math.isfinite(x) or x >= collapse_at[key[0]] for x in losses))
         for key, losses in grouped.items()
     }
+
+
+def methods_run(table: Table, cell: Cell) -> list[Method]:
+    """The grid's methods for ``cell`` that have runs in ``table`` (a saved run may predate a
+    method)."""
+    return [m for m in methods_for(cell) if (cell.name, m.name, cell.lrs[0]) in table]
 
 
 def tuned(table: Table, cell: Cell, lr: float) -> Result:
@@ -209,7 +216,7 @@ def cell_table(table: Table, cell: Cell) -> list[str]:
         header,
         "|" + " --- |" * (len(cell.lrs) + 1),
     ]
-    for method in methods_for(cell):
+    for method in methods_run(table, cell):
         row = [table[(cell.name, method.name, lr)].text() for lr in cell.lrs]
         warmup = method.warmup_steps(cell) if method.warmup else 0
         label = f"**{method.name}**" if method.is_default else method.name

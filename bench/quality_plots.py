@@ -9,7 +9,8 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.grid import USER_SCHEDULE, USER_WARMUP, Cell, Method, methods_for
+from bench.grid import USER_SCHEDULE, USER_WARMUP, Cell, Method
+from bench.quality import methods_run
 from bench.training import Run
 
 LEGEND_WIDTH = 3.2  # inches at the right of the figure
@@ -27,7 +28,7 @@ class Look:
 
 
 def _loss_against_lr(ax, cell: Cell, runs: list[Run], table, default: str, look: Look) -> None:
-    for method in methods_for(cell):
+    for method in methods_run(table, cell):
         results = [table[(cell.name, method.name, lr)] for lr in cell.lrs]
         means = [min(r.mean, look.top) for r in results]
         low = [m - min(min(r.losses), look.top) for m, r in zip(means, results, strict=True)]
@@ -49,7 +50,7 @@ def _loss_against_lr(ax, cell: Cell, runs: list[Run], table, default: str, look:
 
 def _curves_at_best_rate(ax, cell: Cell, runs: list[Run], table, default: str, look: Look) -> None:
     lr = min(cell.lrs, key=lambda rate: table[(cell.name, default, rate)].mean)
-    for method in methods_for(cell):
+    for method in methods_run(table, cell):
         curves = [r.curve for r in runs if (r.cell, r.method, r.lr) == (cell.name, method.name, lr)]
         shortest = min(len(c) for c in curves)
         points = list(zip(*[c[:shortest] for c in curves], strict=True))
@@ -72,7 +73,9 @@ def plot_results(runs: list[Run], table, cells: list[Cell], default: str, out: P
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = dict.fromkeys(m.name for cell in cells for m in methods_for(cell) if not m.is_default)
+    names = dict.fromkeys(
+        m.name for cell in cells for m in methods_run(table, cell) if not m.is_default
+    )
     look = Look(
         colors={name: f"C{index % 10}" for index, name in enumerate(names)},
         top=max(r.final_loss for r in runs if math.isfinite(r.final_loss)) + 0.1,

@@ -31,6 +31,8 @@ def fresh_params():
         ({"warmup_steps": 2.5}, TypeError, r"Invalid warmup_steps: 2.5"),
         ({"warmup_steps": "tuned"}, ValueError, r"Invalid warmup_steps: 'tuned'"),
         ({"rectify": "yes"}, TypeError, r"Invalid rectify: 'yes'"),
+        ({"total_steps": 0}, ValueError, r"Invalid total_steps: 0, expected None or an int >= 1"),
+        ({"total_steps": 2.5}, ValueError, r"Invalid total_steps: 2.5"),
         (
             {"betas": (0.9, 0.5), "rectify": True},
             ValueError,

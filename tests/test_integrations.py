@@ -126,6 +126,12 @@ def test_an_explicit_ramp_is_kept_under_a_scheduler_that_warms_up():
     )
 
 
+def test_total_steps_sets_the_default_ramp_per_group():
+    params = make_params([(3,), (4,)], torch.float32, 56)
+    opt = AdaWarm([{"params": params[:1]}, {"params": params[1:], "total_steps": 1000}], lr=1e-2)
+    assert opt.effective_lr() == pytest.approx([1e-2 / 50, 1e-2 / 200])
+
+
 def test_a_group_added_later_ramps_from_its_own_first_step():
     params = make_params([(3,)], torch.float32, 54)
     opt = AdaWarm(params, lr=1e-2)

@@ -38,6 +38,17 @@ def test_untuned_warmup_is_two_over_one_minus_beta2():
 )
 def test_the_default_ramp_is_50_steps_or_the_untuned_length_where_shorter(beta2, steps):
     assert resolve_warmup_steps("auto", beta2) == steps
+
+
+@pytest.mark.parametrize(
+    ("beta2", "total_steps", "steps"),
+    [(0.999, 3000, 600), (0.999, 300, 60), (0.999, 200, 50), (0.95, 100, 40), (0.95, 1000, 200)],
+)
+def test_with_the_runs_length_the_default_ramp_lasts_a_fifth_of_it_when_longer(
+    beta2, total_steps, steps
+):
+    assert resolve_warmup_steps("auto", beta2, total_steps) == steps
+    assert resolve_warmup_steps(7, beta2, total_steps) == 7  # an explicit length stays
     assert resolve_warmup_steps(7, 0.999) == 7
 
 
