@@ -35,6 +35,8 @@ from adawarm.schedule import RECTIFICATION_THRESHOLD
 # tutorials' choice for memory-bound element-wise kernels.
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
+# FMA contraction off; see the launch in launch_adawarm_step.
+ENABLE_FP_FUSION = False
 # RAdam takes the adaptive step only while rho_t exceeds this (defined in adawarm.schedule).
 _RECTIFICATION_THRESHOLD = tl.constexpr(RECTIFICATION_THRESHOLD)
 
@@ -142,6 +144,74 @@ def _schedule(step, lr, beta1, beta2, eps, weight_decay, warmup_steps, RECTIFY: 
     return decay, step_size, bias_correction2_sqrt, eps_t, adaptive
 
 
+@triton.jit
+def _update_block(
+    param_ptr,
+    grad_ptr,
+    exp_avg_ptr,
+    exp_avg_sq_ptr,
+    compensation_ptr,
+    offsets,
+    numel,
+    decay,
+    step_size,
+    bias_correction2_sqrt,
+    eps_t,
+    adaptive,
+    beta1,
+    beta2,
+    grad_scale_ptr,
+    stochastic_base,
+    PARAM_DTYPE: tl.constexpr,
+    STATE_DTYPE: tl.constexpr,
+    KAHAN: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+    MAXIMIZE: tl.constexpr,
+    HAS_GRAD_SCALE: tl.constexpr,
+    FULL: tl.constexpr,
+):
+    """Update one block: load, compute in fp32, store in the tensors' dtypes. ``FULL`` blocks
+    lie wholly inside their tensor and need no mask, which lets the loads and stores of an
+    aligned launch be 128-bit (a mask computed from a loaded ``numel`` has no known constancy,
+    so a masked access is split into scalar ones)."""
+    if FULL:
+        mask = None
+    else:
+        mask = offsets < numel
+    old_param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
+    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+    if HAS_GRAD_SCALE:
+        grad = grad / tl.load(grad_scale_ptr)
+    if MAXIMIZE:
+        grad = -grad
+
+    param = old_param * decay.to(tl.float32)
+    exp_avg = exp_avg + (1.0 - beta1.to(tl.float32)) * (grad - exp_avg)
+    exp_avg_sq = exp_avg_sq * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * grad * grad
+    denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt.to(tl.float32) + eps_t.to(tl.float32)
+    denom = tl.where(adaptive, denom, 1.0)
+    param = param - step_size.to(tl.float32) * (exp_avg / denom)
+
+    if KAHAN:
+        # Compensated store (as adawarm.torch_backend): the update plus the carried rounding
+        # error is added to the old value; what rounding loses of it is carried on.
+        carried = tl.load(compensation_ptr + offsets, mask=mask).to(tl.float32)
+        update = (param - old_param) + carried
+        stored = _round_to(old_param + update, PARAM_DTYPE)
+        carried = update - (stored.to(tl.float32) - old_param)
+        tl.store(param_ptr + offsets, stored, mask=mask)
+        tl.store(compensation_ptr + offsets, _round_to(carried, PARAM_DTYPE), mask=mask)
+    elif STOCHASTIC:
+        rounded = _stochastic_round_to_bf16(param, stochastic_base, offsets)
+        tl.store(param_ptr + offsets, rounded, mask=mask)
+    else:
+        tl.store(param_ptr + offsets, _round_to(param, PARAM_DTYPE), mask=mask)
+    tl.store(exp_avg_ptr + offsets, _round_to(exp_avg, STATE_DTYPE), mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, _round_to(exp_avg_sq, STATE_DTYPE), mask=mask)
+
+
 # Hyper-parameters, the warmup length and the seed are data, not compile-time choices: without
 # this, Triton would compile another variant whenever one of them equals 1.
 @triton.jit(
@@ -186,6 +256,9 @@ def _adawarm_step_kernel(
     LR_FROM_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    ALIGNED: tl.constexpr,
+    PARAM_ALIGN: tl.constexpr,
+    STATE_ALIGN: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     if HAS_FOUND_INF:
@@ -219,44 +292,37 @@ def _adawarm_step_kernel(
     grad_ptr = tl.load(grad_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
     exp_avg_ptr = tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(STATE_DTYPE))
     exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(STATE_DTYPE))
-    offsets = start + tl.arange(0, BLOCK)
-    mask = offsets < numel
-
-    old_param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
-    grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
-    if HAS_GRAD_SCALE:
-        grad = grad / tl.load(grad_scale_ptr)
-    if MAXIMIZE:
-        grad = -grad
-
-    param = old_param * decay.to(tl.float32)
-    exp_avg = exp_avg + (1.0 - beta1.to(tl.float32)) * (grad - exp_avg)
-    exp_avg_sq = exp_avg_sq * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * grad * grad
-    denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt.to(tl.float32) + eps_t.to(tl.float32)
-    denom = tl.where(adaptive, denom, 1.0)
-    param = param - step_size.to(tl.float32) * (exp_avg / denom)
-
+    compensation_ptr = param_ptr  # read and written only when KAHAN
     if KAHAN:
-        # Compensated store (as adawarm.torch_backend): the update plus the carried rounding
-        # error is added to the old value; what rounding loses of it is carried on.
         compensation_ptr = tl.load(compensation_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
-        carried = tl.load(compensation_ptr + offsets, mask=mask).to(tl.float32)
-        update = (param - old_param) + carried
-        stored = _round_to(old_param + update, PARAM_DTYPE)
-        carried = update - (stored.to(tl.float32) - old_param)
-        tl.store(param_ptr + offsets, stored, mask=mask)
-        tl.store(compensation_ptr + offsets, _round_to(carried, PARAM_DTYPE), mask=mask)
-    elif STOCHASTIC:
+    if ALIGNED:
+        # The launcher checked every pointer of this launch against these alignments (pointers
+        # loaded from a table carry none), and block starts are multiples of BLOCK.
+        param_ptr = tl.multiple_of(param_ptr, PARAM_ALIGN)
+        grad_ptr = tl.multiple_of(grad_ptr, PARAM_ALIGN)
+        compensation_ptr = tl.multiple_of(compensation_ptr, PARAM_ALIGN)
+        exp_avg_ptr = tl.multiple_of(exp_avg_ptr, STATE_ALIGN)
+        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, STATE_ALIGN)
+        start = tl.multiple_of(start, BLOCK)
+    offsets = start + tl.arange(0, BLOCK)
+    stochastic_base = step  # used only when STOCHASTIC
+    if STOCHASTIC:
         stream = tl.load(stream_ids + tensor).to(tl.int64)
         inner = (_mul32(stream, 0x9E3779B9) + step) & 0xFFFFFFFF
-        base = _mix32((rounding_seed.to(tl.int64) & 0xFFFFFFFF) ^ _mix32(inner))
-        tl.store(param_ptr + offsets, _stochastic_round_to_bf16(param, base, offsets), mask=mask)
+        stochastic_base = _mix32((rounding_seed.to(tl.int64) & 0xFFFFFFFF) ^ _mix32(inner))
+    scalars = (decay, step_size, bias_correction2_sqrt, eps_t, adaptive, beta1, beta2)
+    if start + BLOCK <= numel:
+        _update_block(
+            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
+            *scalars, grad_scale_ptr, stochastic_base,
+            PARAM_DTYPE, STATE_DTYPE, KAHAN, STOCHASTIC, MAXIMIZE, HAS_GRAD_SCALE, True,
+        )  # fmt: skip
     else:
-        tl.store(param_ptr + offsets, _round_to(param, PARAM_DTYPE), mask=mask)
-    tl.store(exp_avg_ptr + offsets, _round_to(exp_avg, STATE_DTYPE), mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, _round_to(exp_avg_sq, STATE_DTYPE), mask=mask)
+        _update_block(
+            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
+            *scalars, grad_scale_ptr, stochastic_base,
+            PARAM_DTYPE, STATE_DTYPE, KAHAN, STOCHASTIC, MAXIMIZE, HAS_GRAD_SCALE, False,
+        )  # fmt: skip
 
     blocks_of_tensor = tl.maximum(tl.cdiv(numel, BLOCK), 1)
     if tl.atomic_add(done_counters + tensor, 1) == blocks_of_tensor - 1:
@@ -320,6 +386,27 @@ def block_tables(
     return tensors.to(torch.int32).to(device), starts.to(torch.int64).to(device)
 
 
+# The widest access a thread makes: 16 bytes (LDG.E.128 / STG.E.128).
+VECTOR_BYTES = 16
+# Tables of these lists hold data the kernel streams; the other lists (step counters) it does not.
+_PARAM_LISTS = ("param", "grad", "compensation")
+_STATE_LISTS = ("exp_avg", "exp_avg_sq")
+
+
+def vector_alignments(param_dtype: torch.dtype, state_dtype: torch.dtype) -> tuple[int, int]:
+    """The byte alignments the kernel may assume of parameter-dtype and state-dtype pointers.
+
+    Every streamed array gets the same number of elements per access, as many as 16 bytes of
+    the widest dtype hold: bf16 parameters with fp32 moments move 4 elements per access (8 and
+    16 bytes), because 8 bf16 elements (16 bytes) against 4 fp32 ones would make Triton convert
+    between the two layouts through shared memory.
+    """
+    param_size = torch.empty((), dtype=param_dtype).element_size()
+    state_size = torch.empty((), dtype=state_dtype).element_size()
+    elements = VECTOR_BYTES // max(param_size, state_size)
+    return elements * param_size, elements * state_size
+
+
 def launch_tables(
     lists: dict[str, list[torch.Tensor]],
     device: torch.device,
@@ -338,6 +425,15 @@ def launch_tables(
     """
     if pointers is None:
         pointers = tuple(tuple(t.data_ptr() for t in tensors) for tensors in lists.values())
+    param_align, state_align = vector_alignments(lists["param"][0].dtype, lists["exp_avg"][0].dtype)
+    # Alignment is checked, never assumed: one pointer off (a view at an odd storage offset)
+    # and the whole launch takes the variant without alignment hints.
+    aligned = all(
+        pointer % (param_align if name in _PARAM_LISTS else state_align) == 0
+        for name, row in zip(lists, pointers, strict=True)
+        if name in _PARAM_LISTS or name in _STATE_LISTS
+        for pointer in row
+    )
     numels = [param.numel() for param in lists["param"]]
     block_tensors, block_starts = block_tables(numels, device, block_size)
     table = torch.tensor(pointers, dtype=torch.int64)
@@ -350,6 +446,9 @@ def launch_tables(
         block_starts=block_starts,
         done_counters=torch.zeros(len(numels), dtype=torch.int32, device=device),
         block_size=block_size,
+        aligned=aligned,
+        param_align=param_align,
+        state_align=state_align,
     )
     if stream_ids is not None:
         tables["stream_ids"] = torch.tensor(stream_ids, dtype=torch.int32, device=device)
@@ -418,8 +517,16 @@ def launch_adawarm_step(
         LR_FROM_TENSOR=lr_is_tensor,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
+        ALIGNED=tables["aligned"],
+        PARAM_ALIGN=tables["param_align"],
+        STATE_ALIGN=tables["state_align"],
         BLOCK=tables["block_size"],
         num_warps=num_warps,
+        # No FMA contraction: each product is rounded before the add, as in the interpreter
+        # and in torch's separate ops, so the GPU computes what the interpreted tests check
+        # (bit for bit in the stochastic-rounding and fp32 paths), at no cost to a kernel
+        # bound by memory.
+        enable_fp_fusion=ENABLE_FP_FUSION,
     )
 
 

@@ -243,3 +243,68 @@ def test_capturable_needs_the_triton_backend():
     opt.step()
     assert opt.state[param]["step"].device == param.device
     assert float(opt.state[param]["step"]) == 1.0
+
+
+def launch_lists(param_dtype, state_dtype, misaligned: str | None, offset_elements: int = 1):
+    """Tables' lists of one tensor of 2051 elements, the named list a view at an offset."""
+
+    def tensor(dtype, name):
+        base = torch.zeros(2051 + offset_elements, dtype=dtype, device=DEVICE)
+        return base[offset_elements:] if name == misaligned else base[:2051]
+
+    lists = {
+        "param": [tensor(param_dtype, "param")],
+        "grad": [tensor(param_dtype, "grad")],
+        "exp_avg": [tensor(state_dtype, "exp_avg")],
+        "exp_avg_sq": [tensor(state_dtype, "exp_avg_sq")],
+        "step": [torch.zeros((), device=DEVICE)],
+    }
+    if param_dtype != torch.float32:
+        lists["compensation"] = [tensor(param_dtype, "compensation")]
+    return lists
+
+
+@pytest.mark.parametrize("misaligned", ["param", "grad", "exp_avg", "exp_avg_sq", "compensation"])
+def test_one_misaligned_pointer_sends_the_launch_to_the_unaligned_variant(misaligned):
+    assert adawarm_step.launch_tables(launch_lists(torch.bfloat16, torch.float32, None), DEVICE)[
+        "aligned"
+    ]
+    lists = launch_lists(torch.bfloat16, torch.float32, misaligned)
+    assert not adawarm_step.launch_tables(lists, DEVICE)["aligned"]
+
+
+def test_mixed_width_launches_need_8_bytes_of_the_narrow_dtype():
+    # bf16 parameters beside fp32 moments move 4 elements (8 bytes) per access.
+    assert adawarm_step.vector_alignments(torch.bfloat16, torch.float32) == (8, 16)
+    assert adawarm_step.vector_alignments(torch.bfloat16, torch.bfloat16) == (16, 16)
+    four_elements_in = launch_lists(torch.bfloat16, torch.float32, "param", offset_elements=4)
+    assert adawarm_step.launch_tables(four_elements_in, DEVICE)["aligned"]
+    fp32_moments_8_bytes_in = launch_lists(torch.bfloat16, torch.float32, "exp_avg", 2)
+    assert not adawarm_step.launch_tables(fp32_moments_8_bytes_in, DEVICE)["aligned"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_misaligned_views_update_like_the_torch_backend(dtype):
+    def run(backend):
+        generator = torch.Generator().manual_seed(9)
+        sizes = (BLOCK_SIZE + 1, BLOCK_SIZE + 3)
+
+        def views(first: int, second: int) -> list[torch.Tensor]:
+            # Contiguous views at odd element offsets of one storage: misaligned pointers.
+            storage = torch.randn(sum(sizes) + 16, generator=generator).to(DEVICE, dtype)
+            return [storage[first : first + sizes[0]], storage[second : second + sizes[1]]]
+
+        params = [param.requires_grad_() for param in views(1, sizes[0] + 3)]
+        opt = AdaWarm(params, backend=backend, lr=1e-2, warmup_steps=3, rectify=True)
+        for _ in range(8):
+            for param, grad in zip(params, views(3, sizes[0] + 5), strict=True):
+                param.grad = grad
+            opt.step()
+        return params, opt
+
+    (mine, opt), (theirs, _) = run("triton"), run("torch")
+    tables = next(iter(opt._table_caches[0].values())).tensors
+    assert not tables["aligned"]
+    for p, q in zip(mine, theirs, strict=True):
+        rtol, atol = TOLERANCES[dtype]
+        torch.testing.assert_close(p.detach().cpu(), q.detach().cpu(), rtol=rtol, atol=atol)

@@ -1,0 +1,212 @@
+"""Compile the AdaWarm kernel ahead of time for NVIDIA GPUs, without one, and read what it became.
+
+Triton's wheels ship ptxas and cuobjdump, so ``triton.compile`` builds real sm_90 / sm_80 machine
+code on a CPU-only machine. A variant is one set of the kernel's constexprs, as
+``launch_adawarm_step`` would launch it; its report says how wide every global access is (PTX),
+how many registers and how much local (spill) and shared memory a thread uses, and how many fp64
+instructions the SASS holds.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+
+from adawarm.kernels import adawarm_step as kernel
+
+NUM_WARPS = kernel.NUM_WARPS
+BLOCK = kernel.BLOCK_SIZE
+# Integer arguments the launcher passes (hyper-parameters as fp64 bit patterns, and counts).
+_INT64_ARGS = ("lr_bits", "beta1_bits", "beta2_bits", "eps_bits", "weight_decay_bits")
+_INT32_ARGS = ("warmup_steps", "rounding_seed")
+_INT32_TABLES = ("block_tensors", "done_counters", "stream_ids")
+
+
+@dataclass(frozen=True)
+class Variant:
+    param_dtype: torch.dtype = torch.float32
+    state_dtype: torch.dtype = torch.float32
+    kahan: bool = False
+    stochastic: bool = False
+    rectify: bool = True
+    aligned: bool = True
+    flags: bool = False  # maximize, tensor lr, GradScaler's scale and found_inf, all on
+    arch: int = 90
+
+    def __str__(self) -> str:
+        mode = "kahan" if self.kahan else "stochastic" if self.stochastic else "plain"
+        parts = [
+            f"sm_{self.arch}",
+            f"{str(self.param_dtype)[6:]} params",
+            f"{str(self.state_dtype)[6:]} moments",
+            mode,
+            "rectify" if self.rectify else "no rectify",
+            "aligned" if self.aligned else "unaligned",
+        ]
+        return ", ".join(parts + (["all flags"] if self.flags else []))
+
+    def constexprs(self) -> dict:
+        param_align, state_align = kernel.vector_alignments(self.param_dtype, self.state_dtype)
+        return {
+            "PARAM_DTYPE": kernel.TRITON_DTYPES[self.param_dtype],
+            "STATE_DTYPE": kernel.TRITON_DTYPES[self.state_dtype],
+            "KAHAN": self.kahan,
+            "STOCHASTIC": self.stochastic,
+            "RECTIFY": self.rectify,
+            "MAXIMIZE": self.flags,
+            "LR_FROM_TENSOR": self.flags,
+            "HAS_GRAD_SCALE": self.flags,
+            "HAS_FOUND_INF": self.flags,
+            "ALIGNED": self.aligned,
+            "PARAM_ALIGN": param_align,
+            "STATE_ALIGN": state_align,
+            "BLOCK": BLOCK,
+        }
+
+    def expected_vector_accesses(self) -> Counter:
+        """The vector accesses of the full-block path, as PTX names them: per streamed array,
+        ``elements per thread / elements per access`` accesses of 16 (``v4.b32``) or 8
+        (``v2.b32``) bytes."""
+        param_align, state_align = kernel.vector_alignments(self.param_dtype, self.state_dtype)
+        elements = BLOCK // (NUM_WARPS * 32)
+        per_access = kernel.VECTOR_BYTES // max(
+            torch.empty((), dtype=d).element_size() for d in (self.param_dtype, self.state_dtype)
+        )
+        loads = [param_align, param_align, state_align, state_align]  # param, grad, m, v
+        stores = [param_align, state_align, state_align]
+        if self.kahan:
+            loads.append(param_align)
+            stores.append(param_align)
+        expected = Counter()
+        for kind, widths in (("ld", loads), ("st", stores)):
+            for width in widths:
+                expected[f"{kind}.global.v{width // 4}.b32"] += elements // per_access
+        return expected
+
+
+@dataclass
+class MachineCode:
+    variant: Variant
+    ptx_accesses: Counter
+    sass: Counter
+    registers: int
+    local_bytes: int
+    shared_bytes: int
+    layout_conversions: int
+    fp64_instructions: int
+    notes: list[str] = field(default_factory=list)
+
+
+def _signature(variant: Variant) -> tuple[dict, dict]:
+    function = kernel._adawarm_step_kernel
+    constexprs = variant.constexprs()
+    signature = {}
+    for name in function.arg_names:
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name in _INT64_ARGS:
+            signature[name] = "i64"
+        elif name in _INT32_ARGS:
+            signature[name] = "i32"
+        elif name in _INT32_TABLES:
+            signature[name] = "*i32"
+        elif name.endswith("_ptr"):  # lr, GradScaler's scale and found_inf
+            signature[name] = "*fp32"
+        else:  # the int64 tables of pointers, element counts and block starts
+            signature[name] = "*i64"
+    return signature, constexprs
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def compile_variant(variant: Variant) -> MachineCode:
+    """Compile ``variant`` for its GPU architecture and read its PTX, SASS and resources."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    signature, constexprs = _signature(variant)
+    # Table tensors are fresh torch allocations: the JIT marks such pointers 16-byte aligned.
+    attrs = {
+        (index,): [["tt.divisibility", 16]]
+        for index, kind in enumerate(signature.values())
+        if kind.startswith("*")
+    }
+    source = ASTSource(
+        fn=kernel._adawarm_step_kernel, signature=signature, constexprs=constexprs, attrs=attrs
+    )
+    compiled = triton.compile(
+        source,
+        target=GPUTarget("cuda", variant.arch, 32),
+        options={"num_warps": NUM_WARPS, "enable_fp_fusion": kernel.ENABLE_FP_FUSION},
+    )
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run(
+            [_tool("cuobjdump"), "--dump-resource-usage", cubin.name],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+        sass = subprocess.run(
+            [_tool("cuobjdump"), "-sass", cubin.name], capture_output=True, text=True, check=True
+        ).stdout
+    resources = re.search(r"REG:(\d+).*?SHARED:(\d+).*?LOCAL:(\d+)", usage)
+    opcodes = Counter(
+        re.findall(r"^\s+/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?([A-Z][\w.]*)", sass, re.M)
+    )
+    ttgir = compiled.asm["ttgir"]
+    return MachineCode(
+        variant=variant,
+        ptx_accesses=Counter(re.findall(r"\b((?:ld|st)\.global[.\w]*)", compiled.asm["ptx"])),
+        sass=opcodes,
+        registers=int(resources.group(1)),
+        shared_bytes=int(resources.group(2)),
+        local_bytes=int(resources.group(3)),
+        layout_conversions=ttgir.count("convert_layout") + ttgir.count("local_alloc"),
+        fp64_instructions=sum(n for op, n in opcodes.items() if re.match(r"D[A-Z]", op)),
+    )
+
+
+# fp64 instructions a program may hold: the schedule of its tensor's step, in scalar registers,
+# is ~125 on sm_90 (powers by repeated squaring, RAdam's rho_t); a per-element fp64 op would add
+# at least one instruction per element a thread handles (8 here) for each op.
+MAX_FP64_INSTRUCTIONS = 160
+MAX_REGISTERS = 128  # 16 warps per SM at 128; the aligned variants use 56-72
+
+
+def problems(code: MachineCode) -> list[str]:
+    """What ``code`` lacks of a memory-bound step at the roofline; empty when nothing."""
+    found = []
+    variant = code.variant
+    if variant.aligned:
+        vectors = Counter(
+            {k: v for k, v in code.ptx_accesses.items() if re.search(r"\.v[24]\.", k)}
+        )
+        expected = variant.expected_vector_accesses()
+        if vectors != expected:
+            found.append(f"vector accesses {dict(vectors)}, expected {dict(expected)}")
+        sass_128 = code.sass["LDG.E.128"], code.sass["STG.E.128"]
+        ptx_128 = expected["ld.global.v4.b32"], expected["st.global.v4.b32"]
+        if sass_128 != ptx_128:
+            found.append(f"SASS 128-bit loads/stores {sass_128}, expected {ptx_128}")
+    if code.local_bytes or code.sass["LDL"] or code.sass["STL"]:
+        found.append(f"spills: {code.local_bytes} bytes of local memory")
+    if code.registers > MAX_REGISTERS:
+        found.append(f"{code.registers} registers, expected <= {MAX_REGISTERS}")
+    if code.layout_conversions:
+        found.append(f"{code.layout_conversions} layout conversions through shared memory")
+    if code.fp64_instructions > MAX_FP64_INSTRUCTIONS:
+        found.append(f"{code.fp64_instructions} fp64 instructions, expected <= 160 per program")
+    return found
