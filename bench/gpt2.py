@@ -1,0 +1,150 @@
+"""End-to-end training speed on a GPT-2-124M-shaped model: one training step (forward, backward,
+optimizer) in bf16 autocast, tokens per second, with torch.optim.AdamW(fused=True) and AdaWarm,
+eagerly and replayed from a captured CUDA graph."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from adawarm import AdaWarm
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab: int = 50257
+    context: int = 1024
+    width: int = 768
+    layers: int = 12
+    heads: int = 12
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.heads = config.heads
+        self.norm1 = nn.LayerNorm(config.width)
+        self.qkv = nn.Linear(config.width, 3 * config.width)
+        self.proj = nn.Linear(config.width, config.width)
+        self.norm2 = nn.LayerNorm(config.width)
+        self.up = nn.Linear(config.width, 4 * config.width)
+        self.down = nn.Linear(4 * config.width, config.width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, length, width = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, -1).unbind(2)
+        attended = F.scaled_dot_product_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
+        )
+        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
+        return x + self.down(F.gelu(self.up(self.norm2(x))))
+
+
+class GPT(nn.Module):
+    """GPT-2's shapes (pre-LN, tied embeddings): 124,439,808 parameters at the defaults."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(config.vocab, config.width)
+        self.position = nn.Embedding(config.context, config.width)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        self.norm = nn.LayerNorm(config.width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        x = self.embed(tokens) + self.position(positions)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x) @ self.embed.weight.T  # tied output embedding
+
+
+@dataclass
+class EndToEnd:
+    optimizer: str
+    graph: bool
+    ms_per_step: float
+    spread_ms: tuple[float, float]  # the middle half of the timed steps
+    tokens_per_s: float
+
+
+def _optimizers(device: torch.device) -> dict:
+    capture = device.type == "cuda"
+
+    def adamw(params):
+        return torch.optim.AdamW(params, lr=torch.tensor(3e-4, device=device) if capture else 3e-4,
+                                 fused=True, capturable=capture)  # fmt: skip
+
+    def adawarm(params):
+        lr = torch.tensor(3e-4, device=device) if capture else 3e-4
+        return AdaWarm(params, lr=lr, capturable=capture, total_steps=1000)
+
+    return {"torch AdamW fused": adamw, "AdaWarm": adawarm}
+
+
+def measure(
+    config: GPTConfig, batch: int, device: torch.device, steps: int, graph: bool
+) -> list[EndToEnd]:
+    """Time ``steps`` training steps per optimizer (after warm-up steps), eagerly or, with
+    ``graph``, replayed from one captured CUDA graph of the whole step."""
+    results = []
+    for name, make in _optimizers(device).items():
+        times = _step_times(make, config, batch, device, steps, graph)
+        quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+        median = statistics.median(times)
+        spread = (quartiles[0] * 1e3, quartiles[2] * 1e3)
+        results.append(EndToEnd(name, graph, median * 1e3, spread, batch * config.context / median))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return results
+
+
+def _step_times(make, config: GPTConfig, batch: int, device, steps: int, graph: bool):
+    torch.manual_seed(0)
+    model = GPT(config).to(device)
+    optimizer = make(model.parameters())
+    tokens = torch.randint(0, config.vocab, (batch, config.context + 1), device=device)
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+
+    def step() -> None:
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            logits = model(inputs)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        loss.backward()
+        optimizer.step()
+
+    if graph:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):  # warm up, and create the states, outside the capture
+                optimizer.zero_grad(set_to_none=False)
+                step()
+        torch.cuda.current_stream().wait_stream(stream)
+        captured = torch.cuda.CUDAGraph()
+        optimizer.zero_grad(set_to_none=False)
+        with torch.cuda.graph(captured):
+            step()
+        run = captured.replay
+    else:
+
+        def run() -> None:
+            optimizer.zero_grad(set_to_none=True)
+            step()
+
+        for _ in range(3):
+            run()
+    times = []
+    for _ in range(steps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        begin = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - begin)
+    return times
