@@ -208,6 +208,32 @@ def summary(table: Table, cells: list[Cell], default: str) -> list[str]:
     return lines
 
 
+def gaps_table(table: Table, cells: list[Cell]) -> list[str]:
+    """Every method of the cosine and constant cells against the best AdamW at its best rate:
+    the gap in nats at that rate ("C" where it collapses at a rate tuned AdamW survives)."""
+    cells = [cell for cell in cells if cell.schedule != USER_SCHEDULE]
+    names = list(dict.fromkeys(m.name for cell in cells for m in methods_run(table, cell)))
+    lines = [
+        "| cell | " + " | ".join(names) + " |",
+        "| --- |" + " ---: |" * len(names),
+    ]
+    for cell in cells:
+        best_lr = min(cell.lrs, key=lambda lr: best_adamw(table, cell, lr).mean)
+        row = []
+        for name in names:
+            if (cell.name, name, best_lr) not in table:
+                row.append("-")
+                continue
+            gap = table[(cell.name, name, best_lr)].mean - best_adamw(table, cell, best_lr).mean
+            collapses = any(
+                tuned(table, cell, lr).collapsed == 0 and table[(cell.name, name, lr)].collapsed
+                for lr in cell.lrs
+            )
+            row.append(f"{gap:+.3f}{' C' if collapses else ''}")
+        lines.append(f"| {cell.name} | " + " | ".join(row) + " |")
+    return lines
+
+
 def cell_table(table: Table, cell: Cell) -> list[str]:
     header = "| method | " + " | ".join(f"lr {lr:g}" for lr in cell.lrs) + " |"
     lines = [
@@ -297,6 +323,13 @@ def report(
         "### Summary",
         "",
         *summary(table, cells, default),
+        "",
+        "### Every method at the best AdamW's rate",
+        "",
+        "Gap in nats to the better of AdamW without warmup and AdamW with the tuned warmup, at "
+        "the rate where that does best; C: collapses at a rate where tuned AdamW does not.",
+        "",
+        *gaps_table(table, cells),
         "",
         f"### The defaults ({default}) against their promises",
         "",
