@@ -21,7 +21,7 @@ from adawarm.tensor_lists import DTYPE, IS_CPU
 from adawarm.validation import check_group, check_torch_only_options, group_betas
 
 # Chosen from the quality benchmark (README, "Choosing the defaults"): a linear ramp over
-# min(50, 2 / (1 - beta2)) steps, or 20 % of total_steps if given and longer
+# min(50, 2 / (1 - beta2)) steps, or 5 % of total_steps if given and longer
 # (adawarm.schedule.resolve_warmup_steps), no rectification.
 DEFAULT_WARMUP_STEPS: int | str = AUTO
 DEFAULT_RECTIFY = False
@@ -111,12 +111,12 @@ class AdaWarm(Optimizer):
         amsgrad: accepted as False for torch.optim.AdamW's signature; AdaWarm has no AMSGrad.
         warmup_steps: length W of the linear ramp (0: none), ``"untuned"`` for
             ``round(2 / (1 - beta2))`` steps (Ma & Yarats, 2019), or ``"auto"`` (the default)
-            for ``min(50, round(2 / (1 - beta2)))`` steps, or, with ``total_steps``, 20 % of the
+            for ``min(50, round(2 / (1 - beta2)))`` steps, or, with ``total_steps``, 5 % of the
             run when that is longer. With ``"auto"``, a group whose LR
             scheduler warms up itself (its rate at the group's first step is below the
             ``initial_lr`` the scheduler recorded) gets no ramp: its ``warmup_steps`` becomes 0.
         total_steps: the number of steps the run will take, if known (the ``"auto"`` ramp then
-            lasts 20 % of it, or longer by the rule above); None: unknown.
+            lasts 5 % of it, or longer by the rule above); None: unknown.
         rectify: RAdam's variance rectification of the adaptive step (Liu et al., 2019).
         maximize: maximize the objective instead of minimizing it.
         foreach: as in torch.optim.AdamW: True runs the torch backend's ``torch._foreach_*``

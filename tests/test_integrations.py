@@ -128,7 +128,7 @@ def test_an_explicit_ramp_is_kept_under_a_scheduler_that_warms_up():
 
 def test_total_steps_sets_the_default_ramp_per_group():
     params = make_params([(3,), (4,)], torch.float32, 56)
-    opt = AdaWarm([{"params": params[:1]}, {"params": params[1:], "total_steps": 1000}], lr=1e-2)
+    opt = AdaWarm([{"params": params[:1]}, {"params": params[1:], "total_steps": 4000}], lr=1e-2)
     assert opt.effective_lr() == pytest.approx([1e-2 / 50, 1e-2 / 200])
 
 

@@ -42,9 +42,9 @@ def test_the_default_ramp_is_50_steps_or_the_untuned_length_where_shorter(beta2,
 
 @pytest.mark.parametrize(
     ("beta2", "total_steps", "steps"),
-    [(0.999, 3000, 600), (0.999, 300, 60), (0.999, 200, 50), (0.95, 100, 40), (0.95, 1000, 200)],
+    [(0.999, 3000, 150), (0.999, 300, 50), (0.999, 2000, 100), (0.95, 100, 40), (0.95, 1000, 50)],
 )
-def test_with_the_runs_length_the_default_ramp_lasts_a_fifth_of_it_when_longer(
+def test_with_the_runs_length_the_default_ramp_lasts_5_percent_of_it_when_longer(
     beta2, total_steps, steps
 ):
     assert resolve_warmup_steps("auto", beta2, total_steps) == steps
