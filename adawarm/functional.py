@@ -147,13 +147,17 @@ def adawarm(
     found_inf: Tensor | None = None,
     table_cache: dict | None = None,
     compensations: Sequence[Tensor | None] | None = None,
-    rounding_seed: int | None = None,
+    rounding_seed: int | None = 0,
+    stochastic_params: bool = False,
 ) -> None:
     """One AdaWarm step over lists of tensors; see :class:`adawarm.AdaWarm` for the algorithm.
 
     ``state_steps`` are float32 scalar tensors, incremented here. ``backend``, ``foreach``
     and ``fused`` choose how the step runs, as in :class:`adawarm.AdaWarm` (see
-    :func:`select_execution`).
+    :func:`select_execution`). ``compensations`` are Kahan buffers (``None`` for tensors
+    without one). bf16 moments are stored by stochastic rounding from ``rounding_seed``, and so
+    are bf16 parameters with ``stochastic_params``; ``rounding_seed=None`` rounds every store to
+    nearest (which biases bf16 moments: small updates are lost).
     """
     params, grads, exp_avgs, exp_avg_sqs = (
         local_tensors(tensors) for tensors in (params, grads, exp_avgs, exp_avg_sqs)
@@ -183,6 +187,7 @@ def adawarm(
         table_cache=table_cache,
         compensations=compensations,
         rounding_seed=rounding_seed,
+        stochastic_params=stochastic_params,
     )
 
 
@@ -199,8 +204,6 @@ def run_backend(
     torch_implementation: str | None,
     total_steps: int | None = None,
     table_cache: dict | None,
-    compensations: Sequence[Tensor | None] | None = None,
-    rounding_seed: int | None = None,
     **options,
 ) -> None:
     """Run the step on a backend :func:`select_backend` has already approved for these tensors."""
@@ -210,18 +213,6 @@ def run_backend(
         # Under torch.compile the step is one custom op; eagerly the op's dispatch would only
         # add host time.
         step = triton_step_op if torch.compiler.is_compiling() else triton_step
-        step(
-            *tensors,
-            **options,
-            table_cache=table_cache,
-            compensations=compensations,
-            rounding_seed=rounding_seed,
-        )
+        step(*tensors, **options, table_cache=table_cache)
     else:
-        torch_step(
-            *tensors,
-            **options,
-            implementation=torch_implementation,
-            compensations=compensations,
-            rounding_seed=rounding_seed,
-        )
+        torch_step(*tensors, **options, implementation=torch_implementation)

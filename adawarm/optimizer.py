@@ -130,15 +130,18 @@ class AdaWarm(Optimizer):
         differentiable: accepted as False for torch.optim.AdamW's signature; the step records
             no autograd history.
         state_dtype: dtype of ``exp_avg``/``exp_avg_sq`` for fp32/fp16/bf16 parameters: ``None``
-            (fp32) or ``torch.bfloat16`` (half the state memory; the math stays fp32). Wider
-            parameters keep moments of their own dtype.
+            (fp32) or ``torch.bfloat16`` (half the state memory; the math stays fp32, and the
+            moments are stored by stochastic rounding from ``rounding_seed``, so that updates
+            below half a bf16 ulp survive on average). Wider parameters keep moments of their
+            own dtype.
         compensation: how fp16/bf16 parameters keep updates below half an ulp. ``None``: round
             to nearest (they are lost). ``"kahan"``: a buffer of the parameter's dtype carries
             each update's rounding error into the next. ``"stochastic"`` (bf16 only): round up
             or down at random in proportion to the distance, from a counter-based stream keyed
             by ``rounding_seed``, the tensor's position and the step (reproducible, and the same
             in both backends). fp32 and wider parameters are unaffected.
-        rounding_seed: the seed of stochastic rounding.
+        rounding_seed: the seed of stochastic rounding (bf16 moments, and bf16 parameters
+            with ``compensation="stochastic"``).
         backend: ``None`` (the Triton kernel for CUDA tensors it can serve, otherwise the torch
             backend), ``"torch"`` or ``"triton"``. An explicit backend that cannot serve the
             tensors raises.
@@ -361,9 +364,8 @@ class AdaWarm(Optimizer):
             found_inf=found_inf,
             table_cache=self._table_caches.setdefault(work.index, {}),
             compensations=local_tensors(work.buffers),
-            rounding_seed=(
-                group["rounding_seed"] if group["compensation"] == "stochastic" else None
-            ),
+            rounding_seed=group["rounding_seed"],
+            stochastic_params=group["compensation"] == "stochastic",
         )
 
     # Under torch.compile the step runs eagerly (a graph break around it): its schedule is a set

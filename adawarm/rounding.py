@@ -1,7 +1,10 @@
 """Stochastic rounding of fp32 to bf16 with a counter-based random stream.
 
 The random bits of element ``i`` of tensor ``k`` (its position in the list a backend receives) at
-step ``t`` are a hash of ``(seed, k, t, i)``, so a run is reproducible from its seed and the Triton
+step ``t`` are a hash of ``(seed, k, t, i)`` for the parameter, and of ``(seed, k, t, role, i)`` for
+its moments (:data:`EXP_AVG_ROLE`, :data:`EXP_AVG_SQ_ROLE`: each stored tensor draws its own
+stream, so the rounding errors of a parameter and its moments are independent). A run is
+reproducible from its seed and the Triton
 kernel (``adawarm.kernels.adawarm_step``) draws exactly the same bits: both sides use this hash
 (Chris Wellons' "lowbias32" mixer) in 32-bit arithmetic: on Python ints and int64 tensors
 (:func:`mix32`, also the kernel's form) with 16-bit halves so that no intermediate product
@@ -21,6 +24,8 @@ MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
 MIX1 = 0x7FEB352D
 MIX2 = 0x846CA68B
+# The streams of a parameter's moments: the parameter's key re-hashed with the role.
+PARAM_ROLE, EXP_AVG_ROLE, EXP_AVG_SQ_ROLE = 0, 1, 2
 
 
 def _mul32(x, constant: int):
@@ -39,9 +44,11 @@ def mix32(x):
     return x ^ (x >> 16)
 
 
-def stream_base(seed: int, stream: int, step: int) -> int:
-    """The per-tensor, per-step key of the random stream."""
-    return mix32((seed & MASK32) ^ mix32((_mul32(stream, GOLDEN) + step) & MASK32))
+def stream_base(seed: int, stream: int, step: int, role: int = PARAM_ROLE) -> int:
+    """The per-tensor, per-step key of the random stream of tensor ``stream``'s parameter
+    (``role`` 0) or one of its moments."""
+    base = mix32((seed & MASK32) ^ mix32((_mul32(stream, GOLDEN) + step) & MASK32))
+    return base if role == PARAM_ROLE else mix32(base ^ role)
 
 
 def _logical_shift_right(x: Tensor, shift: int) -> Tensor:

@@ -13,8 +13,8 @@ device, parameter dtype, state dtype and step count, so one set of scalars serve
   buckets to ``foreach``.
 
 Every implementation works on fp32 (fp64 for fp64 parameters) copies of lower-precision tensors;
-the driver makes the copies and stores the results back (rounding to nearest even, or with Kahan
-compensation of the parameters).
+the driver makes the copies and stores the results back: bf16 moments by stochastic rounding,
+parameters rounding to nearest even, with Kahan compensation or by stochastic rounding.
 """
 
 from __future__ import annotations
@@ -25,7 +25,13 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from adawarm.rounding import stochastic_round_to_bf16, stream_base
+from adawarm.rounding import (
+    EXP_AVG_ROLE,
+    EXP_AVG_SQ_ROLE,
+    PARAM_ROLE,
+    stochastic_round_to_bf16,
+    stream_base,
+)
 from adawarm.schedule import StepSchedule, step_schedule
 from adawarm.tensor_lists import select
 
@@ -164,6 +170,21 @@ def _store(targets: list[Tensor], work: list[Tensor]) -> None:
         torch._foreach_copy_(targets, work)
 
 
+def _store_stochastic(
+    targets: list[Tensor],
+    work: list[Tensor],
+    positions: list[int],
+    *,
+    seed: int,
+    step: int,
+    role: int,
+) -> None:
+    """Store fp32 working copies into bf16 ``targets`` by stochastic rounding, tensor ``k`` of
+    the backend's lists drawing the stream keyed by ``(seed, k, step, role)``."""
+    for target, new, position in zip(targets, work, positions, strict=True):
+        target.copy_(stochastic_round_to_bf16(new, stream_base(seed, position, step, role)))
+
+
 def _store_compensated(params: list[Tensor], work: list[Tensor], buffers: list[Tensor]) -> None:
     """Kahan-compensated store of the new parameters ``work`` into low-precision ``params``.
 
@@ -201,14 +222,17 @@ def torch_step(
     found_inf: Tensor | None = None,
     compensations: Sequence[Tensor | None] | None = None,
     rounding_seed: int | None = None,
+    stochastic_params: bool = False,
 ) -> None:
     """One AdaWarm step over one parameter group's tensors (``warmup_steps`` resolved to an int).
 
-    The update is computed in fp32 (fp64 for fp64 tensors) and stored in each tensor's dtype,
-    rounding to nearest even. ``compensations`` (Kahan buffers, ``None`` for tensors without one)
-    turns the parameters' store into a compensated one; ``rounding_seed`` stores bf16 parameters
-    by stochastic rounding (``adawarm.rounding``), the stream of tensor ``k`` of these lists at
-    step ``t`` keyed by ``(rounding_seed, k, t)``.
+    The update is computed in fp32 (fp64 for fp64 tensors) and stored in each tensor's dtype.
+    With ``rounding_seed`` set, bf16 moments are stored by stochastic rounding
+    (``adawarm.rounding``: the stream of tensor ``k`` of these lists at step ``t`` is keyed by
+    ``(rounding_seed, k, t)`` and the moment's role), and so are bf16 parameters when
+    ``stochastic_params``; everything else rounds to nearest even (``rounding_seed=None``: every
+    store, the biased form). ``compensations`` (Kahan buffers, ``None`` for tensors without one)
+    turns the parameters' store into a compensated one.
 
     ``implementation=None`` picks ``fused`` where torch has the kernel for the device and
     ``foreach`` elsewhere. With ``found_inf`` set (GradScaler), nothing changes, not even the step
@@ -279,16 +303,21 @@ def torch_step(
             except BaseException:
                 torch._foreach_sub_(bucket_steps, 1)
                 raise
-            _store(stored[2], work[2])
-            _store(stored[3], work[3])
+            positions = select(group_positions, indices)
+            stochastic = {"seed": rounding_seed, "step": step}
+            for role, moments, new in (
+                (EXP_AVG_ROLE, stored[2], work[2]),
+                (EXP_AVG_SQ_ROLE, stored[3], work[3]),
+            ):
+                if rounding_seed is not None and moments[0].dtype == torch.bfloat16:
+                    _store_stochastic(moments, new, positions, **stochastic, role=role)
+                else:
+                    _store(moments, new)
             buffers = select(group_buffers, indices)
             if buffers[0] is not None:
                 _store_compensated(stored[0], work[0], buffers)
-            elif rounding_seed is not None and dtype == torch.bfloat16:
-                positions = select(group_positions, indices)
-                for param, new, position in zip(stored[0], work[0], positions, strict=True):
-                    base = stream_base(rounding_seed, position, step)
-                    param.copy_(stochastic_round_to_bf16(new, base))
+            elif stochastic_params and rounding_seed is not None and dtype == torch.bfloat16:
+                _store_stochastic(stored[0], work[0], positions, **stochastic, role=PARAM_ROLE)
             else:
                 _store(stored[0], work[0])
 

@@ -1,6 +1,7 @@
 """The Triton backend: groups tensors, keeps their pointer tables, launches ``adawarm.kernels``.
 
-One launch per step per group of tensors sharing (device, parameter dtype); the states are fp32.
+One launch per step per group of tensors sharing (device, parameter dtype); the moments of a
+group share one dtype (fp32 or bf16).
 The tables of data pointers live on the device and are cached per group: they are rebuilt only
 when a pointer changes (gradients set to None and reallocated, ``load_state_dict``,
 ``add_param_group``), so a step with warm tables does no host-to-device copy and no host sync,
@@ -206,12 +207,14 @@ def triton_step(
     table_cache: dict | None = None,
     compensations: Sequence[Tensor | None] | None = None,
     rounding_seed: int | None = None,
+    stochastic_params: bool = False,
 ) -> None:
     """One AdaWarm step through the Triton kernel (``warmup_steps`` resolved to an int).
 
     The caller has checked the tensors with :func:`unservable_reason`. ``state_steps`` are fp32
     scalars on the parameters' device, advanced by the kernel.
-    ``table_cache`` (any dict kept between steps) holds the pointer tables.
+    ``table_cache`` (any dict kept between steps) holds the pointer tables. Stores round as in
+    :func:`adawarm.torch_backend.torch_step`, from the same random streams.
     """
     if table_cache is None:
         table_cache = {}
@@ -227,7 +230,11 @@ def triton_step(
         buffers = None if compensations is None else select(compensations, indices)
         if buffers is not None and buffers[0] is not None:
             lists["compensation"] = buffers
-        stochastic = rounding_seed is not None and dtype == torch.bfloat16
+        state_dtype = lists["exp_avg"][0].dtype
+        stochastic_state = rounding_seed is not None and state_dtype == torch.bfloat16
+        stochastic_param = stochastic_params and rounding_seed is not None
+        stochastic_param = stochastic_param and dtype == torch.bfloat16
+        stochastic = stochastic_param or stochastic_state
         pointers = tuple(_data_pointers(tensors) for tensors in lists.values())
         positions = range(len(params)) if indices is None else indices
         signature = (*pointers, tuple(positions) if stochastic else ())
@@ -240,7 +247,7 @@ def triton_step(
         _kernels().launch_adawarm_step(
             tables.tensors,
             param_dtype=dtype,
-            state_dtype=lists["exp_avg"][0].dtype,
+            state_dtype=state_dtype,
             lr=lr.to(device) if isinstance(lr, Tensor) else lr,
             beta1=beta1,
             beta2=beta2,
@@ -252,4 +259,6 @@ def triton_step(
             grad_scale=None if grad_scale is None else grad_scale.to(device),
             found_inf=None if found_inf is None else found_inf.to(device),
             rounding_seed=rounding_seed if stochastic else None,
+            stochastic_params=stochastic_param,
+            stochastic_state=stochastic_state,
         )

@@ -67,6 +67,7 @@ def _triton_step_(
     grad_scale: Optional[Tensor] = None,  # noqa: UP045
     found_inf: Optional[Tensor] = None,  # noqa: UP045
     rounding_seed: Optional[int] = None,  # noqa: UP045
+    stochastic_params: bool = False,
 ) -> None:
     aligned: list[Tensor | None] = [None] * len(params)
     for position, buffer in zip(compensation_positions, compensations, strict=True):
@@ -90,6 +91,7 @@ def _triton_step_(
         table_cache=_table_cache_for(params),
         compensations=aligned,
         rounding_seed=rounding_seed,
+        stochastic_params=stochastic_params,
     )
 
 
@@ -112,8 +114,8 @@ def triton_step_op(
     **options,
 ) -> None:
     """:func:`adawarm.triton_backend.triton_step` through the custom op, with the same arguments
-    (the other hyper-parameters and ``grad_scale``/``found_inf``/``rounding_seed`` in
-    ``options``, passed to the op by name).
+    (the other hyper-parameters and ``grad_scale``/``found_inf``/``rounding_seed``/
+    ``stochastic_params`` in ``options``, passed to the op by name).
 
     ``table_cache`` is not used: a compiled graph cannot pass a dict into an op, so the op keeps
     its own caches. Kahan buffers travel as the present ones and their positions, because

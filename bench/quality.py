@@ -40,6 +40,7 @@ from bench.grid import (
     Cell,
     Method,
     full_grid,
+    keeps_small_updates,
     methods_for,
     precision_cell,
     precision_methods,
@@ -251,21 +252,26 @@ def cell_table(table: Table, cell: Cell) -> list[str]:
 
 
 def precision_report(table: Table, cell: Cell, default: str) -> tuple[list[str], list[Verdict]]:
-    """The bf16-parameter rows against the fp32 default, and the 0.02-nat promise per row."""
+    """The bf16-storage rows against the fp32 default, and the 0.02-nat promise for each row
+    whose parameters keep small updates. Rows a saved grid did not run (it predates them) say
+    so, with no verdict."""
     reference = table[(cell.name, default, PRECISION_LR)]
     rows = [
-        f"bf16 parameters ({cell.name}, lr {PRECISION_LR:g}; fp32 compute on upcast copies):",
+        f"bf16 storage ({cell.name}, lr {PRECISION_LR:g}; fp32 compute on upcast copies):",
         "",
-        "| parameters | final loss | vs fp32 |",
+        "| storage | final loss | vs fp32 |",
         "| --- | --- | --- |",
         f"| fp32 ({default}) | {reference.text()} | - |",
     ]
     verdicts = []
     for method in precision_methods():
-        result = table[(cell.name, method.name, PRECISION_LR)]
+        result = table.get((cell.name, method.name, PRECISION_LR))
+        if result is None:
+            rows.append(f"| {method.name} | not run in this grid | - |")
+            continue
         gap = result.mean - reference.mean
         rows.append(f"| {method.name} | {result.text()} | {gap:+.3f} |")
-        if method.compensation is not None:
+        if keeps_small_updates(method):
             verdicts.append(
                 Verdict(
                     cell.name,

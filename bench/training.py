@@ -60,6 +60,7 @@ def make_optimizer(method: Method, params, lr: float, cell: Cell) -> torch.optim
             total_steps=method.total_steps(cell),
             rectify=method.rectify,
             compensation=method.compensation,
+            state_dtype=getattr(torch, method.state_dtype),
             backend="torch",
         )
     if method.kind == "radam":

@@ -9,7 +9,8 @@ program to a tensor and an element offset. Each program:
    against. fp64 matters: RAdam's ``rho_t`` loses too much to cancellation in fp32. Powers are
    taken by repeated squaring (multiplications only), so no libdevice function is needed;
 2. loads a block of param, grad and moments, computes in fp32, and stores in the tensors' dtypes
-   (rounding to nearest even, Kahan-compensated, or stochastically -- constexpr switches);
+   (parameters rounding to nearest even, Kahan-compensated or stochastically; bf16 moments
+   stochastically -- constexpr switches);
 3. counts itself done on a per-tensor counter; the tensor's last program writes ``t`` back to the
    step counter and resets the counter. Every program has read the step before its atomic
    (acq_rel) increment, so no program can see the new step; a tensor of zero elements still gets
@@ -28,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from adawarm.rounding import EXP_AVG_ROLE, EXP_AVG_SQ_ROLE
 from adawarm.schedule import RECTIFICATION_THRESHOLD
 
 # Elements per program and warps. Untuned: `python -m bench tune` measures the alternatives on a
@@ -39,6 +41,9 @@ NUM_WARPS = 4
 ENABLE_FP_FUSION = False
 # RAdam takes the adaptive step only while rho_t exceeds this (defined in adawarm.schedule).
 _RECTIFICATION_THRESHOLD = tl.constexpr(RECTIFICATION_THRESHOLD)
+# The moments' random streams (adawarm.rounding.stream_base).
+_EXP_AVG_ROLE = tl.constexpr(EXP_AVG_ROLE)
+_EXP_AVG_SQ_ROLE = tl.constexpr(EXP_AVG_SQ_ROLE)
 
 TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
 
@@ -161,11 +166,14 @@ def _update_block(
     beta1,
     beta2,
     grad_scale_ptr,
-    stochastic_base,
+    param_base,
+    exp_avg_base,
+    exp_avg_sq_base,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     KAHAN: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
+    STOCHASTIC_PARAM: tl.constexpr,
+    STOCHASTIC_STATE: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     FULL: tl.constexpr,
@@ -203,13 +211,21 @@ def _update_block(
         carried = update - (stored.to(tl.float32) - old_param)
         tl.store(param_ptr + offsets, stored, mask=mask)
         tl.store(compensation_ptr + offsets, _round_to(carried, PARAM_DTYPE), mask=mask)
-    elif STOCHASTIC:
-        rounded = _stochastic_round_to_bf16(param, stochastic_base, offsets)
+    elif STOCHASTIC_PARAM:
+        rounded = _stochastic_round_to_bf16(param, param_base, offsets)
         tl.store(param_ptr + offsets, rounded, mask=mask)
     else:
         tl.store(param_ptr + offsets, _round_to(param, PARAM_DTYPE), mask=mask)
-    tl.store(exp_avg_ptr + offsets, _round_to(exp_avg, STATE_DTYPE), mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, _round_to(exp_avg_sq, STATE_DTYPE), mask=mask)
+    if STOCHASTIC_STATE:
+        # bf16 moments round stochastically: to nearest, an update below half an ulp of the
+        # moment is lost, and the moments stall (adawarm.rounding).
+        exp_avg = _stochastic_round_to_bf16(exp_avg, exp_avg_base, offsets)
+        exp_avg_sq = _stochastic_round_to_bf16(exp_avg_sq, exp_avg_sq_base, offsets)
+    else:
+        exp_avg = _round_to(exp_avg, STATE_DTYPE)
+        exp_avg_sq = _round_to(exp_avg_sq, STATE_DTYPE)
+    tl.store(exp_avg_ptr + offsets, exp_avg, mask=mask)
+    tl.store(exp_avg_sq_ptr + offsets, exp_avg_sq, mask=mask)
 
 
 # Hyper-parameters, the warmup length and the seed are data, not compile-time choices: without
@@ -250,7 +266,8 @@ def _adawarm_step_kernel(
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     KAHAN: tl.constexpr,
-    STOCHASTIC: tl.constexpr,
+    STOCHASTIC_PARAM: tl.constexpr,
+    STOCHASTIC_STATE: tl.constexpr,
     RECTIFY: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     LR_FROM_TENSOR: tl.constexpr,
@@ -305,23 +322,29 @@ def _adawarm_step_kernel(
         exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, STATE_ALIGN)
         start = tl.multiple_of(start, BLOCK)
     offsets = start + tl.arange(0, BLOCK)
-    stochastic_base = step  # used only when STOCHASTIC
-    if STOCHASTIC:
+    # The keys of the random streams (adawarm.rounding.stream_base), used only when stochastic.
+    param_base = step
+    exp_avg_base = step
+    exp_avg_sq_base = step
+    if STOCHASTIC_PARAM or STOCHASTIC_STATE:
         stream = tl.load(stream_ids + tensor).to(tl.int64)
         inner = (_mul32(stream, 0x9E3779B9) + step) & 0xFFFFFFFF
-        stochastic_base = _mix32((rounding_seed.to(tl.int64) & 0xFFFFFFFF) ^ _mix32(inner))
+        param_base = _mix32((rounding_seed.to(tl.int64) & 0xFFFFFFFF) ^ _mix32(inner))
+        exp_avg_base = _mix32(param_base ^ _EXP_AVG_ROLE)
+        exp_avg_sq_base = _mix32(param_base ^ _EXP_AVG_SQ_ROLE)
     scalars = (decay, step_size, bias_correction2_sqrt, eps_t, adaptive, beta1, beta2)
+    bases = (param_base, exp_avg_base, exp_avg_sq_base)
     if start + BLOCK <= numel:
         _update_block(
             param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
-            *scalars, grad_scale_ptr, stochastic_base,
-            PARAM_DTYPE, STATE_DTYPE, KAHAN, STOCHASTIC, MAXIMIZE, HAS_GRAD_SCALE, True,
+            *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
+            KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, True,
         )  # fmt: skip
     else:
         _update_block(
             param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
-            *scalars, grad_scale_ptr, stochastic_base,
-            PARAM_DTYPE, STATE_DTYPE, KAHAN, STOCHASTIC, MAXIMIZE, HAS_GRAD_SCALE, False,
+            *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
+            KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, False,
         )  # fmt: skip
 
     blocks_of_tensor = tl.maximum(tl.cdiv(numel, BLOCK), 1)
@@ -471,11 +494,14 @@ def launch_adawarm_step(
     grad_scale: torch.Tensor | None = None,
     found_inf: torch.Tensor | None = None,
     rounding_seed: int | None = None,
+    stochastic_params: bool = False,
+    stochastic_state: bool = False,
     num_warps: int = NUM_WARPS,
 ) -> None:
     """Launch one AdaWarm step over the tensors described by ``tables``.
 
-    ``rounding_seed`` (with a ``stream_ids`` table) stores bf16 parameters by stochastic rounding.
+    ``stochastic_params`` stores bf16 parameters, ``stochastic_state`` bf16 moments, by
+    stochastic rounding from ``rounding_seed`` (with a ``stream_ids`` table).
 
     ``tables`` comes from :func:`launch_tables`: device tensors int64 ``param_ptrs``,
     ``grad_ptrs``, ``exp_avg_ptrs``, ``exp_avg_sq_ptrs``, ``step_ptrs``, ``numels`` and, for
@@ -511,7 +537,8 @@ def launch_adawarm_step(
         PARAM_DTYPE=TRITON_DTYPES[param_dtype],
         STATE_DTYPE=TRITON_DTYPES[state_dtype],
         KAHAN="compensation_ptrs" in tables,
-        STOCHASTIC=rounding_seed is not None,
+        STOCHASTIC_PARAM=stochastic_params,
+        STOCHASTIC_STATE=stochastic_state,
         RECTIFY=rectify,
         MAXIMIZE=maximize,
         LR_FROM_TENSOR=lr_is_tensor,

@@ -93,9 +93,8 @@ def reference_trajectory(shapes, dtype, options, steps, inf_steps):
             backend="torch",
             foreach=False,
             compensations=[s.get("compensation") for s in states],
-            rounding_seed=(
-                options["rounding_seed"] if options.get("compensation") == "stochastic" else None
-            ),
+            rounding_seed=options.get("rounding_seed", 0),
+            stochastic_params=options.get("compensation") == "stochastic",
         )
     return params, states
 

@@ -33,7 +33,9 @@ class Variant:
     param_dtype: torch.dtype = torch.float32
     state_dtype: torch.dtype = torch.float32
     kahan: bool = False
-    stochastic: bool = False
+    stochastic: bool = False  # bf16 parameters stored by stochastic rounding
+    # bf16 moments are stored by stochastic rounding, unless rounding_seed=None asks for nearest
+    nearest_state: bool = False
     rectify: bool = True
     aligned: bool = True
     flags: bool = False  # maximize, tensor lr, GradScaler's scale and found_inf, all on
@@ -44,12 +46,16 @@ class Variant:
         parts = [
             f"sm_{self.arch}",
             f"{str(self.param_dtype)[6:]} params",
-            f"{str(self.state_dtype)[6:]} moments",
+            f"{str(self.state_dtype)[6:]} moments" + (" to nearest" if self.nearest_state else ""),
             mode,
             "rectify" if self.rectify else "no rectify",
             "aligned" if self.aligned else "unaligned",
         ]
         return ", ".join(parts + (["all flags"] if self.flags else []))
+
+    @property
+    def stochastic_state(self) -> bool:
+        return self.state_dtype == torch.bfloat16 and not self.nearest_state
 
     def constexprs(self) -> dict:
         param_align, state_align = kernel.vector_alignments(self.param_dtype, self.state_dtype)
@@ -57,7 +63,8 @@ class Variant:
             "PARAM_DTYPE": kernel.TRITON_DTYPES[self.param_dtype],
             "STATE_DTYPE": kernel.TRITON_DTYPES[self.state_dtype],
             "KAHAN": self.kahan,
-            "STOCHASTIC": self.stochastic,
+            "STOCHASTIC_PARAM": self.stochastic,
+            "STOCHASTIC_STATE": self.stochastic_state,
             "RECTIFY": self.rectify,
             "MAXIMIZE": self.flags,
             "LR_FROM_TENSOR": self.flags,

@@ -26,6 +26,9 @@ REPRESENTATIVE = [
     Variant(param_dtype=torch.bfloat16),  # mixed width: 8-byte parameter accesses
     Variant(param_dtype=torch.bfloat16, state_dtype=torch.bfloat16, kahan=True),
     Variant(param_dtype=torch.bfloat16, stochastic=True),
+    Variant(state_dtype=torch.bfloat16),  # stochastic rounding of the moments
+    # the most hashing: stochastic rounding of the parameters and both moments
+    Variant(param_dtype=torch.bfloat16, state_dtype=torch.bfloat16, stochastic=True),
     Variant(aligned=False),
     Variant(arch=80),
 ]
@@ -43,6 +46,8 @@ def every_variant() -> list[Variant]:
         (90, 80),
     ):
         modes = [{}]
+        if state == torch.bfloat16:
+            modes.append({"nearest_state": True})  # rounding_seed=None
         if param != torch.float32:
             modes.append({"kahan": True})
         if param == torch.bfloat16:
