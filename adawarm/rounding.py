@@ -7,8 +7,8 @@ stream, so the rounding errors of a parameter and its moments are independent). 
 reproducible from its seed and the Triton
 kernel (``adawarm.kernels.adawarm_step``) draws exactly the same bits: both sides use this hash
 (Chris Wellons' "lowbias32" mixer) in 32-bit arithmetic: on Python ints and int64 tensors
-(:func:`mix32`, also the kernel's form) with 16-bit halves so that no intermediate product
-overflows int64, on CPU tensors in uint32, whose products wrap by definition.
+(:func:`mix32`) with 16-bit halves so that no intermediate product overflows int64, on CPU tensors
+and in the kernel in uint32, whose products wrap by definition.
 
 Rounding: add 16 random bits to the fp32 bit pattern and drop the low 16 bits. A value rounds up
 with probability equal to its distance from the lower bf16 neighbour over the gap, so the expected
