@@ -154,13 +154,17 @@ def keeps_small_updates(method: Method) -> bool:
 TRANSFORMER_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
 FINE_TUNING_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 SHORT, LONG = 300, 3000
+# Short post-LN runs at lr 0.1 end near the collapse threshold, and whether one of 3 seeds
+# crosses it is a coin flip (the third grid: the default 1 of 3 in two cells, AdamW with a 20 %
+# warmup 0 of 3; with 10 seeds, 4 and 3 of 10 at beta2 0.999): these cells take 10 seeds.
+COIN_FLIP_SEEDS = 10
 
 
 def full_grid() -> list[Cell]:
-    """The grid the defaults are chosen on (about 45 minutes on 2 cores)."""
+    """The grid the defaults are chosen on (about an hour on the 2-core CI machine)."""
     short = [
-        Cell(architecture, beta2, SHORT, "cosine", TRANSFORMER_LRS, 3)
-        for architecture in ("post-LN", "pre-LN")
+        Cell(architecture, beta2, SHORT, "cosine", TRANSFORMER_LRS, seeds)
+        for architecture, seeds in (("post-LN", COIN_FLIP_SEEDS), ("pre-LN", 3))
         for beta2 in (0.95, 0.98, 0.999)
     ]
     short += [Cell("LSTM", beta2, SHORT, "cosine", TRANSFORMER_LRS, 3) for beta2 in (0.95, 0.999)]
