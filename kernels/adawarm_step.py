@@ -37,6 +37,18 @@ from adawarm.schedule import RECTIFICATION_THRESHOLD
 # tutorials' choice for memory-bound element-wise kernels.
 BLOCK_SIZE = 1024
 NUM_WARPS = 4
+# A launch without alignment hints moves one element per access, each with its own 64-bit
+# address, so 8 elements a thread cost registers: with bf16 moments stored stochastically and
+# Kahan buffers, 134-140 on sm_90 at 4 warps (over the 128 that keeps 16 warps per SM); 8 warps
+# (4 elements a thread) take at most 64 (tests/test_kernel_machine_code.py).
+UNALIGNED_NUM_WARPS = 8
+
+
+def default_num_warps(aligned: bool) -> int:
+    """The warps of a launch with (``NUM_WARPS``) or without alignment hints."""
+    return NUM_WARPS if aligned else UNALIGNED_NUM_WARPS
+
+
 # FMA contraction off; see the launch in launch_adawarm_step.
 ENABLE_FP_FUSION = False
 # RAdam takes the adaptive step only while rho_t exceeds this (defined in adawarm.schedule).
@@ -159,8 +171,9 @@ def _update_block(
     bias_correction2_sqrt,
     eps_t,
     adaptive,
-    beta1,
+    one_minus_beta1,
     beta2,
+    one_minus_beta2,
     grad_scale_ptr,
     param_base,
     exp_avg_base,
@@ -174,7 +187,8 @@ def _update_block(
     HAS_GRAD_SCALE: tl.constexpr,
     FULL: tl.constexpr,
 ):
-    """Update one block: load, compute in fp32, store in the tensors' dtypes. ``FULL`` blocks
+    """Update one block: load, compute in fp32 (the scalars arrive in fp32), store in the
+    tensors' dtypes. ``FULL`` blocks
     lie wholly inside their tensor and need no mask, which lets the loads and stores of an
     aligned launch be 128-bit (a mask computed from a loaded ``numel`` has no known constancy,
     so a masked access is split into scalar ones)."""
@@ -191,12 +205,12 @@ def _update_block(
     if MAXIMIZE:
         grad = -grad
 
-    param = old_param * decay.to(tl.float32)
-    exp_avg = exp_avg + (1.0 - beta1.to(tl.float32)) * (grad - exp_avg)
-    exp_avg_sq = exp_avg_sq * beta2.to(tl.float32) + (1.0 - beta2).to(tl.float32) * grad * grad
-    denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt.to(tl.float32) + eps_t.to(tl.float32)
+    param = old_param * decay
+    exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
+    exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
+    denom = tl.sqrt(exp_avg_sq) / bias_correction2_sqrt + eps_t
     denom = tl.where(adaptive, denom, 1.0)
-    param = param - step_size.to(tl.float32) * (exp_avg / denom)
+    param = param - step_size * (exp_avg / denom)
 
     if KAHAN:
         # Compensated store (as adawarm.torch_backend): the update plus the carried rounding
@@ -279,8 +293,6 @@ def _adawarm_step_kernel(
             return
     pid = tl.program_id(0)
     tensor = tl.load(block_tensors + pid)
-    start = tl.load(block_starts + pid)
-    numel = tl.load(numels + tensor)
     step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))
     step = tl.load(step_ptr).to(tl.int64) + 1
 
@@ -301,6 +313,10 @@ def _adawarm_step_kernel(
         RECTIFY,
     )
 
+    # Loaded after the schedule: values live across its fp64-division subroutine calls are
+    # saved to the stack by ptxas on sm_80 (a spill to the machine-code check).
+    start = tl.load(block_starts + pid)
+    numel = tl.load(numels + tensor)
     param_ptr = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
     grad_ptr = tl.load(grad_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
     exp_avg_ptr = tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(STATE_DTYPE))
@@ -327,9 +343,21 @@ def _adawarm_step_kernel(
         stream = tl.load(stream_ids + tensor).to(tl.uint32)
         inner = stream * 0x9E3779B9 + step.to(tl.uint32)
         param_base = _mix32(rounding_seed.to(tl.uint32) ^ _mix32(inner))
-        exp_avg_base = _mix32(param_base ^ _EXP_AVG_ROLE)
-        exp_avg_sq_base = _mix32(param_base ^ _EXP_AVG_SQ_ROLE)
-    scalars = (decay, step_size, bias_correction2_sqrt, eps_t, adaptive, beta1, beta2)
+        if STOCHASTIC_STATE:
+            exp_avg_base = _mix32(param_base ^ _EXP_AVG_ROLE)
+            exp_avg_sq_base = _mix32(param_base ^ _EXP_AVG_SQ_ROLE)
+    # fp32 once, before the two block paths: fp64 scalars kept live into them take two registers
+    # each, which pushed ptxas to spill in the heaviest variants (sm_80, every flag).
+    scalars = (
+        decay.to(tl.float32),
+        step_size.to(tl.float32),
+        bias_correction2_sqrt.to(tl.float32),
+        eps_t.to(tl.float32),
+        adaptive,
+        1.0 - beta1.to(tl.float32),
+        beta2.to(tl.float32),
+        (1.0 - beta2).to(tl.float32),
+    )
     bases = (param_base, exp_avg_base, exp_avg_sq_base)
     if start + BLOCK <= numel:
         _update_block(
@@ -344,9 +372,14 @@ def _adawarm_step_kernel(
             KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, False,
         )  # fmt: skip
 
-    blocks_of_tensor = tl.maximum(tl.cdiv(numel, BLOCK), 1)
+    # numel loaded again (a cached scalar) rather than kept live across the block update, which
+    # made ptxas save it to the stack in some variants.
+    blocks_of_tensor = tl.maximum(tl.cdiv(tl.load(numels + tensor), BLOCK), 1)
     if tl.atomic_add(done_counters + tensor, 1) == blocks_of_tensor - 1:
-        tl.store(step_ptr, step.to(tl.float32))
+        # Loaded again rather than kept: no other program writes the counter, and a value live
+        # across the schedule's fp64-division subroutine calls is saved to the stack (one STL
+        # and LDL a thread, which the machine-code check counts as a spill).
+        tl.store(step_ptr, tl.load(step_ptr) + 1.0)
         tl.store(done_counters + tensor, 0)
 
 
@@ -493,7 +526,7 @@ def launch_adawarm_step(
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
     stochastic_state: bool = False,
-    num_warps: int = NUM_WARPS,
+    num_warps: int | None = None,
 ) -> None:
     """Launch one AdaWarm step over the tensors described by ``tables``.
 
@@ -505,7 +538,7 @@ def launch_adawarm_step(
     Kahan-compensated parameters, ``compensation_ptrs`` (one entry per tensor), the per-program
     ``block_tensors``/``block_starts`` from :func:`block_tables`, int32 ``done_counters`` (zeros,
     one per tensor, kept between launches), and the ``block_size`` they were laid out for.
-    ``num_warps`` is for tuning (``python -m bench tune``); the default is :data:`NUM_WARPS`.
+    ``num_warps`` is for tuning (``python -m bench tune``); None: :func:`default_num_warps`.
     """
     lr_is_tensor = isinstance(lr, torch.Tensor)
     grid = (tables["block_tensors"].numel(),)
@@ -545,7 +578,7 @@ def launch_adawarm_step(
         PARAM_ALIGN=tables["param_align"],
         STATE_ALIGN=tables["state_align"],
         BLOCK=tables["block_size"],
-        num_warps=num_warps,
+        num_warps=default_num_warps(tables["aligned"]) if num_warps is None else num_warps,
         # No FMA contraction: each product is rounded before the add, as in the interpreter
         # and in torch's separate ops, so the GPU computes what the interpreted tests check
         # (bit for bit in the stochastic-rounding and fp32 paths), at no cost to a kernel

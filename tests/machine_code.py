@@ -20,7 +20,6 @@ import torch
 
 from adawarm.kernels import adawarm_step as kernel
 
-NUM_WARPS = kernel.NUM_WARPS
 BLOCK = kernel.BLOCK_SIZE
 # Integer arguments the launcher passes (hyper-parameters as fp64 bit patterns, and counts).
 _INT64_ARGS = ("lr_bits", "beta1_bits", "beta2_bits", "eps_bits", "weight_decay_bits")
@@ -81,7 +80,7 @@ class Variant:
         ``elements per thread / elements per access`` accesses of 16 (``v4.b32``) or 8
         (``v2.b32``) bytes."""
         param_align, state_align = kernel.vector_alignments(self.param_dtype, self.state_dtype)
-        elements = BLOCK // (NUM_WARPS * 32)
+        elements = BLOCK // (kernel.default_num_warps(self.aligned) * 32)
         per_access = kernel.VECTOR_BYTES // max(
             torch.empty((), dtype=d).element_size() for d in (self.param_dtype, self.state_dtype)
         )
@@ -155,7 +154,10 @@ def compile_variant(variant: Variant) -> MachineCode:
     compiled = triton.compile(
         source,
         target=GPUTarget("cuda", variant.arch, 32),
-        options={"num_warps": NUM_WARPS, "enable_fp_fusion": kernel.ENABLE_FP_FUSION},
+        options={
+            "num_warps": kernel.default_num_warps(variant.aligned),
+            "enable_fp_fusion": kernel.ENABLE_FP_FUSION,
+        },
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -190,7 +192,7 @@ def compile_variant(variant: Variant) -> MachineCode:
 # is ~125 on sm_90 (powers by repeated squaring, RAdam's rho_t); a per-element fp64 op would add
 # at least one instruction per element a thread handles (8 here) for each op.
 MAX_FP64_INSTRUCTIONS = 160
-MAX_REGISTERS = 128  # 16 warps per SM at 128; the aligned variants use 56-77
+MAX_REGISTERS = 128  # 16 warps per SM at 128; the representative variants use 40-70
 
 
 def problems(code: MachineCode) -> list[str]:
