@@ -13,6 +13,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from adawarm import AdaWarm
+from bench.lm import Block, ModelConfig
 
 
 @dataclass(frozen=True)
@@ -24,27 +25,6 @@ class GPTConfig:
     heads: int = 12
 
 
-class Block(nn.Module):
-    def __init__(self, config: GPTConfig) -> None:
-        super().__init__()
-        self.heads = config.heads
-        self.norm1 = nn.LayerNorm(config.width)
-        self.qkv = nn.Linear(config.width, 3 * config.width)
-        self.proj = nn.Linear(config.width, config.width)
-        self.norm2 = nn.LayerNorm(config.width)
-        self.up = nn.Linear(config.width, 4 * config.width)
-        self.down = nn.Linear(4 * config.width, config.width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        batch, length, width = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(batch, length, 3, self.heads, -1).unbind(2)
-        attended = F.scaled_dot_product_attention(
-            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True
-        )
-        x = x + self.proj(attended.transpose(1, 2).reshape(batch, length, width))
-        return x + self.down(F.gelu(self.up(self.norm2(x))))
-
-
 class GPT(nn.Module):
     """GPT-2's shapes (pre-LN, tied embeddings): 124,439,808 parameters at the defaults."""
 
@@ -52,7 +32,9 @@ class GPT(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(config.vocab, config.width)
         self.position = nn.Embedding(config.context, config.width)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.layers))
+        # The quality benchmark's pre-LN block at GPT-2's width, heads and context.
+        shape = ModelConfig(config.width, config.layers, config.heads, config.context)
+        self.blocks = nn.ModuleList(Block(shape, pre_norm=True) for _ in range(config.layers))
         self.norm = nn.LayerNorm(config.width)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
