@@ -232,8 +232,9 @@ def triton_step(
             lists["compensation"] = buffers
         state_dtype = lists["exp_avg"][0].dtype
         stochastic_state = rounding_seed is not None and state_dtype == torch.bfloat16
-        stochastic_param = stochastic_params and rounding_seed is not None
-        stochastic_param = stochastic_param and dtype == torch.bfloat16
+        stochastic_param = (
+            stochastic_params and rounding_seed is not None and dtype == torch.bfloat16
+        )
         stochastic = stochastic_param or stochastic_state
         pointers = tuple(_data_pointers(tensors) for tensors in lists.values())
         positions = range(len(params)) if indices is None else indices

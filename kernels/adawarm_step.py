@@ -71,7 +71,7 @@ def _mix32(x):
     """The lowbias32 hash of ``adawarm.rounding.mix32`` on uint32 values: uint32 products wrap
     mod 2^32 and shifts are logical, so this is the reference's arithmetic in 32-bit registers
     (an int64 form with 16-bit halves took twice the registers: 116-142 per thread with triton
-    3.6 for the bf16-moment variants, against 62-68 with this)."""
+    3.6 for the bf16-moment variants, against 64-69 with this)."""
     x = x ^ (x >> 16)
     x = x * 0x7FEB352D
     x = x ^ (x >> 15)
@@ -187,11 +187,10 @@ def _update_block(
     HAS_GRAD_SCALE: tl.constexpr,
     FULL: tl.constexpr,
 ):
-    """Update one block: load, compute in fp32 (the scalars arrive in fp32), store in the
-    tensors' dtypes. ``FULL`` blocks
-    lie wholly inside their tensor and need no mask, which lets the loads and stores of an
-    aligned launch be 128-bit (a mask computed from a loaded ``numel`` has no known constancy,
-    so a masked access is split into scalar ones)."""
+    """Update the elements at ``offsets``: load, compute in fp32 (the scalars arrive in fp32),
+    store in the tensors' dtypes. ``FULL`` blocks lie wholly inside their tensor and need no
+    mask, which lets the loads and stores of an aligned launch be 128-bit (a mask computed from
+    a loaded ``numel`` has no known constancy, so a masked access is split into scalar ones)."""
     if FULL:
         mask = None
     else:
