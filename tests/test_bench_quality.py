@@ -94,12 +94,45 @@ def test_collapses_are_counted_and_the_defaults_checked():
     assert table[(COSINE.name, "AdamW no warmup", 0.1)].text() == "collapsed 3.20"
     gap, collapse = quality.check_cell(table, COSINE, "AdaWarm default")
     assert not gap.passed and "gap +0.045" in gap.detail  # best: AdamW no warmup at 0.01
-    assert not collapse.passed and collapse.detail == "collapses at lr 0.1"
+    assert not collapse.passed and collapse.detail == "collapses more: lr 0.1: 1 of 2 vs 0 of 2"
 
     table = quality.tabulate(
         runs_of(COSINE, cosine_losses([2.42, 2.43], [2.9, 2.7])), {COSINE.name: 3.0}
     )
     assert all(verdict.passed for verdict in quality.check_cell(table, COSINE, "AdaWarm default"))
+
+
+def collapse_check(default_collapsed: int, tuned_collapsed: int, seeds: int = 20):
+    """The collapse verdict at lr 0.1 with these counts of collapsed runs out of ``seeds``."""
+    cell = Cell("post-LN", 0.999, 100, "cosine", (0.01, 0.1), seeds)
+
+    def losses(collapsed: int) -> list[float]:
+        return [3.2] * collapsed + [2.9] * (seeds - collapsed)
+
+    by_method = {
+        "AdamW no warmup": {0.01: [2.40] * seeds, 0.1: [3.2] * seeds},
+        "AdamW warmup 5%": {0.01: [2.45] * seeds, 0.1: [3.3] * seeds},
+        "AdamW warmup 20%": {0.01: [2.43] * seeds, 0.1: losses(tuned_collapsed)},
+        "AdaWarm default": {0.01: [2.41] * seeds, 0.1: losses(default_collapsed)},
+    }
+    table = quality.tabulate(runs_of(cell, by_method), {cell.name: 3.0})
+    _, collapse = quality.check_cell(table, cell, "AdaWarm default")
+    return collapse
+
+
+def test_collapsing_more_often_than_tuned_adamw_fails_only_beyond_chance():
+    # one-sided Fisher exact test: P(>= 3 of the 4 collapses in the default's 20 of 40 runs)
+    # = (C(20,3) C(20,1) + C(20,4)) / C(40,4) = 27645 / 91390
+    passing = collapse_check(3, 1)
+    assert passing.passed and passing.detail == "lr 0.1: 3 of 20 vs 1 of 20, p 0.30"
+    assert quality.more_collapses_p(
+        quality.Result([3.2] * 3 + [2.9] * 17, 3), quality.Result([3.2] + [2.9] * 19, 1)
+    ) == pytest.approx(27645 / 91390)
+    failing = collapse_check(8, 1)
+    assert not failing.passed
+    assert failing.detail.startswith("collapses more: lr 0.1: 8 of 20 vs 1 of 20, p 0.0")
+    assert not collapse_check(1, 0).passed  # tuned AdamW never collapses: any collapse fails
+    assert collapse_check(0, 0).detail == "none"
 
 
 def test_under_the_users_warmup_the_default_is_held_to_adamw_at_every_rate_adamw_trains():
