@@ -1,4 +1,4 @@
-"""``python -m bench [speed|quality|schedule|tune|gpu]``: AdaWarm against AdamW, on this machine.
+"""``python -m bench [speed|quality|collapse|schedule|tune|gpu]``: AdaWarm against AdamW, here.
 
 Without a sub-command: a short tour -- a quick speed table and a quick quality run, a summary,
 and PNG plots in bench/runs/tour/ (or --out).
@@ -10,11 +10,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import RUNS, gpu, quality, schedule, speed, tune
+from bench import RUNS, collapse, gpu, quality, schedule, speed, tune
 
 SUBCOMMANDS = {
     "speed": speed.main,
     "quality": quality.main,
+    "collapse": collapse.main,
     "schedule": schedule.main,
     "tune": tune.main,
     "gpu": gpu.main,

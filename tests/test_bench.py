@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -12,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench import RUNS, gpt2, gpu, schedule, speed, tune
+from bench import RUNS, collapse, gpt2, gpu, schedule, speed, tune
 from bench.__main__ import SUBCOMMANDS
 from bench.__main__ import main as bench_main
 
@@ -83,6 +84,22 @@ def test_cli_dispatches_sub_commands_and_refuses_unknown_ones(tmp_path):
     assert (tmp_path / "schedule.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         main(["bogus"])
+
+
+def test_collapse_counts_adamw_and_adawarm_at_each_warmup_length(tmp_path):
+    pytest.importorskip("tqdm", reason="the bench extra: pip install -e '.[bench]'")
+    argv = ["--beta2", "0.95", "--steps", "6", "--warmups", "2", "3", "--seeds", "2"]
+    text = collapse.main([*argv, "--lr", "10", "--workers", "1", "--out", str(tmp_path)])
+    rows = [
+        line for line in text.splitlines() if line.startswith("| 2 |") or line.startswith("| 3 |")
+    ]
+    assert len(rows) == 2 and all(" of 2 vs " in row for row in rows)
+    saved = json.loads((tmp_path / "collapse.json").read_text())
+    methods = {(run["method"], run["seed"]) for run in saved["runs"]}
+    assert methods == {
+        (f"{name} W={w}", s) for name in ("AdamW", "AdaWarm") for w in (2, 3) for s in (0, 1)
+    }
+    assert (tmp_path / "collapse.md").read_text() == text + "\n"
 
 
 def test_low_precision_speed_rows_count_state_and_moved_bytes():

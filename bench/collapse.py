@@ -1,0 +1,105 @@
+"""How often short runs collapse at a high rate, by warmup length: AdamW and AdaWarm side by side.
+
+At ten times the best rate (lr 0.1 in the quality grid's short post-LN cells) whether a run
+collapses (ends at or above the unigram entropy, as in ``bench.quality``) is close to a coin flip
+per seed. This trains one cell at one rate with many seeds for each warmup length ``W``, with
+AdamW (a linear warmup over ``W`` steps in its LambdaLR) and with AdaWarm (``warmup_steps=W``,
+its default update otherwise): the same update through two implementations, so their counts
+differing says how much of a difference chance alone makes. Each AdaWarm count is compared with
+AdamW's at the same ``W`` by the quality grid's one-sided Fisher exact test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from adawarm.optimizer import DEFAULT_RECTIFY
+from bench import RUNS
+from bench.grid import TRANSFORMER_LRS, Cell, Method
+from bench.quality import collapse_counts, tabulate
+from bench.training import corpus, train_one
+
+
+def methods(warmups: list[int]) -> list[Method]:
+    """AdamW and AdaWarm (its default update, an explicit ramp) for each warmup length."""
+    return [
+        method
+        for warmup in warmups
+        for method in (
+            Method(f"AdamW W={warmup}", "adamw", warmup),
+            Method(f"AdaWarm W={warmup}", "adawarm", warmup, DEFAULT_RECTIFY),
+        )
+    ]
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m bench collapse", description=__doc__)
+    parser.add_argument("--architecture", default="post-LN", help="bench.lm architecture")
+    parser.add_argument("--beta2", type=float, nargs="+", default=[0.95, 0.98])
+    parser.add_argument("--steps", type=int, default=300, help="run length (cosine decay)")
+    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--warmups", type=int, nargs="+", default=[40, 50, 60, 80, 100])
+    parser.add_argument("--seeds", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2, help="processes, 1 thread each")
+    parser.add_argument(
+        "--out", type=Path, default=RUNS, help=f"folder for the results (default: {RUNS})"
+    )
+    args = parser.parse_args(argv)
+    cells = [
+        Cell(args.architecture, beta2, args.steps, "cosine", TRANSFORMER_LRS, args.seeds)
+        for beta2 in args.beta2
+    ]
+    compared = methods(args.warmups)
+    jobs = [
+        (cell, method, args.lr, seed, RUNS / "cache")
+        for cell in cells
+        for method in compared
+        for seed in range(args.seeds)
+    ]
+    from tqdm import tqdm
+
+    start = time.perf_counter()
+    with ProcessPoolExecutor(args.workers) as pool:
+        runs = list(tqdm(pool.map(train_one, jobs), total=len(jobs), desc="collapse", unit="run"))
+    threshold = corpus().unigram_entropy()
+    table = tabulate(runs, {cell.name: threshold for cell in cells})
+    lines = [
+        f"Measured {datetime.date.today().isoformat()} on {platform.machine()}, {args.workers} "
+        f"processes x 1 thread, torch {torch.__version__}: {len(runs)} runs in "
+        f"{time.perf_counter() - start:.0f} s (`python -m bench collapse"
+        f"{' ' + ' '.join(argv) if argv else ''}`). {args.architecture}, {args.steps} steps, "
+        f"cosine, lr {args.lr:g}, seeds 0-{args.seeds - 1}; collapsed: final validation loss "
+        f">= {threshold:.3f} (the unigram entropy). Each cell: AdaWarm's collapsed runs vs "
+        "AdamW's at the same W, p of the one-sided Fisher exact test where AdamW collapsed; "
+        "then the mean [min, max] final loss of AdamW and of AdaWarm.",
+        "",
+        "| W | " + " | ".join(f"beta2 {cell.beta2:g}" for cell in cells) + " |",
+        "| ---: |" + " --- |" * len(cells),
+    ]
+    for warmup in args.warmups:
+        row = []
+        for cell in cells:
+            adamw = table[(cell.name, f"AdamW W={warmup}", args.lr)]
+            adawarm = table[(cell.name, f"AdaWarm W={warmup}", args.lr)]
+            row.append(
+                f"{collapse_counts(adawarm, adamw)}; {adamw.mean:.3f} "
+                f"[{min(adamw.losses):.3f}, {max(adamw.losses):.3f}], {adawarm.mean:.3f} "
+                f"[{min(adawarm.losses):.3f}, {max(adawarm.losses):.3f}]"
+            )
+        lines.append(f"| {warmup} | " + " | ".join(row) + " |")
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "collapse.md").write_text(text + "\n")
+    saved = {"heading": lines[0], "runs": [asdict(run) for run in runs]}
+    (args.out / "collapse.json").write_text(json.dumps(saved) + "\n")
+    return text
