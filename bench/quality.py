@@ -94,6 +94,24 @@ def tabulate(runs: list[Run], collapse_at: dict[str, float]) -> Table:
     }
 
 
+def seed_spread(table: Table) -> str:
+    """How far apart the seeds of one method at one rate end: the median and middle half of
+    max - min over every result with 2+ seeds and no collapsed run (the noise a 0.03-nat limit
+    is read against)."""
+    spreads = [
+        max(result.losses) - min(result.losses)
+        for result in table.values()
+        if len(result.losses) > 1 and result.collapsed == 0
+    ]
+    if len(spreads) < 2:
+        return "too few results with 2+ seeds to measure it"
+    low, median, high = statistics.quantiles(spreads, n=4)
+    return (
+        f"median {median:.3f} nats, middle half {low:.3f}-{high:.3f}, over {len(spreads)} "
+        "results of 2+ seeds without a collapse"
+    )
+
+
 def methods_run(table: Table, cell: Cell) -> list[Method]:
     """The grid's methods for ``cell`` that have runs in ``table`` (a saved run may predate a
     method)."""
@@ -360,7 +378,7 @@ def report(
         f"{heading} Text: byte-level LMs on the Python standard library "
         f"({corpus().description}); fine-tuning text: {fine_tuning().description}. Cells: mean "
         "[min, max] final validation loss over the seeds; (n coll.) counts collapsed runs; W is "
-        "the optimizer's own warmup in steps.",
+        f"the optimizer's own warmup in steps. Seed spread (max - min): {seed_spread(table)}.",
         "",
         "### Summary",
         "",

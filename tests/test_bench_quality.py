@@ -135,6 +135,20 @@ def test_collapsing_more_often_than_tuned_adamw_fails_only_beyond_chance():
     assert collapse_check(0, 0).detail == "none"
 
 
+def test_the_seed_spread_leaves_out_collapsed_results_and_single_seeds():
+    losses = {
+        "AdamW no warmup": {0.01: [2.40, 2.42], 0.1: [3.2, 2.0]},  # collapsed: left out
+        "AdamW warmup 5%": {0.01: [2.45, 2.49], 0.1: [2.7, 2.8]},
+        "AdamW warmup 20%": {0.01: [2.43, 2.46]},
+        "AdaWarm default": {0.01: [2.41]},  # one seed: left out
+    }
+    table = quality.tabulate(runs_of(COSINE, losses), {COSINE.name: 3.0})
+    # spreads 0.02, 0.03, 0.04, 0.10; quartiles (exclusive method) 0.0225, 0.035, 0.085
+    assert quality.seed_spread(table) == (
+        "median 0.035 nats, middle half 0.022-0.085, over 4 results of 2+ seeds without a collapse"
+    )
+
+
 def test_under_the_users_warmup_the_default_is_held_to_adamw_at_every_rate_adamw_trains():
     losses = {
         "AdamW": {0.01: [2.40, 2.42], 0.1: [3.3, 3.4]},
