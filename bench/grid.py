@@ -162,7 +162,7 @@ COIN_FLIP_SEEDS = 20
 
 
 def full_grid() -> list[Cell]:
-    """The grid the defaults are chosen on (about an hour on the 2-core CI machine)."""
+    """The grid the defaults are chosen on (70 minutes on the 2-core CI machine)."""
     short = [
         Cell(architecture, beta2, SHORT, "cosine", TRANSFORMER_LRS, seeds)
         for architecture, seeds in (("post-LN", COIN_FLIP_SEEDS), ("pre-LN", 3))
