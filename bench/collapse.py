@@ -6,7 +6,7 @@ per seed. This trains one cell at one rate with many seeds for each warmup lengt
 AdamW (a linear warmup over ``W`` steps in its LambdaLR) and with AdaWarm (``warmup_steps=W``,
 its default update otherwise): the same update through two implementations, so their counts
 differing says how much of a difference chance alone makes. Each AdaWarm count is compared with
-AdamW's at the same ``W`` by the quality grid's one-sided Fisher exact test.
+AdamW's at the same ``W`` by the one-sided Fisher exact test of the quality grid's collapse check.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import torch
 from adawarm.optimizer import DEFAULT_RECTIFY
 from bench import RUNS
 from bench.grid import TRANSFORMER_LRS, Cell, Method
-from bench.quality import collapse_counts, tabulate
+from bench.quality import more_collapses_p, tabulate
 from bench.training import corpus, train_one
 
 
@@ -78,24 +78,21 @@ def main(argv: list[str] | None = None) -> str:
         f"{time.perf_counter() - start:.0f} s (`python -m bench collapse"
         f"{' ' + ' '.join(argv) if argv else ''}`). {args.architecture}, {args.steps} steps, "
         f"cosine, lr {args.lr:g}, seeds 0-{args.seeds - 1}; collapsed: final validation loss "
-        f">= {threshold:.3f} (the unigram entropy). Each cell: AdaWarm's collapsed runs vs "
-        "AdamW's at the same W, p of the one-sided Fisher exact test where AdamW collapsed; "
-        "then the mean [min, max] final loss of AdamW and of AdaWarm.",
+        f">= {threshold:.3f} (the unigram entropy). Each method: mean [min, max] final loss over "
+        "the seeds, (n coll.) its collapsed runs; p: one-sided Fisher exact test of AdaWarm "
+        "collapsing more often than AdamW at the same W.",
         "",
-        "| W | " + " | ".join(f"beta2 {cell.beta2:g}" for cell in cells) + " |",
-        "| ---: |" + " --- |" * len(cells),
+        "| beta2 | W | AdamW | AdaWarm | p |",
+        "| ---: | ---: | --- | --- | ---: |",
     ]
-    for warmup in args.warmups:
-        row = []
-        for cell in cells:
+    for cell in cells:
+        for warmup in args.warmups:
             adamw = table[(cell.name, f"AdamW W={warmup}", args.lr)]
             adawarm = table[(cell.name, f"AdaWarm W={warmup}", args.lr)]
-            row.append(
-                f"{collapse_counts(adawarm, adamw)}; {adamw.mean:.3f} "
-                f"[{min(adamw.losses):.3f}, {max(adamw.losses):.3f}], {adawarm.mean:.3f} "
-                f"[{min(adawarm.losses):.3f}, {max(adawarm.losses):.3f}]"
+            lines.append(
+                f"| {cell.beta2:g} | {warmup} | {adamw.text()} | {adawarm.text()} | "
+                f"{more_collapses_p(adawarm, adamw):.2f} |"
             )
-        lines.append(f"| {warmup} | " + " | ".join(row) + " |")
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
