@@ -12,21 +12,16 @@ AdamW's at the same ``W`` by the one-sided Fisher exact test of the quality grid
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
-
-import torch
 
 from adawarm.optimizer import DEFAULT_RECTIFY
 from bench import RUNS
 from bench.grid import TRANSFORMER_LRS, Cell, Method
 from bench.quality import more_collapses_p, tabulate
-from bench.training import corpus, train_one
+from bench.training import corpus, measured_heading, train_all
 
 
 def methods(warmups: list[int]) -> list[Method]:
@@ -65,18 +60,18 @@ def main(argv: list[str] | None = None) -> str:
         for method in compared
         for seed in range(args.seeds)
     ]
-    from tqdm import tqdm
-
     start = time.perf_counter()
-    with ProcessPoolExecutor(args.workers) as pool:
-        runs = list(tqdm(pool.map(train_one, jobs), total=len(jobs), desc="collapse", unit="run"))
+    runs = train_all(jobs, args.workers, "collapse")
     threshold = corpus().unigram_entropy()
     table = tabulate(runs, {cell.name: threshold for cell in cells})
     lines = [
-        f"Measured {datetime.date.today().isoformat()} on {platform.machine()}, {args.workers} "
-        f"processes x 1 thread, torch {torch.__version__}: {len(runs)} runs in "
-        f"{time.perf_counter() - start:.0f} s (`python -m bench collapse"
-        f"{' ' + ' '.join(argv) if argv else ''}`). {args.architecture}, {args.steps} steps, "
+        measured_heading(
+            args.workers,
+            len(runs),
+            time.perf_counter() - start,
+            " ".join(["python -m bench collapse", *(argv or [])]),
+        )
+        + f" {args.architecture}, {args.steps} steps, "
         f"cosine, lr {args.lr:g}, seeds 0-{args.seeds - 1}; collapsed: final validation loss "
         f">= {threshold:.3f} (the unigram entropy). Each method: mean [min, max] final loss over "
         "the seeds, (n coll.) its collapsed runs; p: one-sided Fisher exact test of AdaWarm "

@@ -16,19 +16,14 @@ frequencies only). The defaults must, in every cell:
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
 import time
 from collections import defaultdict
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-
-import torch
 
 from bench import RUNS
 from bench.grid import (
@@ -49,7 +44,7 @@ from bench.grid import (
     tuned_name,
     with_beta2,
 )
-from bench.training import Run, corpus, fine_tuning, pretrain, train_one
+from bench.training import Run, corpus, fine_tuning, measured_heading, pretrain, train_all
 
 LIMIT = 0.03  # nats: the promise of the defaults
 
@@ -340,8 +335,6 @@ def precision_report(table: Table, cell: Cell, default: str) -> tuple[list[str],
 
 def run_grid(cells: list[Cell], workers: int, cache: Path, precise: Cell | None) -> list[Run]:
     """Train every run of ``cells`` (and the bf16 rows in ``precise``) on ``workers`` processes."""
-    from tqdm import tqdm
-
     jobs = [
         (cell, method, lr, seed, cache)
         for cell in cells
@@ -358,8 +351,7 @@ def run_grid(cells: list[Cell], workers: int, cache: Path, precise: Cell | None)
     jobs.sort(key=lambda job: -job[0].steps)  # long runs first: the pool ends together
     if any(cell.fine_tune for cell in cells):
         pretrain(cache)
-    with ProcessPoolExecutor(workers) as pool:
-        return list(tqdm(pool.map(train_one, jobs), total=len(jobs), desc="quality", unit="run"))
+    return train_all(jobs, workers, "quality")
 
 
 def report(
@@ -465,11 +457,11 @@ def main(argv: list[str] | None = None) -> dict:
         precise = None if args.quick else precision_cell(cells)
         start = time.perf_counter()
         runs = run_grid(cells, args.workers, RUNS / "cache", precise)
-        heading = (
-            f"Measured {datetime.date.today().isoformat()} on {platform.machine()}, "
-            f"{args.workers} processes x 1 thread, torch {torch.__version__}: {len(runs)} runs "
-            f"in {time.perf_counter() - start:.0f} s (`python -m bench quality"
-            f"{' ' + ' '.join(argv if argv is not None else []) if argv else ''}`)."
+        heading = measured_heading(
+            args.workers,
+            len(runs),
+            time.perf_counter() - start,
+            " ".join(["python -m bench quality", *(argv or [])]),
         )
     text, verdicts, table, collapse_at = report(cells, runs, precise, heading)
     print(text)

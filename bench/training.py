@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import datetime
 import functools
 import math
+import platform
 import statistics
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +43,9 @@ class Run:
     curve: list[tuple[int, float]]
     seconds: float
 
+
+# One run: its cell, method, learning rate, seed and the cache folder of the pre-trained model.
+Job = tuple[Cell, Method, float, int, Path]
 
 corpus = functools.cache(stdlib_corpus)
 fine_tuning = functools.cache(fine_tuning_corpus)
@@ -136,7 +142,7 @@ def pretrain(cache: Path) -> Path:
     return path
 
 
-def train_one(job: tuple[Cell, Method, float, int, Path]) -> Run:
+def train_one(job: Job) -> Run:
     """Train one run and return its validation curve; stops early once the loss is not finite."""
     cell, method, lr, seed, cache = job
     torch.set_num_threads(1)
@@ -181,3 +187,20 @@ def train_one(job: tuple[Cell, Method, float, int, Path]) -> Run:
                 break  # diverged: the remaining steps cannot recover
     elapsed = time.perf_counter() - start
     return Run(cell.name, method.name, lr, seed, curve[-1][1], curve, elapsed)
+
+
+def train_all(jobs: list[Job], workers: int, desc: str) -> list[Run]:
+    """Train ``jobs`` (as :func:`train_one` takes them) on ``workers`` processes, in order."""
+    from tqdm import tqdm
+
+    with ProcessPoolExecutor(workers) as pool:
+        return list(tqdm(pool.map(train_one, jobs), total=len(jobs), desc=desc, unit="run"))
+
+
+def measured_heading(workers: int, runs: int, seconds: float, command: str) -> str:
+    """The first words of a report: when, where and by which command its runs were trained."""
+    return (
+        f"Measured {datetime.date.today().isoformat()} on {platform.machine()}, {workers} "
+        f"processes x 1 thread, torch {torch.__version__}: {runs} runs in {seconds:.0f} s "
+        f"(`{command}`)."
+    )
