@@ -197,19 +197,14 @@ def check_cell(table: Table, cell: Cell, default: str) -> list[Verdict]:
                 cell.seeds,
             )
         ]
-    baseline = {
-        lr: min(
-            table[(cell.name, ADAMW_NO_WARMUP, lr)], tuned(table, cell, lr), key=lambda r: r.mean
-        )
-        for lr in cell.lrs
-    }
+    baseline = {lr: best_adamw(table, cell, lr) for lr in cell.lrs}
     best_lr = min(cell.lrs, key=lambda lr: baseline[lr].mean)
     gap = mine[best_lr].mean - baseline[best_lr].mean
-    collapsed = [lr for lr in cell.lrs if collapses_more(mine[lr], tuned(table, cell, lr))]
+    warmed = {lr: tuned(table, cell, lr) for lr in cell.lrs}
+    collapsed = [lr for lr in cell.lrs if collapses_more(mine[lr], warmed[lr])]
     collapsing = [lr for lr in cell.lrs if mine[lr].collapsed]
     counts = "; ".join(
-        f"lr {lr:g}: {collapse_counts(mine[lr], tuned(table, cell, lr))}"
-        for lr in (collapsed or collapsing)
+        f"lr {lr:g}: {collapse_counts(mine[lr], warmed[lr])}" for lr in (collapsed or collapsing)
     )
     return [
         Verdict(
