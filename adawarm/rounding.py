@@ -51,6 +51,15 @@ def stream_base(seed: int, stream: int, step: int, role: int = PARAM_ROLE) -> in
     return base if role == PARAM_ROLE else mix32(base ^ role)
 
 
+def rounds_stochastically(
+    dtype: torch.dtype, rounding_seed: int | None, wanted: bool = True
+) -> bool:
+    """Whether both backends store into ``dtype`` by stochastic rounding: only bf16, only with a
+    seed (``None`` rounds every store to nearest), and only where ``wanted`` (always for the
+    moments; for the parameters with ``compensation="stochastic"``)."""
+    return wanted and rounding_seed is not None and dtype == torch.bfloat16
+
+
 def _logical_shift_right(x: Tensor, shift: int) -> Tensor:
     """``x >> shift`` for uint32 ``x`` (torch has no uint32 shift on CPU): an arithmetic int32
     shift, its sign-extended bits masked off."""

@@ -29,6 +29,7 @@ from adawarm.rounding import (
     EXP_AVG_ROLE,
     EXP_AVG_SQ_ROLE,
     PARAM_ROLE,
+    rounds_stochastically,
     stochastic_round_to_bf16,
     stream_base,
 )
@@ -309,14 +310,14 @@ def torch_step(
                 (EXP_AVG_ROLE, stored[2], work[2]),
                 (EXP_AVG_SQ_ROLE, stored[3], work[3]),
             ):
-                if rounding_seed is not None and moments[0].dtype == torch.bfloat16:
+                if rounds_stochastically(moments[0].dtype, rounding_seed):
                     _store_stochastic(moments, new, positions, **stochastic, role=role)
                 else:
                     _store(moments, new)
             buffers = select(group_buffers, indices)
             if buffers[0] is not None:
                 _store_compensated(stored[0], work[0], buffers)
-            elif stochastic_params and rounding_seed is not None and dtype == torch.bfloat16:
+            elif rounds_stochastically(dtype, rounding_seed, stochastic_params):
                 _store_stochastic(stored[0], work[0], positions, **stochastic, role=PARAM_ROLE)
             else:
                 _store(stored[0], work[0])

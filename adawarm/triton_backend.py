@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from adawarm.rounding import rounds_stochastically
 from adawarm.tensor_lists import DTYPE, IS_CPU, IS_CUDA, select
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -231,10 +232,8 @@ def triton_step(
         if buffers is not None and buffers[0] is not None:
             lists["compensation"] = buffers
         state_dtype = lists["exp_avg"][0].dtype
-        stochastic_state = rounding_seed is not None and state_dtype == torch.bfloat16
-        stochastic_param = (
-            stochastic_params and rounding_seed is not None and dtype == torch.bfloat16
-        )
+        stochastic_state = rounds_stochastically(state_dtype, rounding_seed)
+        stochastic_param = rounds_stochastically(dtype, rounding_seed, stochastic_params)
         stochastic = stochastic_param or stochastic_state
         pointers = tuple(_data_pointers(tensors) for tensors in lists.values())
         positions = range(len(params)) if indices is None else indices
