@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from adawarm import AdaWarm
+from bench.graphs import WARMUP_CALLS, replayable
 from bench.lm import Block, ModelConfig
+from bench.speed import synchronize
 
 
 @dataclass(frozen=True)
@@ -54,16 +57,19 @@ class EndToEnd:
     tokens_per_s: float
 
 
-def _optimizers(device: torch.device) -> dict:
-    capture = device.type == "cuda"
+def _optimizers(device: torch.device, graph: bool) -> dict[str, Callable]:
+    """The two optimizers; for a graph, capturable, with the rate as a device tensor."""
+
+    def rate() -> float | torch.Tensor:
+        return torch.tensor(3e-4, device=device) if graph else 3e-4
 
     def adamw(params):
-        return torch.optim.AdamW(params, lr=torch.tensor(3e-4, device=device) if capture else 3e-4,
-                                 fused=True, capturable=capture)  # fmt: skip
+        return torch.optim.AdamW(params, lr=rate(), fused=True, capturable=graph)
 
     def adawarm(params):
-        lr = torch.tensor(3e-4, device=device) if capture else 3e-4
-        return AdaWarm(params, lr=lr, capturable=capture, total_steps=1000)
+        # The Triton kernel: what backend=None picks for CUDA tensors, and what the rehearsal
+        # runs under Triton's interpreter on a CPU.
+        return AdaWarm(params, lr=rate(), capturable=graph, total_steps=1000, backend="triton")
 
     return {"torch AdamW fused": adamw, "AdaWarm": adawarm}
 
@@ -72,9 +78,10 @@ def measure(
     config: GPTConfig, batch: int, device: torch.device, steps: int, graph: bool
 ) -> list[EndToEnd]:
     """Time ``steps`` training steps per optimizer (after warm-up steps), eagerly or, with
-    ``graph``, replayed from one captured CUDA graph of the whole step."""
+    ``graph``, replayed from one captured CUDA graph of the whole step (on a CPU, the rehearsal,
+    the same capturable step runs eagerly: :func:`bench.graphs.replayable`)."""
     results = []
-    for name, make in _optimizers(device).items():
+    for name, make in _optimizers(device, graph).items():
         times = _step_times(make, config, batch, device, steps, graph)
         quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
         median = statistics.median(times)
@@ -93,40 +100,26 @@ def _step_times(make, config: GPTConfig, batch: int, device, steps: int, graph: 
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
     def step() -> None:
-        with torch.autocast(device.type, dtype=torch.bfloat16):
+        # A graph replays the addresses it captured: gradients are zeroed in place, and
+        # autocast's cache of cast weights, which a replay would not refill, is off.
+        optimizer.zero_grad(set_to_none=not graph)
+        with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not graph):
             logits = model(inputs)
         loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         loss.backward()
         optimizer.step()
 
     if graph:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):  # warm up, and create the states, outside the capture
-                optimizer.zero_grad(set_to_none=False)
-                step()
-        torch.cuda.current_stream().wait_stream(stream)
-        captured = torch.cuda.CUDAGraph()
-        optimizer.zero_grad(set_to_none=False)
-        with torch.cuda.graph(captured):
-            step()
-        run = captured.replay
+        run = replayable(step, device)
     else:
-
-        def run() -> None:
-            optimizer.zero_grad(set_to_none=True)
-            step()
-
-        for _ in range(3):
+        run = step
+        for _ in range(WARMUP_CALLS):
             run()
     times = []
     for _ in range(steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         begin = time.perf_counter()
         run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - begin)
     return times

@@ -1,16 +1,30 @@
-"""``python -m bench gpu``: everything a lent GPU should run, in one command (~10 minutes, no
-network), and one self-describing report under ``OUT/gpu-<name>/`` (``--out bench/results``
-writes it where it is committed).
+"""``python -m bench gpu``: what a lent GPU should run first, sized to a short lease.
 
-1. the GPU-only tests (``pytest -m gpu``) and the kernel's property tests, which on a CUDA machine
-   run the compiled kernel (misaligned views included);
-2. ``bench tune`` (block size and warps) and ``bench speed`` (the kernel against torch's fused and
-   foreach AdamW: ms, GB/s, % of measured copy bandwidth, launches and host time per step);
-3. one number a user cares about: a training step of a GPT-2-124M-shaped model in bf16 autocast,
-   tokens/s with ``torch.optim.AdamW(fused=True)`` and with AdaWarm, eager and from a captured
-   CUDA graph.
+Five stages, in order of value, each in a child process with its share of ``--budget`` (6
+minutes by default, so that a rerun fits a 15-minute lease):
 
-Without CUDA it exits with status 2 and a one-line message.
+1. smoke correctness: tests/test_kernel_smoke.py, the compiled kernel against the torch backend
+   (parameters and all state, 12 steps) on fp32/bf16/fp16 parameters, bf16 moments, Kahan and
+   stochastic rounding, odd and misaligned sizes, a GradScaler skip, a replayed CUDA graph;
+2. the headline speed rows (:mod:`bench.gpu_stages`): one fp32 tensor of 2^28, GPT-2-124M shapes
+   in fp32 and bf16, 2000 tensors of 5000, host time at 500 tensors, each against
+   ``torch.optim.AdamW(fused=True)``, with the measured copy bandwidth and launches per step;
+3. a GPT-2-124M training step in bf16 autocast, tokens/s, fused AdamW against AdaWarm, eager and
+   replayed from a CUDA graph;
+4. the GPU-only tests and the kernel's property tests on the compiled kernel;
+5. ``bench tune``: block size and warps.
+
+After every stage the report (``report.md`` and ``report.json`` in ``OUT/gpu-<name>/``) is
+rewritten, so whatever ran is on disk if the command is killed. A stage that fails is recorded
+with the last lines of its output and the next stage runs; a stage that outruns its share is
+stopped, keeping what it measured; a stage the budget cannot fit is listed as not run. The
+report closes with the kernel's targets, met or missed.
+
+``--rehearse`` runs every stage on the CPU (the kernel under Triton's interpreter, tiny sizes,
+CPU timers, the capturable step in place of a graph replay), writing the same report to
+``OUT/gpu-rehearsal/``: CI runs it, so a GPU run cannot fail on a line that never ran. Without
+CUDA and without ``--rehearse`` it exits with status 2 and a one-line message; when a stage
+does not end well (failed, stopped, not run) with status 1, after writing the report.
 """
 
 from __future__ import annotations
@@ -18,23 +32,56 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import os
 import platform
 import re
+import shlex
+import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bench import RUNS
+from bench.gpu_report import markdown, targets
 
-KERNEL_TESTS = (
-    "tests/test_triton_kernel.py",
-    "tests/test_low_precision.py",
-    "tests/test_compile_triton.py",
-    "tests/test_atomic_step.py",
+DEFAULT_BUDGET_S = 360
+# The stages that run pytest, and their files; the rehearsal runs a few tests of each (-k): the
+# same code path, in seconds.
+PYTEST_FILES = {
+    "smoke": ("tests/test_kernel_smoke.py",),
+    "tests": (
+        "tests/test_gpu.py",  # pytest -m gpu: every GPU-only test lives here
+        "tests/test_triton_kernel.py",
+        "tests/test_low_precision.py",
+        "tests/test_compile_triton.py",
+        "tests/test_atomic_step.py",
+    ),
+}
+REHEARSAL_SELECTION = {
+    "smoke": "fp32 and not bf16",
+    "tests": "one_launch_per_step or misaligned_pointer",
+}
+OUTPUT_TAIL_LINES = 15
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    title: str
+    share: float  # of the budget, passed on to later stages when unused
+    minimum_s: float  # not started with less left
+
+
+STAGES = (
+    Stage("smoke", "Smoke correctness: compiled kernel against the torch backend", 0.20, 30),
+    Stage("speed", "Optimizer step: the headline rows", 0.20, 30),
+    Stage("training", "Training step, GPT-2 124M shapes, bf16 autocast", 0.15, 30),
+    Stage("tests", "GPU-only and kernel property tests", 0.30, 30),
+    Stage("tune", "Block size and warps (bench tune)", 0.15, 20),
 )
 
 
@@ -43,19 +90,29 @@ def no_cuda_message() -> str | None:
         return None
     return (
         "python -m bench gpu needs a CUDA device: torch.cuda.is_available() is False "
-        f"(torch {torch.__version__})"
+        f"(torch {torch.__version__}); --rehearse runs every stage on the CPU"
     )
 
 
-def environment() -> dict:
-    """What the numbers were measured on."""
-    properties = torch.cuda.get_device_properties(0)
+def triton_version() -> str | None:
     try:
         import triton
-
-        triton_version = triton.__version__
     except ImportError:
-        triton_version = None
+        return None
+    return triton.__version__
+
+
+def environment(rehearse: bool) -> dict:
+    """What the numbers were measured on."""
+    common = {
+        "torch": torch.__version__,
+        "triton": triton_version(),
+        "python": platform.python_version(),
+        "date": datetime.date.today().isoformat(),
+    }
+    if rehearse:
+        return {"gpu": "none: a rehearsal on the CPU", "cpu": platform.machine()} | common
+    properties = torch.cuda.get_device_properties(0)
     try:
         driver = subprocess.run(
             ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -71,69 +128,147 @@ def environment() -> dict:
         "multiprocessors": properties.multi_processor_count,
         "driver": driver,
         "cuda": torch.version.cuda,
-        "torch": torch.__version__,
-        "triton": triton_version,
-        "python": platform.python_version(),
-        "date": datetime.date.today().isoformat(),
-    }
-
-
-def run_pytest(arguments: list[str], timeout: int) -> dict:
-    """Run pytest in a child process; its summary line and exit status."""
-    start = time.perf_counter()
-    try:
-        result = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *arguments],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        output, status = result.stdout + result.stderr, result.returncode
-    except subprocess.TimeoutExpired as error:
-        output, status = str(error.stdout or "") + "\n(timed out)", None
-    summary = [line for line in output.splitlines() if re.search(r"\d+ (passed|failed)", line)]
-    failures = [line for line in output.splitlines() if line.startswith(("FAILED", "ERROR"))]
-    return {
-        "command": "pytest " + " ".join(arguments),
-        "status": status,
-        "summary": summary[-1] if summary else output.strip().splitlines()[-1:],
-        "failures": failures,
-        "seconds": round(time.perf_counter() - start, 1),
-    }
+    } | common
 
 
 def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
-def markdown(report: dict) -> str:
-    lines = [f"# GPU report: {report['environment']['gpu']}", ""]
-    lines += [f"- {key}: {value}" for key, value in report["environment"].items()]
-    lines += ["", "## Tests", ""]
-    for test in report["tests"]:
-        lines.append(f"- `{test['command']}`: {test['summary']} ({test['seconds']} s)")
-        lines += [f"  - {failure}" for failure in test["failures"]]
-    lines += ["", "## Optimizer step (bench speed)", ""]
-    lines.append("| case | optimizer | ms [middle half] | GB/s | % of copy | launches | host us |")
-    lines.append("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
-    for row in report["speed"]:
-        low, high = row["quartiles_ms"]
-        lines.append(
-            f"| {row['case']} | {row['optimizer']} | {row['median_ms']:.3f} [{low:.3f}, "
-            f"{high:.3f}] | {row['gb_per_s']:.0f} | {row['percent_of_copy']:.1f} | "
-            f"{row['launches_per_step']} | {row['host_us']:.0f} |"
+class Interrupted(Exception):
+    """The command was told to stop (SIGTERM, e.g. from ``timeout``)."""
+
+
+def _interrupt(signum, frame) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def run_child(command: list[str], env: dict, limit_s: float, log: Path) -> tuple[int | None, str]:
+    """Run ``command`` in a process group of its own for at most ``limit_s`` seconds, its output
+    appended to ``log``; its exit status (None: stopped at the limit) and its output."""
+    with log.open("a") as handle:
+        handle.write(f"\n$ {shlex.join(command)}\n")
+        handle.flush()
+        start = handle.tell()
+        process = subprocess.Popen(
+            command,
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            env=env,
+            preexec_fn=os.setpgrp,  # a group of its own: a stop reaches its children too
         )
-    lines += ["", "## Block size and warps (bench tune)", "", report["tune_best"], ""]
-    lines += ["## Training step, GPT-2 124M shapes, bf16 autocast", ""]
-    lines.append("| optimizer | CUDA graph | ms/step [middle half] | tokens/s |")
-    lines.append("| --- | --- | ---: | ---: |")
-    for row in report["end_to_end"]:
-        low, high = row["spread_ms"]
-        lines.append(
-            f"| {row['optimizer']} | {'yes' if row['graph'] else 'no'} | "
-            f"{row['ms_per_step']:.1f} [{low:.1f}, {high:.1f}] | {row['tokens_per_s']:,.0f} |"
-        )
-    return "\n".join(lines) + "\n"
+        try:
+            status = process.wait(timeout=limit_s)
+        except BaseException:  # the limit, or an interruption of the parent
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            if not isinstance(sys.exc_info()[1], subprocess.TimeoutExpired):
+                raise
+            status = None
+    with log.open() as handle:
+        handle.seek(start)
+        return status, handle.read()
+
+
+def tail(output: str, lines: int = OUTPUT_TAIL_LINES) -> str:
+    return "\n".join(output.rstrip().splitlines()[-lines:])
+
+
+PYTEST_OUTCOME = re.compile(r"^(\S+::\S.*?) (PASSED|FAILED|ERROR|SKIPPED|XFAIL|XPASS)\b")
+PYTEST_SUMMARY = re.compile(r"^=+ (.*\d+ (?:passed|failed|skipped|error|errors|deselected).*) =+$")
+
+
+def pytest_result(command: list[str], status: int | None, output: str) -> dict:
+    """Per-test outcomes (pytest -v), the summary line and the failures, from pytest's output."""
+    outcomes = [
+        {"test": match[1], "outcome": match[2]}
+        for line in output.splitlines()
+        if (match := PYTEST_OUTCOME.match(line))
+    ]
+    summaries = [match[1] for line in output.splitlines() if (match := PYTEST_SUMMARY.match(line))]
+    failures = [line for line in output.splitlines() if line.startswith(("FAILED ", "ERROR "))]
+    return {
+        "command": shlex.join(["pytest", *command[3:]]),
+        "exit_status": status,
+        "summary": summaries[-1] if summaries else None,
+        "tests": outcomes,
+        "failures": failures,
+    }
+
+
+def stage_command(stage: Stage, args: argparse.Namespace, result_file: Path) -> list[str]:
+    """The child process of a stage: pytest, or :mod:`bench.gpu_stages` writing ``result_file``."""
+    if stage.name in PYTEST_FILES:
+        command = [sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider"]
+        command += PYTEST_FILES[stage.name]
+        return command + (["-k", REHEARSAL_SELECTION[stage.name]] if args.rehearse else [])
+    command = [sys.executable, "-m", "bench.gpu_stages", stage.name, str(result_file)]
+    return command + ["--batch", str(args.batch)] + (["--rehearse"] if args.rehearse else [])
+
+
+def run_stage(stage: Stage, limit_s: float, args: argparse.Namespace, out: Path) -> dict:
+    """Run one stage in a child process; its record for the report."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if args.rehearse:
+        env.update(TRITON_INTERPRET="1", CUDA_VISIBLE_DEVICES="")
+    result_file = out / f"{stage.name}.json"
+    result_file.unlink(missing_ok=True)
+    command = stage_command(stage, args, result_file)
+    status, output = run_child(command, env, limit_s, out / "stages.log")
+    if stage.name in PYTEST_FILES:
+        result = pytest_result(command, status, output)
+    else:
+        result = json.loads(result_file.read_text()) if result_file.exists() else {}
+        result_file.unlink(missing_ok=True)
+    record = {"result": result}
+    if status == 0:
+        return record | {"status": "ok", "outcome": "ok"}
+    record["output_tail"] = tail(output)
+    if status is None:
+        outcome = f"stopped at its limit of {limit_s:.0f} s, keeping what it measured"
+        return record | {"status": "stopped", "outcome": outcome}
+    return record | {"status": "failed", "outcome": f"failed (exit status {status})"}
+
+
+def run_all(args: argparse.Namespace, out: Path, report: dict) -> None:
+    """Every stage that the budget fits, the report rewritten after each."""
+    deadline = time.monotonic() + args.budget
+    for index, stage in enumerate(STAGES):
+        left = deadline - time.monotonic()
+        record = {"name": stage.name, "title": stage.title}
+        report["stages"].append(record)
+        if left < stage.minimum_s:
+            record |= {
+                "status": "not run",
+                "outcome": f"not run: {left:.0f} s of the budget left, it needs "
+                f"{stage.minimum_s} s",
+            }
+            write_report(report, out)
+            continue
+        shares_left = sum(later.share for later in STAGES[index:])
+        limit = min(left, max(stage.minimum_s, left * stage.share / shares_left))
+        print(f"[{index + 1}/{len(STAGES)}] {stage.title} (limit {limit:.0f} s)", flush=True)
+        start = time.monotonic()
+        try:
+            record |= run_stage(stage, limit, args, out)
+        except Interrupted as signal_name:
+            record |= {"status": "interrupted", "outcome": f"interrupted by {signal_name}"}
+            raise
+        finally:
+            record["seconds"] = round(time.monotonic() - start, 1)
+            write_report(report, out)
+        print(f"      {record['outcome']} ({record['seconds']} s)", flush=True)
+
+
+def write_report(report: dict, out: Path) -> None:
+    report["targets"] = targets(report)
+    for name, text in (
+        ("report.json", json.dumps(report, indent=2) + "\n"),
+        ("report.md", markdown(report)),
+    ):
+        partial = out / (name + ".partial")
+        partial.write_text(text)
+        os.replace(partial, out / name)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -145,39 +280,48 @@ def main(argv: list[str] | None = None) -> dict:
         help=f"the report goes to OUT/gpu-<name>/ (default: {RUNS}); to commit it, "
         "--out bench/results",
     )
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=DEFAULT_BUDGET_S,
+        help=f"seconds for all stages (default: {DEFAULT_BUDGET_S})",
+    )
+    parser.add_argument(
+        "--rehearse",
+        action="store_true",
+        help="run every stage on the CPU at tiny sizes (Triton's interpreter): figures "
+        "meaningless, code paths all run",
+    )
     parser.add_argument("--batch", type=int, default=8, help="sequences of 1024 tokens per step")
     args = parser.parse_args(argv)
-    message = no_cuda_message()
+    message = None if args.rehearse else no_cuda_message()
     if message is not None:
         print(message, file=sys.stderr)
         raise SystemExit(2)
-    from bench import gpt2, speed, tune
-
-    env = environment()
-    out = args.out / f"gpu-{slug(env['gpu'])}"
+    env = environment(args.rehearse)
+    out = args.out / ("gpu-rehearsal" if args.rehearse else f"gpu-{slug(env['gpu'])}")
     out.mkdir(parents=True, exist_ok=True)
-    tests = [
-        run_pytest(["-m", "gpu"], timeout=300),
-        run_pytest(list(KERNEL_TESTS), timeout=600),
-    ]
-    tune_rows = tune.main(["--out", str(out)])
-    speed_rows = speed.main(["--out", str(out)])
-    device = torch.device("cuda")
-    end_to_end = [
-        row
-        for graph in (False, True)
-        for row in gpt2.measure(gpt2.GPTConfig(), args.batch, device, steps=20, graph=graph)
-    ]
+    (out / "stages.log").write_text("")
     report = {
-        "environment": env
-        | {"copy_gb_per_s": speed.copy_bandwidth(device, 2**28, speed.Timer(device))},
-        "tests": tests,
-        "tune_best": "best overall (block size, warps): " + str(tune.best_overall(tune_rows)),
-        "speed": [asdict(row) for row in speed_rows],
-        "end_to_end": [asdict(row) for row in end_to_end],
+        "rehearsal": args.rehearse,
+        "command": shlex.join(["python", "-m", "bench", "gpu", *(argv or [])]),
+        "budget_s": args.budget,
+        "environment": env,
+        "stages": [],
     }
-    (out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "report.md").write_text(markdown(report))
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    start = time.monotonic()
+    try:
+        run_all(args, out, report)
+    except Interrupted as signal_name:
+        print(f"interrupted by {signal_name}; the report holds the stages before", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGTERM) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        report["seconds"] = round(time.monotonic() - start, 1)
+        write_report(report, out)
     print(markdown(report))
     print(f"wrote {out}/report.md and report.json")
+    if any(stage["status"] != "ok" for stage in report["stages"]):
+        raise SystemExit(1)  # the report says which stage, and why
     return report

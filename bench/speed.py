@@ -44,9 +44,11 @@ class Case:
         return sum(torch.Size(shape).numel() for shape in self.shapes)
 
 
-def gpt2_small_shapes() -> tuple[tuple[int, ...], ...]:
-    """The parameter shapes of GPT-2 small (124M parameters, tied embeddings)."""
-    d, vocab, context, layers = 768, 50257, 1024, 12
+def gpt2_small_shapes(
+    d: int = 768, vocab: int = 50257, context: int = 1024, layers: int = 12
+) -> tuple[tuple[int, ...], ...]:
+    """The parameter shapes of GPT-2 small (124M parameters, tied embeddings) at the defaults;
+    the same layout at another width, vocabulary, context or depth."""
     block = [(d,), (d,), (d, 3 * d), (3 * d,), (d, d), (d,), (d,), (d,)]
     block += [(d, 4 * d), (4 * d,), (4 * d, d), (d,)]
     return ((vocab, d), (context, d), *block * layers, (d,), (d,))
@@ -70,20 +72,22 @@ GPU_CASES = (
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
-def optimizers(device: torch.device) -> dict[str, OptimizerFactory]:
-    def adawarm(backend: str) -> OptimizerFactory:
-        return lambda ps: AdaWarm(ps, rectify=True, warmup_steps=100, backend=backend)
+def adawarm_factory(backend: str) -> OptimizerFactory:
+    """AdaWarm on ``backend``, rectified and mid-ramp: every step computes the whole schedule."""
+    return lambda ps: AdaWarm(ps, rectify=True, warmup_steps=100, backend=backend)
 
+
+def optimizers(device: torch.device) -> dict[str, OptimizerFactory]:
     table: dict[str, OptimizerFactory] = {
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
         "torch AdamW foreach": lambda ps: torch.optim.AdamW(ps, foreach=True),
         "torch RAdam foreach": lambda ps: torch.optim.RAdam(
             ps, foreach=True, decoupled_weight_decay=True
         ),
-        "AdaWarm torch backend": adawarm("torch"),
+        "AdaWarm torch backend": adawarm_factory("torch"),
     }
     if device.type == "cuda":
-        table["AdaWarm triton"] = adawarm("triton")
+        table["AdaWarm triton"] = adawarm_factory("triton")
     return table
 
 
@@ -164,15 +168,24 @@ def copy_bandwidth(device: torch.device, numel: int, timer: Timer) -> float:
     return 8 * numel / timer.median_seconds(lambda: target.copy_(source), 10) / 1e9
 
 
-def host_microseconds(optimizer: torch.optim.Optimizer, repeats: int) -> float:
-    """Median time for ``step()`` to return, the device idle at each call (GPU only)."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (nothing to wait for on a CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def host_microseconds(
+    optimizer: torch.optim.Optimizer, device: torch.device, repeats: int
+) -> float:
+    """Median time for ``step()`` to return, the device idle at each call (on a CPU, where the
+    host does the work, this is the step's time)."""
     times = []
     for _ in range(repeats):
-        torch.cuda.synchronize()
+        synchronize(device)
         begin = time.perf_counter()
         optimizer.step()
         times.append(time.perf_counter() - begin)
-    torch.cuda.synchronize()
+    synchronize(device)
     return statistics.median(times) * 1e6
 
 
@@ -222,12 +235,25 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
-def measure(case: Case, name: str, factory: OptimizerFactory, device, timer, steps, copy_gbs):
-    generator = torch.Generator().manual_seed(0)
+def measure(
+    case: Case,
+    name: str,
+    factory: OptimizerFactory,
+    device: torch.device,
+    timer: Timer,
+    steps: int,
+    copy_gbs: float,
+    host_time: bool | None = None,
+) -> Row:
+    """One row: ``factory``'s optimizer on ``case``. Launches are counted on a GPU; the host
+    time is measured when ``host_time`` says so (None: on a GPU)."""
+    # Drawn on the device: a CPU draws 2^28 normal numbers in seconds.
+    generator = torch.Generator(device=device).manual_seed(0)
     params = []
     for shape in case.shapes:
-        param = torch.randn(shape, generator=generator).to(device, case.dtype).requires_grad_()
-        param.grad = torch.randn(shape, generator=generator).to(device, case.dtype)
+        param = torch.randn(shape, generator=generator, device=device).to(case.dtype)
+        grad = torch.randn(shape, generator=generator, device=device).to(case.dtype)
+        param.requires_grad_().grad = grad
         params.append(param)
     optimizer = factory(params)
     for _ in range(WARMUP_STEPS):
@@ -255,7 +281,9 @@ def measure(case: Case, name: str, factory: OptimizerFactory, device, timer, ste
         gb_per_s=gbs,
         percent_of_copy=100 * gbs / copy_gbs,
         launches_per_step=launches_per_step(optimizer) if on_gpu else None,
-        host_us=host_microseconds(optimizer, steps) if on_gpu else None,
+        host_us=host_microseconds(optimizer, device, steps)
+        if (on_gpu if host_time is None else host_time)
+        else None,
         torch_version=torch.__version__,
         triton_version=triton_version(),
         date=datetime.date.today().isoformat(),

@@ -138,7 +138,9 @@ def measure(
     )
 
 
-def run(device, cases, configs, steps, progress=None) -> list[TuneRow]:
+def run(device, cases, configs, steps, on_row=None) -> list[TuneRow]:
+    """Every (block size, warps) of ``configs`` on every case; ``on_row`` sees each row as it
+    is measured."""
     timer = Timer(device)
     copy_gbs = copy_bandwidth(device, max(c.case.numel for c in cases), timer)
     rows = []
@@ -157,8 +159,8 @@ def run(device, cases, configs, steps, progress=None) -> list[TuneRow]:
                     copy_gbs=copy_gbs,
                 )
             )
-            if progress is not None:
-                progress.update(1)
+            if on_row is not None:
+                on_row(rows[-1])
         del lists
         if device.type == "cuda":
             torch.cuda.empty_cache()
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> list[TuneRow]:
         cases, steps = GPU_CASES, args.steps
         configs = [(b, w) for b in args.block_sizes for w in args.warps]
     with tqdm(total=len(cases) * len(configs), desc="tune", unit="config") as progress:
-        rows = run(device, cases, configs, steps, progress)
+        rows = run(device, cases, configs, steps, on_row=lambda _: progress.update(1))
     print(format_table(rows))
     if device.type != "cuda":
         print("(Triton's interpreter on a CPU: these timings say nothing about a GPU)")

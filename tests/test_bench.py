@@ -5,15 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from bench import RUNS, collapse, gpt2, gpu, schedule, speed, tune
+from bench import RUNS, collapse, gpt2, schedule, speed, tune
 from bench.__main__ import SUBCOMMANDS
 from bench.__main__ import main as bench_main
 
@@ -133,20 +131,6 @@ def test_the_runs_folder_is_ignored_by_git_and_the_committed_results_are_not():
     assert not ignored(ROOT / "bench" / "results" / "quality.json")
 
 
-def test_bench_gpu_without_cuda_exits_with_one_line_naming_cuda():
-    # No visible CUDA device, on any machine: what a CPU-only user meets.
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "gpu"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "CUDA_VISIBLE_DEVICES": ""},
-    )
-    assert result.returncode == 2
-    assert result.stdout == "" and result.stderr.count("\n") == 1
-    assert "needs a CUDA device" in result.stderr
-
-
 def test_the_end_to_end_model_has_gpt2_small_shapes():
     with torch.device("meta"):
         model = gpt2.GPT(gpt2.GPTConfig())
@@ -161,31 +145,3 @@ def test_the_end_to_end_step_is_timed_for_both_optimizers():
     rows = gpt2.measure(config, batch=2, device=torch.device("cpu"), steps=2, graph=False)
     assert [row.optimizer for row in rows] == ["torch AdamW fused", "AdaWarm"]
     assert all(row.tokens_per_s > 0 and row.spread_ms[0] <= row.spread_ms[1] for row in rows)
-
-
-def test_the_gpu_report_renders_every_section():
-    report = {
-        "environment": {"gpu": "Test GPU", "torch": "2.11"},
-        "tests": [{"command": "pytest -m gpu", "summary": "5 passed", "failures": [],
-                   "seconds": 1}],
-        "speed": [
-            {
-                "case": "(a)",
-                "optimizer": "AdaWarm triton",
-                "median_ms": 1.0,
-                "quartiles_ms": (0.9, 1.1),
-                "gb_per_s": 3000.0,
-                "percent_of_copy": 95.0,
-                "launches_per_step": 1,
-                "host_us": 20.0,
-            }
-        ],
-        "tune_best": "best overall (block size, warps): (1024, 4)",
-        "end_to_end": [
-            {"optimizer": "AdaWarm", "graph": True, "ms_per_step": 80.0,
-             "spread_ms": (79.0, 81.0), "tokens_per_s": 102400.0}
-        ],
-    }  # fmt: skip
-    text = gpu.markdown(report)
-    for expected in ("# GPU report: Test GPU", "5 passed", "| (a) | AdaWarm triton |", "102,400"):
-        assert expected in text

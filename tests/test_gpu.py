@@ -1,6 +1,7 @@
-"""GPU-only checks of the Triton kernel: real concurrency, CUDA graphs, GradScaler with fp16.
+"""GPU-only checks of the Triton kernel: real concurrency, GradScaler with fp16, a compiled step.
 
-The property tests of test_triton_kernel.py also run on the GPU when one is present.
+The property tests of test_triton_kernel.py and the first-light cases of test_kernel_smoke.py
+(CUDA-graph replay among them) also run on the GPU when one is present.
 """
 
 from __future__ import annotations
@@ -45,46 +46,6 @@ def test_many_programs_per_tensor_advance_each_step_once(dtype):
         assert_close(a.detach().cpu(), b.detach().cpu(), dtype, "param")
         for key in ("exp_avg", "exp_avg_sq"):
             assert_close(opt_kernel.state[a][key].cpu(), opt_torch.state[b][key].cpu(), dtype, key)
-
-
-def test_captured_step_replays_like_eager_steps():
-    shapes = [(1000,), (33, 17), (1 << 16,)]
-    mine, theirs = twin_params(shapes)
-    lr = torch.tensor(1e-2, device="cuda")
-    captured = AdaWarm(mine, lr=lr, backend="triton", capturable=True, warmup_steps=10)
-    eager = AdaWarm(theirs, lr=1e-2, backend="triton", warmup_steps=10)
-    static_grads = [torch.zeros_like(p) for p in mine]
-    for p, g in zip(mine, static_grads, strict=True):
-        p.grad = g
-
-    def fill_grads(step):
-        generator = torch.Generator(device="cuda").manual_seed(step)
-        for g, q in zip(static_grads, theirs, strict=True):
-            g.copy_(torch.randn(g.shape, device="cuda", generator=generator))
-            q.grad = g.clone()
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for step in range(3):  # warm-up builds the pointer tables outside the capture
-            fill_grads(step)
-            captured.step()
-            eager.step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        captured.step()
-    for step in range(3, 15):
-        fill_grads(step)
-        if step == 9:
-            lr.fill_(5e-3)  # a tensor lr changes without recapture
-            eager.param_groups[0]["lr"] = 5e-3
-        graph.replay()
-        eager.step()
-    torch.cuda.synchronize()
-    for a, b in zip(mine, theirs, strict=True):
-        assert float(captured.state[a]["step"]) == 15.0
-        torch.testing.assert_close(a.detach(), b.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_grad_scaler_fp16_training_loop_skips_inf_steps():
