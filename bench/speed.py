@@ -244,9 +244,11 @@ def measure(
     steps: int,
     copy_gbs: float,
     host_time: bool | None = None,
+    warmup_steps: int = WARMUP_STEPS,
 ) -> Row:
-    """One row: ``factory``'s optimizer on ``case``. Launches are counted on a GPU; the host
-    time is measured when ``host_time`` says so (None: on a GPU)."""
+    """One row: ``factory``'s optimizer on ``case``, timed after ``warmup_steps`` steps.
+    Launches are counted on a GPU; the host time is measured when ``host_time`` says so (None:
+    on a GPU)."""
     # Drawn on the device: a CPU draws 2^28 normal numbers in seconds.
     generator = torch.Generator(device=device).manual_seed(0)
     params = []
@@ -256,7 +258,7 @@ def measure(
         param.requires_grad_().grad = grad
         params.append(param)
     optimizer = factory(params)
-    for _ in range(WARMUP_STEPS):
+    for _ in range(warmup_steps):
         optimizer.step()
     times = timer.seconds(optimizer.step, steps)
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3

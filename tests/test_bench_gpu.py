@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -241,3 +242,19 @@ def test_pytest_output_gives_each_outcome_the_summary_and_the_failures():
     assert result["failures"] == [PYTEST_OUTPUT.splitlines()[3]]
     section = "\n".join(gpu_report._pytest_section(result))
     assert "| tests/test_kernel_smoke.py | 1 failed, 1 passed |" in section
+
+
+def test_the_readme_gives_one_device_command_that_fits_a_lease():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = lines.index("<!-- device: gpu -->")
+    assert lines[start + 1] == "```bash" and lines[start + 3] == "```"
+    install, run = lines[start + 2].split(" && ")
+    assert shlex.split(install) == [
+        *("python3", "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation"),
+        *("-e", "."),
+    ]
+    words = shlex.split(run)
+    assert words[0] == "PYTHONUNBUFFERED=1" and words[1] == "timeout"
+    # Past the budget with time to start and write the report; inside one device call (600 s).
+    assert gpu.DEFAULT_BUDGET_S + 30 <= int(words[2]) <= 540
+    assert words[3:] == ["python3", "-m", "bench", "gpu", "--out", "$OUT"]
