@@ -150,14 +150,15 @@ def adawarm(
     rounding_seed: int | None = 0,
     stochastic_params: bool = False,
 ) -> None:
-    """One AdaWarm step over lists of tensors; see :class:`adawarm.AdaWarm` for the algorithm.
+    """One AdaWarm step over lists of tensors; see [`AdaWarm`][adawarm.AdaWarm] for the algorithm.
 
     ``state_steps`` are float32 scalar tensors, incremented here. ``backend``, ``foreach``
-    and ``fused`` choose how the step runs, as in :class:`adawarm.AdaWarm` (see
-    :func:`select_execution`). ``compensations`` are Kahan buffers (``None`` for tensors
-    without one). bf16 moments are stored by stochastic rounding from ``rounding_seed``, and so
-    are bf16 parameters with ``stochastic_params``; ``rounding_seed=None`` rounds every store to
-    nearest (which biases bf16 moments: small updates are lost).
+    and ``fused`` choose how the step runs, as in [`AdaWarm`][adawarm.AdaWarm] (see
+    ``adawarm.functional.select_execution``). ``compensations`` are Kahan buffers (``None`` for
+    tensors without one). bf16 moments are stored by stochastic rounding from
+    ``rounding_seed``, and so are bf16 parameters with ``stochastic_params``;
+    ``rounding_seed=None`` rounds every store to nearest (which biases bf16 moments: small
+    updates are lost).
     """
     params, grads, exp_avgs, exp_avg_sqs = (
         local_tensors(tensors) for tensors in (params, grads, exp_avgs, exp_avg_sqs)

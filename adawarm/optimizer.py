@@ -20,7 +20,7 @@ from adawarm.state import new_state
 from adawarm.tensor_lists import DTYPE, IS_CPU
 from adawarm.validation import check_group, check_torch_only_options, group_betas
 
-# Chosen from the quality benchmark (README, "Choosing the defaults"): a linear ramp over
+# Chosen from the quality benchmark (docs/defaults.md): a linear ramp over
 # min(50, 2 / (1 - beta2)) steps, or 5 % of total_steps if given and longer
 # (adawarm.schedule.resolve_warmup_steps), no rectification.
 DEFAULT_WARMUP_STEPS: int | str = AUTO
@@ -76,25 +76,26 @@ class _GroupStep:
 class AdaWarm(Optimizer):
     r"""AdamW with variance-aware warmup: RAdam's rectification and a linear learning-rate ramp.
 
-    .. math::
-        \begin{aligned}
-        &\rho_\infty = 2/(1-\beta_2) - 1 \\
-        &\textbf{for}\ t = 1, 2, \ldots \\
-        &\quad g_t = \pm\nabla_\theta f_t(\theta_{t-1}) \quad (- \text{ with maximize}) \\
-        &\quad \gamma_t = \gamma \cdot \min(1, t / W) \quad (W = 0: \gamma_t = \gamma) \\
-        &\quad \theta_t = \theta_{t-1} (1 - \gamma_t \lambda) \\
-        &\quad m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
-               v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
-        &\quad \hat m_t = m_t / (1-\beta_1^t), \quad \hat v_t = v_t / (1-\beta_2^t) \\
-        &\quad \textbf{if not}\ rectify:\ \theta_t = \theta_t - \gamma_t \hat m_t /
-               (\sqrt{\hat v_t} + \epsilon) \\
-        &\quad \textbf{else}: \rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t) \\
-        &\qquad \textbf{if}\ \rho_t > 5:\ r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}
-               {(\rho_\infty-4)(\rho_\infty-2)\rho_t}},\
-               \theta_t = \theta_t - \gamma_t r_t \hat m_t /
-               (\sqrt{\hat v_t} + \epsilon/\sqrt{1-\beta_2^t}) \\
-        &\qquad \textbf{else}:\ \theta_t = \theta_t - \gamma_t \hat m_t
-        \end{aligned}
+    $$
+    \begin{aligned}
+    &\rho_\infty = 2/(1-\beta_2) - 1 \\
+    &\textbf{for}\ t = 1, 2, \ldots \\
+    &\quad g_t = \pm\nabla_\theta f_t(\theta_{t-1}) \quad (- \text{ with maximize}) \\
+    &\quad \gamma_t = \gamma \cdot \min(1, t / W) \quad (W = 0: \gamma_t = \gamma) \\
+    &\quad \theta_t = \theta_{t-1} (1 - \gamma_t \lambda) \\
+    &\quad m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+    &\quad \hat m_t = m_t / (1-\beta_1^t), \quad \hat v_t = v_t / (1-\beta_2^t) \\
+    &\quad \textbf{if not}\ rectify:\ \theta_t = \theta_t - \gamma_t \hat m_t /
+    (\sqrt{\hat v_t} + \epsilon) \\
+    &\quad \textbf{else}: \rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t) \\
+    &\qquad \textbf{if}\ \rho_t > 5:\ r_t = \sqrt{\tfrac{(\rho_t-4)(\rho_t-2)\rho_\infty}
+    {(\rho_\infty-4)(\rho_\infty-2)\rho_t}},\
+    \theta_t = \theta_t - \gamma_t r_t \hat m_t /
+    (\sqrt{\hat v_t} + \epsilon/\sqrt{1-\beta_2^t}) \\
+    &\qquad \textbf{else}:\ \theta_t = \theta_t - \gamma_t \hat m_t
+    \end{aligned}
+    $$
 
     With ``rectify=False, warmup_steps=0`` this is ``torch.optim.AdamW``; with ``rectify=True,
     warmup_steps=0`` it is ``torch.optim.RAdam(decoupled_weight_decay=True)``; with
@@ -454,7 +455,7 @@ class AdaWarm(Optimizer):
         return loss
 
     def warmup_factor(self) -> list[float]:
-        """The warmup multiplier ``ramp_t * r_t`` that the next :meth:`step` puts on each group's
+        """The warmup multiplier ``ramp_t * r_t`` that the next ``step()`` puts on each group's
         adaptive step (``r_t = 1`` without rectification, 0 on a momentum-only step).
 
         ``t`` is one more than the largest step count among the group's parameters. Multiply by
@@ -485,8 +486,8 @@ class AdaWarm(Optimizer):
         return factors
 
     def effective_lr(self) -> list[float]:
-        """Per group, the rate the next :meth:`step` applies to the adaptive step: the group's
-        ``lr`` (after any LR scheduler) times :meth:`warmup_factor`. Log it next to, or instead
+        """Per group, the rate the next ``step()`` applies to the adaptive step: the group's
+        ``lr`` (after any LR scheduler) times ``warmup_factor()``. Log it next to, or instead
         of, a scheduler's ``get_last_lr()``, which knows nothing of AdaWarm's ramp."""
         return [
             float(group["lr"]) * factor
@@ -498,7 +499,7 @@ class AdaWarm(Optimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state_dict of AdaWarm, or of torch.optim.AdamW / RAdam, by the rules of
-        :mod:`adawarm.checkpoint`. The whole state_dict is checked (groups, sizes, shapes,
+        ``adawarm.checkpoint``. The whole state_dict is checked (groups, sizes, shapes,
         hyper-parameters, step counts) before anything is loaded."""
         saved_groups = state_dict["param_groups"]
         if len(saved_groups) != len(self.param_groups):

@@ -37,10 +37,10 @@ WARMUP_NAMES = (AUTO, UNTUNED)
 RECTIFICATION_THRESHOLD = 5.0
 # The default ramp lasts this many steps, or 2 / (1 - beta2) where that is shorter (see
 # reliable_warmup_steps), or, when the run's length is known (total_steps), this fraction of it
-# if that is longer. Both chosen from the quality benchmark (README, "Training quality and
-# choosing the defaults"): over its 300- and 3000-step cells, 50 steps were the shortest ramp
-# that kept short runs within ~0.03 nats of the best AdamW, and the 3000-step runs needed ~5 % of
-# the run (150 steps) to stay there; 20 % cost short runs up to 0.03 nats more.
+# if that is longer. Both chosen from the quality benchmark (docs/defaults.md): over its 300-
+# and 3000-step cells, 50 steps were the shortest ramp that kept short runs within ~0.03 nats of
+# the best AdamW, and the 3000-step runs needed ~5 % of the run (150 steps) to stay there; 20 %
+# cost short runs up to 0.03 nats more.
 RELIABLE_SAMPLES = 50
 RUN_FRACTION = 0.05
 
@@ -162,7 +162,8 @@ def step_schedule(
 ) -> StepSchedule:
     """The scalars of step ``step`` (1-based) for one group's hyper-parameters.
 
-    ``warmup_steps`` must already be resolved to an int (see :func:`resolve_warmup_steps`).
+    ``warmup_steps`` must already be resolved to an int (see
+    ``adawarm.schedule.resolve_warmup_steps``).
     """
     ramp_t = ramp(step, warmup_steps)
     lr_t = lr * ramp_t

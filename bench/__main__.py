@@ -42,7 +42,7 @@ def tour(out: Path) -> None:
         "quality: 1 seed, 200 steps, 2 learning rates: enough to see the harness work, not to "
         "rank optimizers (on the committed full grid, bench/results/quality.md, the spread "
         "between the seeds of a result has a median of 0.026 nats, middle half 0.010-0.052); "
-        "the defaults were chosen on the full grid (README, python -m bench quality):"
+        "the defaults were chosen on the full grid (docs/defaults.md, python -m bench quality):"
     )
     table, cells = result["table"], result["cells"]
     for cell in cells:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-# What the kernel's design promises (README, "Speed on a GPU").
+# What the kernel's design promises (docs/benchmarks.md, "Speed on a GPU").
 COPY_FRACTION_TARGET = 90.0  # % of the measured copy bandwidth, cases (a), (b), (d)
 MANY_TENSORS_RATIO_TARGET = 0.5  # case (c): at most this times fused AdamW's step
 BANDWIDTH_CASES = ("(a)", "(b)", "(d)")

@@ -24,7 +24,7 @@ USER_WARMUP = 0.1
 TUNED_WARMUPS = (0.05, 0.2)
 # Schedule-free AdamW's authors highly recommend a warmup; it takes this fraction of the run.
 SCHEDULE_FREE_WARMUP = 0.05
-# The rule AdaWarm's default replaced (README, "Choosing the defaults"): 1 / (1 - beta2) steps.
+# The rule AdaWarm's default replaced (docs/defaults.md): 1 / (1 - beta2) steps.
 PREVIOUS_RULE = "1/(1-beta2)"
 
 
@@ -58,7 +58,7 @@ class Method:
     param_dtype: str = "float32"  # "bfloat16": bf16 parameters, no fp32 master copy
     compensation: str | None = None
     state_dtype: str = "float32"  # "bfloat16": bf16 moments
-    # AdaWarm is told the run's length (total_steps), as the README asks users to.
+    # AdaWarm is told the run's length (total_steps), as the documentation asks users to.
     knows_length: bool = False
     is_default: bool = False  # the row the promises are checked on
 

@@ -349,6 +349,13 @@ def run_grid(cells: list[Cell], workers: int, cache: Path, precise: Cell | None)
     return train_all(jobs, workers, "quality")
 
 
+def documented_section(name: str, lines: list[str]) -> list[str]:
+    """``lines`` between the markers of a named snippet section, which the documentation
+    includes (pymdownx.snippets: ``--8<-- "bench/results/quality.md:NAME"``); HTML comments, so
+    the report reads the same without them."""
+    return [f"<!-- --8<-- [start:{name}] -->", *lines, f"<!-- --8<-- [end:{name}] -->"]
+
+
 def report(
     cells: list[Cell], runs: list[Run], precise: Cell | None, heading: str
 ) -> tuple[str, list[Verdict], Table, dict[str, float]]:
@@ -369,7 +376,7 @@ def report(
         "",
         "### Summary",
         "",
-        *summary(table, cells, default),
+        *documented_section("summary", summary(table, cells, default)),
         "",
         "### Every method at the best AdamW's rate",
         "",
@@ -381,7 +388,7 @@ def report(
         "",
         f"### The defaults ({default}) against their promises",
         "",
-        *[f"- {verdict.text()}" for verdict in verdicts],
+        *documented_section("checks", [f"- {verdict.text()}" for verdict in verdicts]),
     ]
     fallback = f"{DEFAULT_NAME} without total_steps"
     unhinted = [
@@ -399,7 +406,7 @@ def report(
     if precise is not None:
         rows, precision_verdicts = precision_report(table, precise, default)
         verdicts += precision_verdicts
-        text += ["", "### Low precision", "", *rows, ""]
+        text += ["", "### Low precision", "", *documented_section("low-precision", rows), ""]
         text += [f"- {verdict.text()}" for verdict in precision_verdicts]
     return "\n".join(text), verdicts, table, collapse_at
 

@@ -145,3 +145,12 @@ def test_the_end_to_end_step_is_timed_for_both_optimizers():
     rows = gpt2.measure(config, batch=2, device=torch.device("cpu"), steps=2, graph=False)
     assert [row.optimizer for row in rows] == ["torch AdamW fused", "AdaWarm"]
     assert all(row.tokens_per_s > 0 and row.spread_ms[0] <= row.spread_ms[1] for row in rows)
+
+
+def test_the_committed_cpu_speed_report_rebuilds_from_its_json(tmp_path):
+    saved = ROOT / "bench" / "results" / "speed-cpu.json"
+    rows = speed.main(["--report-from", str(saved), "--out", str(tmp_path)])
+    assert len(rows) == len(json.loads(saved.read_text()))
+    rebuilt = (tmp_path / "speed-cpu.md").read_text()
+    assert rebuilt == (ROOT / "bench" / "results" / "speed-cpu.md").read_text()
+    assert rebuilt.count("\n| ") == len(rows) + 2  # a row per measurement, the header lines

@@ -244,8 +244,8 @@ def test_pytest_output_gives_each_outcome_the_summary_and_the_failures():
     assert "| tests/test_kernel_smoke.py | 1 failed, 1 passed |" in section
 
 
-def test_the_readme_gives_one_device_command_that_fits_a_lease():
-    lines = (ROOT / "README.md").read_text().splitlines()
+def test_the_documented_device_command_fits_a_lease():
+    lines = (ROOT / "docs" / "development.md").read_text().splitlines()
     start = lines.index("<!-- device: gpu -->")
     assert lines[start + 1] == "```bash" and lines[start + 3] == "```"
     install, run = lines[start + 2].split(" && ")

@@ -219,7 +219,7 @@ def test_hugging_face_trainer_trains_with_adawarm_and_logs_the_rate_it_uses(tmp_
     dataset = [{"input_ids": row, "labels": row} for row in tokens]
     logged = []
 
-    # The README's example, with a list to look at instead of a logger.
+    # The example of docs/warmup.md, with a list to look at instead of a logger.
     class LogAdaWarmRate(transformers.TrainerCallback):
         """Logs the rate AdaWarm applies at each step as "adawarm_lr"."""
 

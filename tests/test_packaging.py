@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import zipfile
 from importlib.metadata import requires
 from pathlib import Path
 
@@ -91,3 +92,14 @@ def test_bare_pytest_collects_the_benchmark_tests():
         cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_wheel_holds_the_kernels_inside_the_package_the_type_marker_and_the_license(tmp_path):
+    build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run([*build, "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
+    (wheel,) = tmp_path.glob("adawarm-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "adawarm/py.typed" in names
+    assert "adawarm/kernels/adawarm_step.py" in names
+    assert not any(name.startswith("kernels/") for name in names)  # never a top-level `kernels`
+    assert any(name.endswith(".dist-info/licenses/LICENSE") for name in names)

@@ -149,7 +149,7 @@ def test_tensor_lr_gives_the_float_lr_result():
 
 
 def test_defaults_are_a_ramp_of_min_50_and_two_over_one_minus_beta2_without_rectification():
-    # The quality benchmark chose them (README, "Choosing the defaults"); beta2 = 0.8 makes the
+    # The quality benchmark chose them (docs/defaults.md); beta2 = 0.8 makes the
     # ramp 2 / (1 - 0.8) = 10 steps, so the test runs past its end.
     shapes = [(7,), (3, 5)]
     grads = gradient_stream(shapes, torch.float32, STEPS, seed=8)
