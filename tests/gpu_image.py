@@ -76,3 +76,17 @@ def python(folder: Path) -> Path:
             if not link.exists() and (site / entry).exists():
                 link.symlink_to(site / entry)
     return folder / "bin" / "python"
+
+
+def hidden_module() -> str | None:
+    """A top-level module installed here whose distribution the GPU image lacks (None if every
+    installed distribution is the image's): the image's environment must not import it."""
+    wanted = image_distributions()
+    for module, distributions in sorted(importlib.metadata.packages_distributions().items()):
+        if (
+            module.isidentifier()
+            and not module.startswith("_")
+            and not any(_canonical(d) in wanted for d in distributions)
+        ):
+            return module
+    return None
