@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import warnings
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
-from operator import attrgetter, itemgetter
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from adawarm import checkpoint
-from adawarm.functional import local_tensors, run_backend, select_execution
-from adawarm.rollback import StepSnapshot, failed_step_error
-from adawarm.schedule import AUTO, resolve_warmup_steps, step_schedule
+from adawarm.functional import local_tensors, run_backend
+from adawarm.optimizer_base import GroupStep, WarmupOptimizer
+from adawarm.schedule import AUTO
 from adawarm.state import new_state
-from adawarm.tensor_lists import DTYPE, IS_CPU
-from adawarm.validation import check_group, check_torch_only_options, group_betas
+from adawarm.validation import check_group, check_torch_only_options
 
 # Chosen from the quality benchmark (docs/defaults.md): a linear ramp over
 # min(50, 2 / (1 - beta2)) steps, or 5 % of total_steps if given and longer
@@ -26,54 +21,8 @@ from adawarm.validation import check_group, check_torch_only_options, group_beta
 DEFAULT_WARMUP_STEPS: int | str = AUTO
 DEFAULT_RECTIFY = False
 
-_CPU = torch.device("cpu")
-# Whole-list accessors for the per-step passes over parameters and their states.
-_GRAD = attrgetter("grad")
-_IS_SPARSE = attrgetter("is_sparse")
-_STEP = itemgetter("step")
-_EXP_AVG = itemgetter("exp_avg")
-_EXP_AVG_SQ = itemgetter("exp_avg_sq")
 
-
-@dataclass
-class _GroupStep:
-    """One parameter group's part of a step: checked, and then given its states."""
-
-    index: int
-    group: dict[str, Any]
-    params: list[Tensor]  # those with gradients
-    shards: list[Tensor]  # their local tensors (DTensor shards)
-    grads: list[Tensor]
-    backend: str
-    implementation: str | None  # the torch backend's; None: its fastest
-    betas: tuple[float, float]
-    # The group's "auto" ramp steps aside for its LR scheduler's own warmup (from this step on).
-    scheduler_warms_up: bool
-    exp_avgs: list[Tensor] | None = None
-    exp_avg_sqs: list[Tensor] | None = None
-    steps: list[Tensor] | None = None
-    buffers: list[Tensor | None] | None = None
-
-    def configuration(self, lr_is_tensor: bool, scaled: bool, skippable: bool) -> tuple:
-        """What decides which kernels run (and so what could fail that has not run before)."""
-        group = self.group
-        return (
-            self.index,
-            self.backend,
-            self.implementation,
-            frozenset(map(DTYPE, self.params)),
-            frozenset(map(Tensor.get_device, self.params)),
-            group["state_dtype"],
-            group["compensation"],
-            group["rectify"],
-            group["maximize"],
-            lr_is_tensor,
-            scaled,
-            skippable,
-        )
-
-
-class AdaWarm(Optimizer):
+class AdaWarm(WarmupOptimizer):
     r"""AdamW with variance-aware warmup: RAdam's rectification and a linear learning-rate ramp.
 
     $$
@@ -194,163 +143,37 @@ class AdaWarm(Optimizer):
             "rounding_seed": rounding_seed,
             "backend": backend,
         }
-        check_group(defaults)
-        # Per parameter group, the Triton backend's cached pointer tables.
-        self._table_caches: dict[int, dict] = {}
-        # Configurations (see _GroupStep.configuration) whose step has completed once.
-        self._completed: set[tuple] = set()
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        super().add_param_group(param_group)
-        try:
-            check_group(self.param_groups[-1])
-        except (TypeError, ValueError):
-            self.param_groups.pop()
-            raise
+    STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+    _check_group = staticmethod(check_group)
+
+    def _new_state(self, param: Tensor, group: dict[str, Any], counter_device) -> dict:
+        return new_state(
+            param,
+            state_dtype=group["state_dtype"],
+            compensation=group["compensation"],
+            counter_device=counter_device,
+        )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # torch's base class adds this key of its own optimizers to the defaults; AdaWarm has no
-        # such option, and copying it into the groups would put it in every later state_dict.
-        self.defaults.pop("differentiable", None)
-        # Neither is pickled (torch's __getstate__ keeps the defaults, state and groups only).
-        self._table_caches = {}
-        self._completed = set()
         params = [param for group in self.param_groups for param in group["params"]]
-        for group in self.param_groups:
-            for key, value in self.defaults.items():  # groups pickled by older versions
-                group.setdefault(key, value)
         for index, param in enumerate(params):  # pickles of older torch versions: number steps
             saved = self.state.get(param)
             if saved and not isinstance(saved["step"], Tensor):
                 saved["step"] = checkpoint.step_counter(saved["step"], index)
 
-    def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
-        """The group's parameters that have gradients and those gradients, after checking them.
-
-        Every step runs this over every parameter, so it makes whole-list passes (~40-80 ns a
-        tensor each on the CI machine, fewer bytecodes than a loop of checks) and loops only to
-        name a parameter that fails.
-        """
-        params = group["params"]
-        grads = list(map(_GRAD, params))
-        if any(grad is None for grad in grads):
-            pairs = [
-                (param, grad) for param, grad in zip(params, grads, strict=True) if grad is not None
-            ]
-            params, grads = [pair[0] for pair in pairs], [pair[1] for pair in pairs]
-        if any(map(_IS_SPARSE, grads)):
-            param = next(p for p, g in zip(params, grads, strict=True) if g.is_sparse)
-            raise RuntimeError(
-                "AdaWarm does not support sparse gradients: got a sparse gradient for a "
-                f"parameter of shape {tuple(param.shape)}; expected a dense gradient"
-            )
-        # torch checks shape and device when a gradient is assigned, and dtype unless the
-        # parameter's grad_dtype says otherwise.
-        if list(map(DTYPE, grads)) != list(map(DTYPE, params)):
-            param, grad = next(
-                (p, g) for p, g in zip(params, grads, strict=True) if g.dtype is not p.dtype
-            )
-            raise RuntimeError(
-                f"Gradient of dtype {grad.dtype} does not match its parameter of shape "
-                f"{tuple(param.shape)} and dtype {param.dtype}"
-            )
-        return list(params), grads
-
-    def _check(self, index: int, group: dict[str, Any]) -> _GroupStep | None:
-        """Everything about one group's step that can be checked without changing anything;
-        None when no parameter of the group has a gradient."""
-        check_group(group)
-        params, grads = self._collect(group)
-        if group["compensation"] == "stochastic":
-            _check_stochastic_dtypes(params)
-        if not params:
-            return None
-        shards = local_tensors(params)
-        backend, implementation = select_execution(
-            group["backend"], shards, foreach=group["foreach"], fused=group["fused"]
-        )
-        if group["capturable"] and backend != "triton":
-            raise RuntimeError(
-                f"capturable=True needs the Triton backend, but backend={group['backend']!r} "
-                f"resolved to {backend!r} for these tensors (CUDA tensors of dtype float32, "
-                "bfloat16 or float16 are needed)"
-            )
-        return _GroupStep(
-            index,
-            group,
-            params,
-            shards,
-            grads,
-            backend,
-            implementation,
-            group_betas(group),
-            self._scheduler_warms_up(group, params),
-        )
-
-    def _scheduler_warms_up(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        """Whether, at this group's first step, its "auto" ramp should step aside: a torch LR
-        scheduler (which records ``initial_lr``) has set the rate below that initial rate, so
-        it warms up itself (HF's ``get_*_schedule_with_warmup``, ``LinearLR``, ``OneCycleLR``)."""
-        if group["warmup_steps"] != AUTO or "initial_lr" not in group:
-            return False
-        if any(self.state.get(param) for param in params):
-            return False  # not the group's first step
-        lr, initial = group["lr"], group["initial_lr"]
-        if any(isinstance(v, Tensor) and v.is_cuda for v in (lr, initial)) and (
-            torch.cuda.is_current_stream_capturing()
-        ):
-            return False  # the rates cannot be read during a CUDA graph capture
-        return float(lr) < float(initial)
-
-    def _attach_states(self, work: _GroupStep, created: list[Tensor]) -> None:
-        """Give ``work`` the states of its parameters, creating those of first steps (recorded
-        in ``created``).
-
-        Step counters live where the backend reads them: on the CPU for the torch backend (as in
-        torch.optim.AdamW), on the parameter's device for the Triton kernel, which advances them.
-        """
-        on_device = work.backend == "triton"
-        states = list(map(self.state.__getitem__, work.params))
-        if not all(states):
-            for param, state in zip(work.params, states, strict=True):
-                if not state:
-                    state.update(
-                        new_state(
-                            param,
-                            state_dtype=work.group["state_dtype"],
-                            compensation=work.group["compensation"],
-                            counter_device=param.device if on_device else _CPU,
-                        )
-                    )
-                    created.append(param)
-        steps = list(map(_STEP, states))
-        counters_in_place = (
-            list(map(Tensor.get_device, steps)) == list(map(Tensor.get_device, work.params))
-            if on_device
-            else all(map(IS_CPU, steps))
-        )
-        if not counters_in_place:
-            # Loaded from a checkpoint, or the backend changed: move the counters once.
-            for param, state in zip(work.params, states, strict=True):
-                state["step"] = state["step"].to(param.device if on_device else _CPU)
-            steps = list(map(_STEP, states))
-        work.exp_avgs = list(map(_EXP_AVG, states))
-        work.exp_avg_sqs = list(map(_EXP_AVG_SQ, states))
-        work.steps = steps
-        work.buffers = [state.get("compensation") for state in states]
-
-    def _run(self, work: _GroupStep, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-        group = work.group
+    def _run(self, work: GroupStep, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+        group, states = work.group, work.states
         beta1, beta2 = work.betas
         run_backend(
             work.backend,
             work.shards,
             local_tensors(work.grads),
-            local_tensors(work.exp_avgs),
-            local_tensors(work.exp_avg_sqs),
-            work.steps,
+            local_tensors(states["exp_avg"]),
+            local_tensors(states["exp_avg_sq"]),
+            states["step"],
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,
@@ -364,135 +187,10 @@ class AdaWarm(Optimizer):
             grad_scale=grad_scale,
             found_inf=found_inf,
             table_cache=self._table_caches.setdefault(work.index, {}),
-            compensations=local_tensors(work.buffers),
+            compensations=local_tensors(states["compensation"]),
             rounding_seed=group["rounding_seed"],
             stochastic_params=group["compensation"] == "stochastic",
         )
-
-    # Under torch.compile the step runs eagerly (a graph break around it): its schedule is a set
-    # of per-step Python floats, which dynamo would specialise on and recompile for at every step
-    # of the warmup and every learning-rate change. torch._disable_dynamo (what torch.optim uses)
-    # imports dynamo at the first call, not at import: dynamo imports triton, which is slow and
-    # not needed by a CPU step.
-    @torch._disable_dynamo
-    @torch.no_grad()
-    def step(
-        self,
-        closure: Callable[[], float] | None = None,
-        *,
-        grad_scale: Tensor | None = None,
-        found_inf: Tensor | None = None,
-    ) -> float | None:
-        """Perform one optimization step; all or nothing.
-
-        Every check (hyper-parameters, gradients, backends) runs for every group before the
-        first tensor changes. The first step of each configuration -- backend, implementation,
-        dtypes, devices, options; that is, whenever a kernel runs that has not run before --
-        keeps a copy of what it changes until it completes, and puts it back if anything fails
-        (a kernel that cannot compile or launch, an interpreter error): parameters, moments,
-        Kahan buffers and step counters are then as before, and states this step created are
-        removed. Later steps of a configuration take no copy (it would add a read and a write
-        of every parameter and moment to every step): a launch that fails before it runs still
-        changes nothing, but a failure after other groups' launches leaves those stepped.
-
-        Args:
-            closure: re-evaluates the model and returns the loss.
-            grad_scale: the GradScaler's scale; gradients are divided by it inside the update.
-            found_inf: when non-zero, the step is skipped entirely: no parameter or state changes
-                and the step counters (hence the warmup) do not advance. GradScaler sets both
-                (as attributes, which are read when the arguments are not given).
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        if grad_scale is None:
-            grad_scale = getattr(self, "grad_scale", None)
-        if found_inf is None:
-            found_inf = getattr(self, "found_inf", None)
-
-        work = [
-            checked
-            for index, group in enumerate(self.param_groups)
-            if (checked := self._check(index, group)) is not None
-        ]
-        configurations = {
-            item.configuration(
-                isinstance(item.group["lr"], Tensor), grad_scale is not None, found_inf is not None
-            )
-            for item in work
-        }
-        created: list[Tensor] = []
-        snapshot = None
-        try:
-            for item in work:
-                self._attach_states(item, created)
-            if created or not configurations <= self._completed:
-                snapshot = StepSnapshot(work, created)
-            for item in work:
-                self._run(item, grad_scale, found_inf)
-        except BaseException as error:
-            for param in created:
-                del self.state[param]
-            if snapshot is None:
-                raise
-            snapshot.restore()
-            replacement = failed_step_error(error, (item.backend for item in work))
-            if replacement is None:
-                raise
-            raise replacement from error
-        self._completed |= configurations
-        for item in work:
-            if item.scheduler_warms_up:
-                item.group["warmup_steps"] = 0
-                warnings.warn(
-                    f"AdaWarm: the LR scheduler of parameter group {item.index} warms up itself "
-                    "(its rate at the first step is below its initial_lr), so this group's "
-                    "warmup_steps='auto' ramp is off (warmup_steps=0); pass warmup_steps "
-                    "explicitly to have both",
-                    stacklevel=2,
-                )
-        return loss
-
-    def warmup_factor(self) -> list[float]:
-        """The warmup multiplier ``ramp_t * r_t`` that the next ``step()`` puts on each group's
-        adaptive step (``r_t = 1`` without rectification, 0 on a momentum-only step).
-
-        ``t`` is one more than the largest step count among the group's parameters. Multiply by
-        the group's ``lr`` for the effective rate, e.g. to log it next to ``get_last_lr()``.
-        """
-        factors = []
-        for group in self.param_groups:
-            steps = [
-                int(self.state[p]["step"].item())
-                for p in group["params"]
-                if "step" in self.state[p]
-            ]
-            beta1, beta2 = group_betas(group)
-            warmup = (
-                0 if self._scheduler_warms_up(group, group["params"]) else group["warmup_steps"]
-            )
-            schedule = step_schedule(
-                max(steps, default=0) + 1,
-                lr=1.0,
-                beta1=beta1,
-                beta2=beta2,
-                eps=group["eps"],
-                weight_decay=0.0,
-                warmup_steps=resolve_warmup_steps(warmup, beta2, group["total_steps"]),
-                rectify=group["rectify"],
-            )
-            factors.append(schedule.warmup_factor)
-        return factors
-
-    def effective_lr(self) -> list[float]:
-        """Per group, the rate the next ``step()`` applies to the adaptive step: the group's
-        ``lr`` (after any LR scheduler) times ``warmup_factor()``. Log it next to, or instead
-        of, a scheduler's ``get_last_lr()``, which knows nothing of AdaWarm's ramp."""
-        return [
-            float(group["lr"]) * factor
-            for group, factor in zip(self.param_groups, self.warmup_factor(), strict=True)
-        ]
 
     def state_dict(self) -> dict[str, Any]:
         return checkpoint.with_decoupled_decay_flag(super().state_dict())
@@ -523,12 +221,3 @@ class AdaWarm(Optimizer):
         # fp32 moments of bf16 parameters) and keeps steps as saved; convert from the checkpoint.
         for param, saved_state, group, param_id in loaded:
             self.state[param] = checkpoint.converted_state(param, saved_state, group, param_id)
-
-
-def _check_stochastic_dtypes(params: list[Tensor]) -> None:
-    for param in params:
-        if param.dtype == torch.float16:
-            raise ValueError(
-                f"Invalid compensation for a float16 parameter of shape {tuple(param.shape)}: "
-                "'stochastic' rounds to bfloat16 only; expected 'kahan' or None for float16"
-            )

@@ -25,16 +25,13 @@ _ADVICE = {
 class _StepPart(Protocol):
     params: list[Tensor]
     shards: list[Tensor]
-    exp_avgs: list[Tensor]
-    exp_avg_sqs: list[Tensor]
-    steps: list[Tensor]
-    buffers: list[Tensor | None]
+    states: dict[str, list[Tensor | None]]
 
 
 class StepSnapshot:
-    """Copies of every tensor a step may change: parameters, moments, Kahan buffers and step
-    counters. The states of ``created`` parameters (made by this step, all zeros) are not copied:
-    the caller removes them instead."""
+    """Copies of every tensor a step may change: parameters and every state entry (moments,
+    Kahan buffers, step counters, ...). The states of ``created`` parameters (made by this
+    step) are not copied: the caller removes them instead."""
 
     def __init__(self, parts: Iterable[_StepPart], created: Sequence[Tensor]) -> None:
         new = set(map(id, created))
@@ -42,7 +39,7 @@ class StepSnapshot:
         for part in parts:
             originals += part.shards
             kept = [i for i, param in enumerate(part.params) if id(param) not in new]
-            for tensors in (part.exp_avgs, part.exp_avg_sqs, part.steps, part.buffers):
+            for tensors in part.states.values():
                 originals += [t for t in local_tensors([tensors[i] for i in kept]) if t is not None]
         self._saved = [(tensor, tensor.clone()) for tensor in originals]
 
@@ -52,19 +49,23 @@ class StepSnapshot:
                 tensor.copy_(copy)
 
 
-def failed_step_error(error: BaseException, backends: Iterable[str]) -> BaseException | None:
-    """The error to raise, chained to ``error``, after a failed step was put back; None to raise
-    ``error`` itself (an interrupt, or running out of memory, which callers catch by type)."""
+def failed_step_error(
+    error: BaseException, backends: Iterable[str], optimizer: str = "AdaWarm"
+) -> BaseException | None:
+    """The error to raise, chained to ``error``, after a failed step of ``optimizer`` (its
+    class name) was put back; None to raise ``error`` itself (an interrupt, or running out of
+    memory, which callers catch by type)."""
     restored = (
-        "Parameters, moments, Kahan buffers and step counters are as they were before the step."
+        "Parameters and their states (moments, Kahan buffers, step counters) are as they were "
+        "before the step."
     )
     if not isinstance(error, Exception) or isinstance(error, _OUT_OF_MEMORY):
         if hasattr(error, "add_note"):  # Python >= 3.11
-            error.add_note(f"AdaWarm.step() failed. {restored}")
+            error.add_note(f"{optimizer}.step() failed. {restored}")
         return None
     names = sorted(set(backends))
     advice = " ".join(_ADVICE[name] for name in names)
     return RuntimeError(
-        f"AdaWarm.step() failed in the {' and '.join(names)} backend "
+        f"{optimizer}.step() failed in the {' and '.join(names)} backend "
         f"({type(error).__name__}: {error}). {restored} {advice}"
     )

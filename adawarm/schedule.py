@@ -201,3 +201,67 @@ def warmup_factor(
     resolved = resolve_warmup_steps(warmup_steps, beta2, total_steps)
     r_t = rectification(step, beta2) if rectify else 1.0
     return ramp(step, resolved) * r_t
+
+
+@dataclass(frozen=True)
+class ScheduleFreeStep:
+    """The scalars of one AdaWarmScheduleFree step ``t`` of one parameter group, and the state
+    of the average after it (``lr_max``, ``weight_sum``).
+
+    ``lr`` is the scheduled rate ``lr_t = lr * warmup_factor``; the weight of ``z`` in the new
+    average is ``average`` (schedulefree's ``ckp1``: this step's weight over the sum of the
+    weights so far, 0 while that sum is 0), and ``y`` moves by ``y_coefficient`` times the
+    normalized gradient.
+    """
+
+    step: int
+    warmup_factor: float
+    lr: float
+    lr_max: float
+    weight_sum: float
+    average: float
+    y_coefficient: float
+    bias_correction2_sqrt: float
+    eps: float
+
+
+def schedule_free_step(
+    step: int,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    warmup_steps: int,
+    rectify: bool,
+    r: float,
+    weight_lr_power: float,
+    lr_max: float,
+    weight_sum: float,
+) -> ScheduleFreeStep:
+    """The scalars of schedule-free step ``step`` (1-based), from the average's state before it
+    (``lr_max``, ``weight_sum``: 0 before the first step).
+
+    The warmup factor is AdaWarm's, ``ramp_t * r_t`` (``r_t = 1`` without rectification, 0 on a
+    step where RAdam takes no adaptive step: such a step is silent, as RAdamScheduleFree's
+    default). The averaging weight follows the scheduled rate as in schedulefree:
+    ``c_t = t^r * max(lr_1..lr_t)^weight_lr_power``, and z's weight in the average is
+    ``c_t / (c_1 + ... + c_t)``. ``warmup_steps`` must already be resolved to an int.
+    """
+    factor = ramp(step, warmup_steps) * (rectification(step, beta2) if rectify else 1.0)
+    lr_t = lr * factor
+    lr_max = max(lr_t, lr_max)
+    weight = float(step) ** r * lr_max**weight_lr_power
+    weight_sum = weight_sum + weight
+    average = weight / weight_sum if weight_sum > 0.0 else 0.0
+    return ScheduleFreeStep(
+        step=step,
+        warmup_factor=factor,
+        lr=lr_t,
+        lr_max=lr_max,
+        weight_sum=weight_sum,
+        average=average,
+        y_coefficient=lr_t * (beta1 * (1.0 - average) - 1.0),
+        bias_correction2_sqrt=math.sqrt(1.0 - beta2**step),
+        eps=eps,
+    )
