@@ -24,8 +24,10 @@ MASK32 = 0xFFFFFFFF
 GOLDEN = 0x9E3779B9
 MIX1 = 0x7FEB352D
 MIX2 = 0x846CA68B
-# The streams of a parameter's moments: the parameter's key re-hashed with the role.
-PARAM_ROLE, EXP_AVG_ROLE, EXP_AVG_SQ_ROLE = 0, 1, 2
+# The streams of a parameter's states: the parameter's key re-hashed with the role. The first
+# state is AdaWarm's exp_avg or AdaWarmScheduleFree's z; SWITCH_ROLE rounds a schedule-free
+# parameter moved between its train and eval points.
+PARAM_ROLE, EXP_AVG_ROLE, EXP_AVG_SQ_ROLE, SWITCH_ROLE = 0, 1, 2, 3
 
 
 def _mul32(x, constant: int):

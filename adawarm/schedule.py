@@ -211,7 +211,7 @@ class ScheduleFreeStep:
     ``lr`` is the scheduled rate ``lr_t = lr * warmup_factor``; the weight of ``z`` in the new
     average is ``average`` (schedulefree's ``ckp1``: this step's weight over the sum of the
     weights so far, 0 while that sum is 0), and ``y`` moves by ``y_coefficient`` times the
-    normalized gradient.
+    normalized gradient ``g / (sqrt(v / bias_correction2) + eps)`` (plus the weight decay).
     """
 
     step: int
@@ -221,7 +221,7 @@ class ScheduleFreeStep:
     weight_sum: float
     average: float
     y_coefficient: float
-    bias_correction2_sqrt: float
+    bias_correction2: float
     eps: float
 
 
@@ -262,6 +262,6 @@ def schedule_free_step(
         weight_sum=weight_sum,
         average=average,
         y_coefficient=lr_t * (beta1 * (1.0 - average) - 1.0),
-        bias_correction2_sqrt=math.sqrt(1.0 - beta2**step),
+        bias_correction2=1.0 - beta2**step,
         eps=eps,
     )

@@ -153,7 +153,7 @@ def _fused_bucket(
     )
 
 
-def _upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
+def upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     """The tensors themselves when already in ``dtype``, otherwise working copies in it."""
     if tensors[0].dtype == dtype:
         return tensors
@@ -165,13 +165,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _store(targets: list[Tensor], work: list[Tensor]) -> None:
+def store(targets: list[Tensor], work: list[Tensor]) -> None:
     """Write fp32/fp64 working copies back to lower-precision tensors (round to nearest even)."""
     if work is not targets:
         torch._foreach_copy_(targets, work)
 
 
-def _store_stochastic(
+def store_stochastic(
     targets: list[Tensor],
     work: list[Tensor],
     positions: list[int],
@@ -186,19 +186,19 @@ def _store_stochastic(
         target.copy_(stochastic_round_to_bf16(new, stream_base(seed, position, step, role)))
 
 
-def _store_compensated(params: list[Tensor], work: list[Tensor], buffers: list[Tensor]) -> None:
+def store_compensated(params: list[Tensor], work: list[Tensor], buffers: list[Tensor]) -> None:
     """Kahan-compensated store of the new parameters ``work`` into low-precision ``params``.
 
     The update ``work - old``, plus the rounding error carried in ``buffers``, is added to the
     old parameter; what rounding to the parameter dtype loses of it goes back into ``buffers``,
     so updates below half an ulp accumulate instead of vanishing.
     """
-    old = _upcast(params, work[0].dtype)
+    old = upcast(params, work[0].dtype)
     update = torch._foreach_sub(work, old)
-    torch._foreach_add_(update, _upcast(buffers, work[0].dtype))
+    torch._foreach_add_(update, upcast(buffers, work[0].dtype))
     new = torch._foreach_add(old, update)
     torch._foreach_copy_(params, new)
-    applied = torch._foreach_sub(_upcast(params, work[0].dtype), old)
+    applied = torch._foreach_sub(upcast(params, work[0].dtype), old)
     torch._foreach_sub_(update, applied)
     torch._foreach_copy_(buffers, update)
 
@@ -252,7 +252,7 @@ def torch_step(
 
     if compensations is None:
         compensations = [None] * len(params)
-    groups = _group_by_device_and_dtype(
+    groups = group_by_device_and_dtype(
         [
             list(params),
             list(grads),
@@ -290,7 +290,7 @@ def torch_step(
                 for tensors in (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
             ]
             computing = compute_dtype(stored[0][0].dtype)
-            work = [_upcast(tensors, computing) for tensors in stored]
+            work = [upcast(tensors, computing) for tensors in stored]
             # Counters advance with their bucket (the fused kernel reads them), and go back if
             # the bucket's update fails: each tensor is either stepped or untouched.
             bucket_steps = list(select(group_steps, indices))
@@ -304,26 +304,50 @@ def torch_step(
             except BaseException:
                 torch._foreach_sub_(bucket_steps, 1)
                 raise
-            positions = select(group_positions, indices)
-            stochastic = {"seed": rounding_seed, "step": step}
-            for role, moments, new in (
-                (EXP_AVG_ROLE, stored[2], work[2]),
-                (EXP_AVG_SQ_ROLE, stored[3], work[3]),
-            ):
-                if rounds_stochastically(moments[0].dtype, rounding_seed):
-                    _store_stochastic(moments, new, positions, **stochastic, role=role)
-                else:
-                    _store(moments, new)
-            buffers = select(group_buffers, indices)
-            if buffers[0] is not None:
-                _store_compensated(stored[0], work[0], buffers)
-            elif rounds_stochastically(dtype, rounding_seed, stochastic_params):
-                _store_stochastic(stored[0], work[0], positions, **stochastic, role=PARAM_ROLE)
-            else:
-                _store(stored[0], work[0])
+            store_bucket(
+                stored,
+                work,
+                buffers=select(group_buffers, indices),
+                positions=select(group_positions, indices),
+                step=step,
+                rounding_seed=rounding_seed,
+                stochastic_params=stochastic_params,
+            )
 
 
-def _group_by_device_and_dtype(
+def store_bucket(
+    stored: list[Sequence[Tensor]],
+    work: list[Sequence[Tensor]],
+    *,
+    buffers: Sequence[Tensor | None],
+    positions: Sequence[int],
+    step: int,
+    rounding_seed: int | None,
+    stochastic_params: bool,
+) -> None:
+    """Store a bucket's working copies: ``stored``/``work`` are the (params, grads, first state,
+    second state) lists. The states round stochastically when bf16 (streams of roles
+    ``EXP_AVG_ROLE`` and ``EXP_AVG_SQ_ROLE``), the parameters with Kahan ``buffers``, by
+    stochastic rounding (``stochastic_params``) or to nearest even."""
+    stochastic = {"seed": rounding_seed, "step": step}
+    for role, states, new in (
+        (EXP_AVG_ROLE, stored[2], work[2]),
+        (EXP_AVG_SQ_ROLE, stored[3], work[3]),
+    ):
+        if rounds_stochastically(states[0].dtype, rounding_seed):
+            store_stochastic(states, new, positions, **stochastic, role=role)
+        else:
+            store(states, new)
+    params = stored[0]
+    if buffers[0] is not None:
+        store_compensated(params, work[0], buffers)
+    elif rounds_stochastically(params[0].dtype, rounding_seed, stochastic_params):
+        store_stochastic(params, work[0], positions, **stochastic, role=PARAM_ROLE)
+    else:
+        store(params, work[0])
+
+
+def group_by_device_and_dtype(
     tensor_lists: list[list[Tensor]],
 ) -> list[tuple[torch.dtype, list[list[Tensor]]]]:
     """Split parallel lists by the (device, dtype) of the first list's tensors (the parameters).

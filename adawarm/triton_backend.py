@@ -27,6 +27,9 @@ from adawarm.tensor_lists import DTYPE, IS_CPU, IS_CUDA, select
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
 STATE_DTYPES = (torch.float32, torch.bfloat16)
+# The lists of a launch that hold state tensors (one dtype per launch), and its scalar lists.
+STATE_LISTS = ("exp_avg", "exp_avg_sq", "z")
+SCALAR_LISTS = {"step": torch.float32, "weight_sum": torch.float64, "lr_max": torch.float64}
 
 
 @functools.cache
@@ -35,6 +38,20 @@ def _kernels():
     from adawarm.kernels import adawarm_step
 
     return adawarm_step
+
+
+@functools.cache
+def _common():
+    from adawarm.kernels import common
+
+    return common
+
+
+@functools.cache
+def _schedule_free_kernels():
+    from adawarm.kernels import schedule_free_step
+
+    return schedule_free_step
 
 
 # Whether triton is installed, found without importing it (importing triton is slow and
@@ -169,8 +186,9 @@ def _build_tables(
                     f"Tensors on two devices in one Triton launch: a {name} tensor is on "
                     f"{tensor.device}, its parameter on {device}; expected all on {device}"
                 )
-    state_dtype = lists["exp_avg"][0].dtype
-    for name in ("exp_avg", "exp_avg_sq"):
+    states = [name for name in lists if name in STATE_LISTS]
+    state_dtype = lists[states[0]][0].dtype
+    for name in states:
         for tensor in lists[name]:
             if tensor.dtype != state_dtype or state_dtype not in STATE_DTYPES:
                 raise RuntimeError(
@@ -182,10 +200,34 @@ def _build_tables(
                     f"The Triton kernel needs contiguous {name} tensors, got strides "
                     f"{tensor.stride()}"
                 )
-    for step in lists["step"]:
-        if step.dtype != torch.float32 or step.numel() != 1:
-            raise RuntimeError(f"The Triton kernel needs fp32 scalar steps, got {step.dtype}")
-    return _kernels().launch_tables(lists, device, pointers=pointers, stream_ids=stream_ids)
+    for name, dtype in SCALAR_LISTS.items():
+        for scalar in lists.get(name, ()):
+            if scalar.dtype != dtype or scalar.numel() != 1:
+                raise RuntimeError(
+                    f"The Triton kernel needs {dtype} scalar {name} tensors, got {scalar.dtype} "
+                    f"of shape {tuple(scalar.shape)}"
+                )
+    return _common().launch_tables(lists, device, pointers=pointers, stream_ids=stream_ids)
+
+
+def _tables(
+    table_cache: dict,
+    key: tuple,
+    lists: dict[str, Sequence[Tensor]],
+    device: torch.device,
+    positions: Sequence[int],
+    stochastic: bool,
+) -> dict[str, Tensor | int]:
+    """The launch tables of ``lists`` from ``table_cache[key]``, rebuilt when a pointer (or,
+    with ``stochastic`` stores, a tensor's stream) changed."""
+    pointers = tuple(_data_pointers(tensors) for tensors in lists.values())
+    signature = (*pointers, tuple(positions) if stochastic else ())
+    tables = table_cache.get(key)
+    if tables is None or tables.signature != signature:
+        stream_ids = list(positions) if stochastic else None
+        tables = PointerTables(signature, _build_tables(lists, pointers, device, stream_ids))
+        table_cache[key] = tables
+    return tables.tensors
 
 
 def triton_step(
@@ -234,18 +276,17 @@ def triton_step(
         state_dtype = lists["exp_avg"][0].dtype
         stochastic_state = rounds_stochastically(state_dtype, rounding_seed)
         stochastic_param = rounds_stochastically(dtype, rounding_seed, stochastic_params)
-        stochastic = stochastic_param or stochastic_state
-        pointers = tuple(_data_pointers(tensors) for tensors in lists.values())
         positions = range(len(params)) if indices is None else indices
-        signature = (*pointers, tuple(positions) if stochastic else ())
-        key = (device, dtype)
-        tables = table_cache.get(key)
-        if tables is None or tables.signature != signature:
-            stream_ids = list(positions) if stochastic else None
-            tables = PointerTables(signature, _build_tables(lists, pointers, device, stream_ids))
-            table_cache[key] = tables
+        tables = _tables(
+            table_cache,
+            (device, dtype),
+            lists,
+            device,
+            positions,
+            stochastic_param or stochastic_state,
+        )
         _kernels().launch_adawarm_step(
-            tables.tensors,
+            tables,
             param_dtype=dtype,
             state_dtype=state_dtype,
             lr=lr.to(device) if isinstance(lr, Tensor) else lr,
@@ -258,7 +299,115 @@ def triton_step(
             maximize=maximize,
             grad_scale=None if grad_scale is None else grad_scale.to(device),
             found_inf=None if found_inf is None else found_inf.to(device),
+            rounding_seed=rounding_seed if stochastic_param or stochastic_state else None,
+            stochastic_params=stochastic_param,
+            stochastic_state=stochastic_state,
+        )
+
+
+def triton_schedule_free_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    zs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    weight_sums: Sequence[Tensor],
+    lr_maxes: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    warmup_steps: int,
+    rectify: bool,
+    r: float,
+    weight_lr_power: float,
+    maximize: bool,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    table_cache: dict | None = None,
+    compensations: Sequence[Tensor | None] | None = None,
+    rounding_seed: int | None = None,
+    stochastic_params: bool = False,
+) -> None:
+    """One AdaWarmScheduleFree step through its Triton kernel, one launch per (device, dtype)
+    group, as :func:`triton_step`; ``state_steps`` (fp32), ``weight_sums`` and ``lr_maxes``
+    (fp64) are scalars on the parameters' device, advanced by the kernel. Stores round as in
+    :func:`adawarm.schedule_free_torch.schedule_free_torch_step`."""
+    if table_cache is None:
+        table_cache = {}
+    for device, dtype, indices in _launch_groups(params):
+        lists = {
+            "param": select(params, indices),
+            "z": select(zs, indices),
+            "exp_avg_sq": select(exp_avg_sqs, indices),
+            "grad": list(map(Tensor.contiguous, select(grads, indices))),
+            "step": select(state_steps, indices),
+            "weight_sum": select(weight_sums, indices),
+            "lr_max": select(lr_maxes, indices),
+        }
+        buffers = None if compensations is None else select(compensations, indices)
+        if buffers is not None and buffers[0] is not None:
+            lists["compensation"] = buffers
+        state_dtype = lists["z"][0].dtype
+        stochastic_state = rounds_stochastically(state_dtype, rounding_seed)
+        stochastic_param = rounds_stochastically(dtype, rounding_seed, stochastic_params)
+        positions = range(len(params)) if indices is None else indices
+        stochastic = stochastic_param or stochastic_state
+        tables = _tables(table_cache, (device, dtype), lists, device, positions, stochastic)
+        _schedule_free_kernels().launch_schedule_free_step(
+            tables,
+            param_dtype=dtype,
+            state_dtype=state_dtype,
+            lr=lr.to(device) if isinstance(lr, Tensor) else lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+            warmup_steps=warmup_steps,
+            rectify=rectify,
+            r=r,
+            weight_lr_power=weight_lr_power,
+            maximize=maximize,
+            grad_scale=None if grad_scale is None else grad_scale.to(device),
+            found_inf=None if found_inf is None else found_inf.to(device),
             rounding_seed=rounding_seed if stochastic else None,
             stochastic_params=stochastic_param,
             stochastic_state=stochastic_state,
+        )
+
+
+def triton_switch(
+    params: Sequence[Tensor],
+    zs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    weight: float,
+    compensations: Sequence[Tensor | None] | None = None,
+    rounding_seed: int | None = None,
+    stochastic_params: bool = False,
+) -> None:
+    """``p <- p + weight (z - p)`` through the switch kernel, one launch per (device, dtype)
+    group, as :func:`adawarm.schedule_free_torch.switch_torch` computes it. Its tables are
+    built for each call: a switch is not in a training step's path."""
+    for device, dtype, indices in _launch_groups(params):
+        lists = {
+            "param": select(params, indices),
+            "z": select(zs, indices),
+            "step": [step.to(device) for step in select(state_steps, indices)],
+        }
+        buffers = None if compensations is None else select(compensations, indices)
+        if buffers is not None and buffers[0] is not None:
+            lists["compensation"] = buffers
+        stochastic = rounds_stochastically(dtype, rounding_seed, stochastic_params)
+        positions = range(len(params)) if indices is None else indices
+        tables = _tables({}, (device, dtype), lists, device, positions, stochastic)
+        _schedule_free_kernels().launch_switch(
+            tables,
+            param_dtype=dtype,
+            state_dtype=lists["z"][0].dtype,
+            weight=weight,
+            rounding_seed=rounding_seed if stochastic else None,
+            stochastic_params=stochastic,
         )

@@ -186,3 +186,21 @@ def check_warmup_steps(warmup_steps: Any) -> None:
         )
     if warmup_steps < 0:
         raise ValueError(f"Invalid warmup_steps: {warmup_steps}, expected an int >= 0")
+
+
+def check_schedule_free_group(group: dict[str, Any]) -> None:
+    """Raise if any hyper-parameter of one AdaWarmScheduleFree group is out of its domain: those
+    it shares with AdaWarm, and the averaging's ``r`` and ``weight_lr_power``."""
+    check_group(group)
+    beta1 = group_betas(group)[0]
+    if beta1 == 0.0:
+        raise ValueError(
+            f"Invalid beta1: {group['betas'][0]!r}, expected 0 < beta1 < 1 (the eval point "
+            "x = y + (1 - 1/beta1)(z - y) needs beta1 > 0)"
+        )
+    for name in ("r", "weight_lr_power"):
+        value = group[name]
+        if not _is_real_number(value) or not math.isfinite(value) or value < 0.0:
+            raise ValueError(f"Invalid {name}: {value!r}, expected a finite float >= 0")
+    if not isinstance(group["train_mode"], bool):
+        raise TypeError(f"Invalid train_mode: {group['train_mode']!r}, expected True or False")

@@ -99,9 +99,9 @@ def measure(
     steps: int,
     copy_gbs: float,
 ) -> TuneRow:
-    from adawarm.kernels import adawarm_step
+    from adawarm.kernels import adawarm_step, common
 
-    tables = adawarm_step.launch_tables(lists, device, block_size=block_size)
+    tables = common.launch_tables(lists, device, block_size=block_size)
     case = tune_case.case
 
     def launch() -> None:

@@ -9,7 +9,7 @@ from helpers import assert_close, gradient_stream, make_params
 from hypothesis import strategies as st
 
 from adawarm import AdaWarm, adawarm
-from adawarm.kernels.adawarm_step import BLOCK_SIZE
+from adawarm.kernels.common import BLOCK_SIZE
 from adawarm.state import moment_like, needs_compensation
 
 GRAD_SCALE = 1024.0  # a power of two: scaling and unscaling are exact

@@ -19,8 +19,9 @@ from dataclasses import dataclass, field
 import torch
 
 from adawarm.kernels import adawarm_step as kernel
+from adawarm.kernels import common
 
-BLOCK = kernel.BLOCK_SIZE
+BLOCK = common.BLOCK_SIZE
 # Integer arguments the launcher passes (hyper-parameters as fp64 bit patterns, and counts).
 _INT64_ARGS = ("lr_bits", "beta1_bits", "beta2_bits", "eps_bits", "weight_decay_bits")
 _INT32_ARGS = ("warmup_steps", "rounding_seed")
@@ -57,10 +58,10 @@ class Variant:
         return self.state_dtype == torch.bfloat16 and not self.nearest_state
 
     def constexprs(self) -> dict:
-        param_align, state_align = kernel.vector_alignments(self.param_dtype, self.state_dtype)
+        param_align, state_align = common.vector_alignments(self.param_dtype, self.state_dtype)
         return {
-            "PARAM_DTYPE": kernel.TRITON_DTYPES[self.param_dtype],
-            "STATE_DTYPE": kernel.TRITON_DTYPES[self.state_dtype],
+            "PARAM_DTYPE": common.TRITON_DTYPES[self.param_dtype],
+            "STATE_DTYPE": common.TRITON_DTYPES[self.state_dtype],
             "KAHAN": self.kahan,
             "STOCHASTIC_PARAM": self.stochastic,
             "STOCHASTIC_STATE": self.stochastic_state,
@@ -79,9 +80,9 @@ class Variant:
         """The vector accesses of the full-block path, as PTX names them: per streamed array,
         ``elements per thread / elements per access`` accesses of 16 (``v4.b32``) or 8
         (``v2.b32``) bytes."""
-        param_align, state_align = kernel.vector_alignments(self.param_dtype, self.state_dtype)
-        elements = BLOCK // (kernel.default_num_warps(self.aligned) * 32)
-        per_access = kernel.VECTOR_BYTES // max(
+        param_align, state_align = common.vector_alignments(self.param_dtype, self.state_dtype)
+        elements = BLOCK // (common.default_num_warps(self.aligned) * 32)
+        per_access = common.VECTOR_BYTES // max(
             torch.empty((), dtype=d).element_size() for d in (self.param_dtype, self.state_dtype)
         )
         loads = [param_align, param_align, state_align, state_align]  # param, grad, m, v
@@ -155,8 +156,8 @@ def compile_variant(variant: Variant) -> MachineCode:
         source,
         target=GPUTarget("cuda", variant.arch, 32),
         options={
-            "num_warps": kernel.default_num_warps(variant.aligned),
-            "enable_fp_fusion": kernel.ENABLE_FP_FUSION,
+            "num_warps": common.default_num_warps(variant.aligned),
+            "enable_fp_fusion": common.ENABLE_FP_FUSION,
         },
     )
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:

@@ -14,7 +14,7 @@ import torch
 from kernel_cases import assert_same_params_and_state, optimizer_trajectory
 
 from adawarm import AdaWarm
-from adawarm.kernels.adawarm_step import BLOCK_SIZE
+from adawarm.kernels.common import BLOCK_SIZE
 from bench.graphs import WARMUP_CALLS, replayable
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")

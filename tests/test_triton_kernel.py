@@ -20,8 +20,9 @@ from kernel_cases import (
 
 import adawarm.triton_backend
 from adawarm import AdaWarm, step_schedule
-from adawarm.kernels import adawarm_step
-from adawarm.kernels.adawarm_step import BLOCK_SIZE, kernel_schedule
+from adawarm.kernels import adawarm_step, common
+from adawarm.kernels.adawarm_step import kernel_schedule
+from adawarm.kernels.common import BLOCK_SIZE
 from adawarm.schedule import resolve_warmup_steps
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -78,7 +79,7 @@ def test_other_block_sizes_and_warps_update_like_the_default(block_size, num_war
             "exp_avg_sq": [torch.zeros_like(p) for p in params],
             "step": [torch.zeros((), device=DEVICE) for _ in params],
         }
-        tables = adawarm_step.launch_tables(lists, DEVICE, block_size=block)
+        tables = common.launch_tables(lists, DEVICE, block_size=block)
         for _ in range(8):  # past the rectification threshold
             for grad in lists["grad"]:
                 grad.copy_(torch.randn(grad.shape, generator=generator))
@@ -98,7 +99,7 @@ def test_other_block_sizes_and_warps_update_like_the_default(block_size, num_war
             )
         return [t for name, tensors in lists.items() if name != "grad" for t in tensors]
 
-    tuned, default = run(block_size, num_warps), run(BLOCK_SIZE, adawarm_step.NUM_WARPS)
+    tuned, default = run(block_size, num_warps), run(BLOCK_SIZE, common.NUM_WARPS)
     assert float(tuned[-1]) == 8.0
     assert_bit_identical(tuned, default)
 
@@ -266,21 +267,21 @@ def launch_lists(param_dtype, state_dtype, misaligned: str | None, offset_elemen
 
 @pytest.mark.parametrize("misaligned", ["param", "grad", "exp_avg", "exp_avg_sq", "compensation"])
 def test_one_misaligned_pointer_sends_the_launch_to_the_unaligned_variant(misaligned):
-    assert adawarm_step.launch_tables(launch_lists(torch.bfloat16, torch.float32, None), DEVICE)[
+    assert common.launch_tables(launch_lists(torch.bfloat16, torch.float32, None), DEVICE)[
         "aligned"
     ]
     lists = launch_lists(torch.bfloat16, torch.float32, misaligned)
-    assert not adawarm_step.launch_tables(lists, DEVICE)["aligned"]
+    assert not common.launch_tables(lists, DEVICE)["aligned"]
 
 
 def test_mixed_width_launches_need_8_bytes_of_the_narrow_dtype():
     # bf16 parameters beside fp32 moments move 4 elements (8 bytes) per access.
-    assert adawarm_step.vector_alignments(torch.bfloat16, torch.float32) == (8, 16)
-    assert adawarm_step.vector_alignments(torch.bfloat16, torch.bfloat16) == (16, 16)
+    assert common.vector_alignments(torch.bfloat16, torch.float32) == (8, 16)
+    assert common.vector_alignments(torch.bfloat16, torch.bfloat16) == (16, 16)
     four_elements_in = launch_lists(torch.bfloat16, torch.float32, "param", offset_elements=4)
-    assert adawarm_step.launch_tables(four_elements_in, DEVICE)["aligned"]
+    assert common.launch_tables(four_elements_in, DEVICE)["aligned"]
     fp32_moments_8_bytes_in = launch_lists(torch.bfloat16, torch.float32, "exp_avg", 2)
-    assert not adawarm_step.launch_tables(fp32_moments_8_bytes_in, DEVICE)["aligned"]
+    assert not common.launch_tables(fp32_moments_8_bytes_in, DEVICE)["aligned"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,0 +1,250 @@
+"""The PyTorch backend of AdaWarmScheduleFree: its step and its train/eval switches, any device.
+
+A step applies one :class:`~adawarm.schedule.ScheduleFreeStep` to a *bucket*: tensors that share
+device, dtype, step count and the average's state (``weight_sum``, ``lr_max``), in one of two
+implementations -- ``reference``, one tensor at a time with plain tensor ops, and ``foreach``,
+``torch._foreach_*`` ops over the bucket. No ``torch._fused_*`` kernel computes this update
+(torch's fused Adam kernels keep a first moment and no averaged iterate), so there is no fused
+implementation: on a GPU the Triton kernel is the fused one. As in
+:mod:`adawarm.torch_backend`, lower-precision tensors are updated through fp32 working copies
+and stored back: bf16 state by stochastic rounding (``z`` draws the stream of the first state
+role, ``exp_avg_sq`` of the second), parameters to nearest even, with Kahan compensation or by
+stochastic rounding. The gradients are read, never written.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from adawarm.rounding import SWITCH_ROLE, rounds_stochastically
+from adawarm.schedule import ScheduleFreeStep, schedule_free_step
+from adawarm.tensor_lists import select
+from adawarm.torch_backend import (
+    compute_dtype,
+    group_by_device_and_dtype,
+    store,
+    store_bucket,
+    store_compensated,
+    store_stochastic,
+    upcast,
+)
+
+IMPLEMENTATIONS = ("reference", "foreach")
+
+
+def _reference_bucket(
+    params: list[Tensor],
+    grads: list[Tensor],
+    zs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    schedule: ScheduleFreeStep,
+    *,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    for y, grad, z, exp_avg_sq in zip(params, grads, zs, exp_avg_sqs, strict=True):
+        if maximize:
+            grad = -grad
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = exp_avg_sq.div(schedule.bias_correction2).sqrt_().add_(schedule.eps)
+        normalized = grad.div(denom)
+        if weight_decay != 0.0:
+            normalized.add_(y, alpha=weight_decay)  # decay at y, as schedulefree
+        y.lerp_(z, schedule.average)
+        y.add_(normalized, alpha=schedule.y_coefficient)
+        z.sub_(normalized, alpha=schedule.lr)
+
+
+def _foreach_bucket(
+    params: list[Tensor],
+    grads: list[Tensor],
+    zs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    schedule: ScheduleFreeStep,
+    *,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+) -> None:
+    if maximize:
+        grads = torch._foreach_neg(grads)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
+    denom = torch._foreach_div(exp_avg_sqs, schedule.bias_correction2)
+    torch._foreach_sqrt_(denom)
+    torch._foreach_add_(denom, schedule.eps)
+    normalized = torch._foreach_div(grads, denom)
+    if weight_decay != 0.0:
+        torch._foreach_add_(normalized, params, alpha=weight_decay)
+    torch._foreach_lerp_(params, zs, schedule.average)
+    torch._foreach_add_(params, normalized, alpha=schedule.y_coefficient)
+    torch._foreach_sub_(zs, normalized, alpha=schedule.lr)
+
+
+_BUCKET_STEPS = {"reference": _reference_bucket, "foreach": _foreach_bucket}
+
+
+def schedule_free_torch_step(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    zs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    weight_sums: Sequence[Tensor],
+    lr_maxes: Sequence[Tensor],
+    *,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    warmup_steps: int,
+    rectify: bool,
+    r: float,
+    weight_lr_power: float,
+    maximize: bool,
+    implementation: str | None = None,
+    grad_scale: Tensor | None = None,
+    found_inf: Tensor | None = None,
+    compensations: Sequence[Tensor | None] | None = None,
+    rounding_seed: int | None = None,
+    stochastic_params: bool = False,
+) -> None:
+    """One schedule-free step over one parameter group's tensors, in train mode (``params``
+    hold ``y``; ``warmup_steps`` resolved to an int).
+
+    ``state_steps`` (fp32), ``weight_sums`` and ``lr_maxes`` (fp64) are scalar CPU tensors,
+    advanced here. Stores round as in :func:`adawarm.torch_backend.torch_step`. With
+    ``found_inf`` set (GradScaler) nothing changes; ``grad_scale`` divides the gradients.
+    ``implementation=None`` is ``foreach``.
+    """
+    if found_inf is not None and bool(found_inf.item()):
+        return
+    if not params:
+        return
+    if grad_scale is not None:
+        grads = torch._foreach_div(list(grads), grad_scale.to(grads[0].device))
+    if isinstance(lr, Tensor):
+        lr = float(lr.item())
+    if compensations is None:
+        compensations = [None] * len(params)
+    lists = [
+        list(tensors)
+        for tensors in (params, grads, zs, exp_avg_sqs, state_steps, weight_sums, lr_maxes)
+    ]
+    groups = group_by_device_and_dtype([*lists, list(compensations), list(range(len(params)))])
+    for _dtype, tensor_lists in groups:
+        group_tensors, counters = tensor_lists[:4], tensor_lists[4:7]
+        group_buffers, group_positions = tensor_lists[7:]
+        for (previous_step, weight_sum, lr_max), indices in _buckets(*counters):
+            schedule = schedule_free_step(
+                previous_step + 1,
+                lr=lr,
+                beta1=beta1,
+                beta2=beta2,
+                eps=eps,
+                warmup_steps=warmup_steps,
+                rectify=rectify,
+                r=r,
+                weight_lr_power=weight_lr_power,
+                lr_max=lr_max,
+                weight_sum=weight_sum,
+            )
+            stored = [select(tensors, indices) for tensors in group_tensors]
+            computing = compute_dtype(stored[0][0].dtype)
+            work = [upcast(list(tensors), computing) for tensors in stored]
+            _BUCKET_STEPS[implementation or "foreach"](
+                *work,
+                schedule,
+                beta2=beta2,
+                weight_decay=weight_decay,
+                maximize=maximize,
+            )
+            store_bucket(
+                stored,
+                work,
+                buffers=select(group_buffers, indices),
+                positions=select(group_positions, indices),
+                step=schedule.step,
+                rounding_seed=rounding_seed,
+                stochastic_params=stochastic_params,
+            )
+            step_counters, sums, maxima = (select(c, indices) for c in counters)
+            torch._foreach_add_(list(step_counters), 1)
+            for tensor in sums:
+                tensor.fill_(schedule.weight_sum)
+            for tensor in maxima:
+                tensor.fill_(schedule.lr_max)
+
+
+def _buckets(
+    steps: list[Tensor], weight_sums: list[Tensor], lr_maxes: list[Tensor]
+) -> list[tuple[tuple[int, float, float], list[int] | None]]:
+    """The distinct (step count, weight sum, rate maximum) and which tensors have each
+    (``None``: all of them)."""
+    keys = [
+        (int(step.item()), float(weight_sum.item()), float(lr_max.item()))
+        for step, weight_sum, lr_max in zip(steps, weight_sums, lr_maxes, strict=True)
+    ]
+    if all(key == keys[0] for key in keys):
+        return [(keys[0], None)]
+    by_key: dict[tuple[int, float, float], list[int]] = defaultdict(list)
+    for index, key in enumerate(keys):
+        by_key[key].append(index)
+    return list(by_key.items())
+
+
+def switch_torch(
+    params: Sequence[Tensor],
+    zs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
+    *,
+    weight: float,
+    compensations: Sequence[Tensor | None] | None = None,
+    rounding_seed: int | None = None,
+    stochastic_params: bool = False,
+    foreach: bool = True,
+) -> None:
+    """Move the parameters between ``y`` and ``x``: ``p <- p + weight (z - p)``, with
+    ``weight = 1 - 1/beta1`` (train -> eval) or ``1 - beta1`` (eval -> train).
+
+    A Kahan-compensated parameter moves from its compensated value ``p + buffer``; bf16
+    parameters with ``stochastic_params`` round stochastically from the stream of role
+    ``SWITCH_ROLE`` at the parameter's step count.
+    """
+    if not params:
+        return
+    if compensations is None:
+        compensations = [None] * len(params)
+    lists = [list(params), list(zs), list(state_steps), list(compensations)]
+    groups = group_by_device_and_dtype([*lists, list(range(len(params)))])
+    for dtype, (group_params, group_zs, steps, buffers, positions) in groups:
+        computing = compute_dtype(dtype)
+        work = upcast(list(group_params), computing)
+        if buffers[0] is not None:
+            torch._foreach_add_(work, upcast(list(buffers), computing))
+        ends = upcast(list(group_zs), computing)
+        if foreach:
+            torch._foreach_lerp_(work, ends, weight)
+        else:
+            for moved, end in zip(work, ends, strict=True):
+                moved.lerp_(end, weight)
+        if buffers[0] is not None:
+            # work already holds the buffer: the compensated store carries only the new residue
+            torch._foreach_zero_(list(buffers))
+            store_compensated(list(group_params), work, list(buffers))
+        elif rounds_stochastically(dtype, rounding_seed, stochastic_params):
+            for param, moved, position, step in zip(
+                group_params, work, positions, steps, strict=True
+            ):
+                store_stochastic(
+                    [param], [moved], [position], seed=rounding_seed, step=int(step.item()),
+                    role=SWITCH_ROLE,
+                )  # fmt: skip
+        else:
+            store(list(group_params), work)

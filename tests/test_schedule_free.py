@@ -1,0 +1,292 @@
+"""AdaWarmScheduleFree against schedulefree's AdamWScheduleFree and RAdamScheduleFree, and its
+own rules: train/eval, checkpoints, skipped and failed steps, what a step reads and writes."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from helpers import ODD_SHAPES, assert_close, gradient_stream, make_params
+from hypothesis import given
+from hypothesis import strategies as st
+
+from adawarm import AdaWarmScheduleFree
+from adawarm.schedule import rho
+
+schedulefree = pytest.importorskip(
+    "schedulefree", reason="the test extra: pip install -e '.[test]'"
+)
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+STEPS = 32
+# Where the parity runs switch to eval and back (as a training loop that evaluates would).
+EVALUATIONS = (3, 11, 12, 25)
+SETTINGS = {"lr": 0.02, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.05}
+# backend and torch implementation; the kernel takes fp32/bf16/fp16 parameters.
+EXECUTIONS = {
+    "torch reference": {"backend": "torch", "foreach": False},
+    "torch foreach": {"backend": "torch", "foreach": True},
+    "triton": {"backend": "triton"},
+}
+
+
+def trajectory(optimizer, params, grads, switch_at=EVALUATIONS):
+    """Train ``optimizer`` over ``grads``, evaluating (eval, then train) after the steps in
+    ``switch_at``; the parameters in train and in eval mode at the end, and the states."""
+    optimizer.train()
+    for index, step_grads in enumerate(grads):
+        for param, grad in zip(params, step_grads, strict=True):
+            param.grad = grad.to(param.device)
+        optimizer.step()
+        if index in switch_at:
+            optimizer.eval()
+            optimizer.train()
+    at_y = [p.detach().clone() for p in params]
+    optimizer.eval()
+    at_x = [p.detach().clone() for p in params]
+    states = [optimizer.state[p] for p in params]
+    return at_y, at_x, states
+
+
+def assert_same(ours, theirs, dtype):
+    for name, mine, reference in zip(("y", "x"), ours[:2], theirs[:2], strict=True):
+        for index, (a, b) in enumerate(zip(mine, reference, strict=True)):
+            assert_close(a.cpu(), b.cpu(), dtype, f"{name} of parameter {index}")
+    for index, (state, reference) in enumerate(zip(ours[2], theirs[2], strict=True)):
+        if not reference:
+            assert not state
+            continue
+        for key in ("z", "exp_avg_sq"):
+            assert_close(state[key].cpu().to(dtype), reference[key], dtype, f"{key} {index}")
+
+
+def schedulefree_trajectory(shapes, dtype, grads, **settings):
+    params = make_params(shapes, dtype, 3)
+    optimizer = schedulefree.AdamWScheduleFree(params, **settings)
+    return trajectory(optimizer, params, grads)
+
+
+@pytest.mark.parametrize(
+    ("execution", "dtype"),
+    [(execution, torch.float32) for execution in EXECUTIONS]
+    # the Triton kernel takes fp32, bf16 and fp16 parameters
+    + [(execution, torch.float64) for execution in EXECUTIONS if execution != "triton"],
+    ids=str,
+)
+def test_equals_schedulefree_adamw_with_a_linear_ramp(execution, dtype):
+    shapes = [s for s in ODD_SHAPES if s != (0,)] + [(0,)]
+    grads = gradient_stream(shapes, dtype, STEPS, 3)
+    options = {**SETTINGS, "warmup_steps": 7, "r": 0.5, "weight_lr_power": 2.0}
+    params = [p.detach().to(DEVICE).requires_grad_() for p in make_params(shapes, dtype, 3)]
+    ours = AdaWarmScheduleFree(params, **options, rectify=False, **EXECUTIONS[execution])
+    result = trajectory(ours, params, grads)
+    expected = schedulefree_trajectory(shapes, dtype, grads, **options)
+    assert_same(result, expected, dtype)
+    assert all(float(state["step"]) == STEPS for state in result[2])
+
+
+@given(
+    lr=st.floats(1e-4, 0.1),
+    beta1=st.floats(0.5, 0.99),
+    beta2=st.floats(0.8, 0.9999),
+    weight_decay=st.floats(0.0, 0.3),
+    warmup_steps=st.integers(0, 40),
+    r=st.sampled_from([0.0, 0.5, 1.0]),
+    weight_lr_power=st.sampled_from([0.0, 1.0, 2.0, 2.5]),
+)
+def test_equals_schedulefree_over_its_hyper_parameters(
+    lr, beta1, beta2, weight_decay, warmup_steps, r, weight_lr_power
+):
+    shapes, dtype = [(5,), (2, 3)], torch.float64
+    grads = gradient_stream(shapes, dtype, STEPS, 5)
+    options = {
+        "lr": lr,
+        "betas": (beta1, beta2),
+        "weight_decay": weight_decay,
+        "warmup_steps": warmup_steps,
+        "r": r,
+        "weight_lr_power": weight_lr_power,
+    }
+    params = make_params(shapes, dtype, 3)
+    result = trajectory(AdaWarmScheduleFree(params, **options, backend="torch"), params, grads)
+    assert_same(result, schedulefree_trajectory(shapes, dtype, grads, **options), dtype)
+
+
+def test_rectified_it_is_radam_schedulefree_silent_where_torchs_radam_is():
+    # RAdamScheduleFree takes an adaptive step once rho_t > 4, torch's RAdam (and AdaWarm) once
+    # rho_t > 5: at beta2 = 0.999 that is step 5 alone (rho_5 = 4.996), where AdaWarmScheduleFree
+    # is silent. RAdamScheduleFree with its rate set to 0 at that step is the same optimizer.
+    beta2 = 0.999
+    between = [t for t in range(1, STEPS + 1) if 4.0 < rho(t, beta2) <= 5.0]
+    assert between == [5]
+    shapes, dtype = [(7,), (3, 5)], torch.float64
+    grads = gradient_stream(shapes, dtype, STEPS, 7)
+    settings = {**SETTINGS, "betas": (0.9, beta2)}
+    params = make_params(shapes, dtype, 3)
+    ours = AdaWarmScheduleFree(params, **settings, warmup_steps=0, rectify=True, backend="torch")
+    result = trajectory(ours, params, grads)
+
+    def radam(silenced: bool):
+        params = make_params(shapes, dtype, 3)
+        optimizer = schedulefree.RAdamScheduleFree(params, **settings)
+        optimizer.train()
+        for index, step_grads in enumerate(grads):
+            for param, grad in zip(params, step_grads, strict=True):
+                param.grad = grad.clone()
+            optimizer.param_groups[0]["lr"] = 0.0 if silenced and index + 1 in between else 0.02
+            optimizer.step()
+            if index in EVALUATIONS:
+                optimizer.eval()
+                optimizer.train()
+        at_y = [p.detach().clone() for p in params]
+        optimizer.eval()
+        return at_y, [p.detach().clone() for p in params], [optimizer.state[p] for p in params]
+
+    assert_same(result, radam(silenced=True), dtype)
+    with pytest.raises(AssertionError):  # as it is, RAdamScheduleFree moves at step 5
+        assert_same(result, radam(silenced=False), dtype)
+
+
+def fresh(shapes=((5,), (2, 3)), dtype=torch.float32, **options):
+    params = [p.detach().to(DEVICE).requires_grad_() for p in make_params(shapes, dtype, 3)]
+    return params, AdaWarmScheduleFree(params, **options)
+
+
+def set_grads(params, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator).to(param)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_step_in_eval_mode_raises_naming_train_and_changes_nothing(backend):
+    params, optimizer = fresh(backend=backend)
+    set_grads(params, 0)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(RuntimeError, match=r"call optimizer\.train\(\)"):
+        optimizer.step()  # a new optimizer is in eval mode, as schedulefree's
+    assert not optimizer.state[params[0]]
+    optimizer.train()
+    optimizer.step()
+    optimizer.eval()
+    stepped = [p.detach().clone() for p in params]
+    state = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(RuntimeError, match=r"eval mode.*optimizer\.train\(\)"):
+        optimizer.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, stepped, strict=True))
+    assert str(optimizer.state_dict()) == str(state)
+    assert not all(torch.equal(a, b) for a, b in zip(before, stepped, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_train_and_eval_are_idempotent(backend):
+    params, optimizer = fresh(backend=backend, lr=0.05, warmup_steps=2)
+    optimizer.train()
+    for seed in range(5):
+        set_grads(params, seed)
+        optimizer.step()
+    optimizer.train()  # already in train mode: nothing moves
+    at_y = [p.detach().clone() for p in params]
+    optimizer.eval()
+    at_x = [p.detach().clone() for p in params]
+    optimizer.eval()
+    assert all(torch.equal(a, b) for a, b in zip(params, at_x, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(at_x, at_y, strict=True))
+    optimizer.train()
+    for a, b in zip(params, at_y, strict=True):
+        assert_close(a.detach(), b, torch.float32, "y after eval and train")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_step_reads_the_gradients_without_writing_them(backend):
+    params, optimizer = fresh(backend=backend, weight_decay=0.1)
+    optimizer.train()
+    set_grads(params, 0)
+    grads = [p.grad.clone() for p in params]
+    optimizer.step()
+    assert all(torch.equal(p.grad, g) for p, g in zip(params, grads, strict=True))
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_skipped_step_changes_nothing_and_does_not_advance_the_average(backend):
+    params, optimizer = fresh(backend=backend, warmup_steps=3)
+    optimizer.train()
+    set_grads(params, 0)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    values = [p.detach().clone() for p in params]
+    set_grads(params, 1)
+    found_inf = torch.ones((), device=DEVICE)
+    optimizer.step(grad_scale=torch.tensor(2.0, device=DEVICE), found_inf=found_inf)
+    assert all(torch.equal(a, b) for a, b in zip(params, values, strict=True))
+    for key, value in optimizer.state_dict()["state"].items():
+        for name, tensor in value.items():
+            assert torch.equal(tensor.cpu(), saved["state"][key][name].cpu()), name
+
+
+def test_a_failed_first_step_puts_everything_back(monkeypatch):
+    import adawarm.schedule_free as module
+
+    params, optimizer = fresh(backend="torch")
+    optimizer.train()
+    set_grads(params, 0)
+    optimizer.step()
+    before = copy.deepcopy(optimizer.state_dict())
+    values = [p.detach().clone() for p in params]
+
+    def failing(*args, **kwargs):
+        args[1][0].add_(1.0)  # a change, then a failure: the step must undo it
+        raise RuntimeError("kernel failed")
+
+    monkeypatch.setattr(module, "run_schedule_free", failing)
+    set_grads(params, 1)
+    with pytest.raises(RuntimeError, match="as they were before the step"):
+        optimizer.step(grad_scale=torch.ones((), device=DEVICE))  # a configuration not run yet
+    assert all(torch.equal(a, b) for a, b in zip(params, values, strict=True))
+    assert str(optimizer.state_dict()) == str(before)
+
+
+def test_groups_without_gradients_and_groups_added_later():
+    params, optimizer = fresh(backend="torch")
+    frozen = torch.zeros(4, device=DEVICE, requires_grad=True)
+    optimizer.add_param_group({"params": [frozen], "lr": 0.1})
+    optimizer.train()
+    set_grads(params, 0)
+    optimizer.step()
+    assert not optimizer.state[frozen]  # no gradient: no state, no change
+    late = torch.ones(3, device=DEVICE, requires_grad=True)
+    optimizer.add_param_group({"params": [late], "warmup_steps": 0})
+    assert optimizer.param_groups[-1]["train_mode"] is False  # a new group starts in eval mode
+    with pytest.raises(RuntimeError, match=r"group 2.*optimizer\.train\(\)"):
+        optimizer.step()
+    optimizer.train()
+    late.grad = torch.ones(3, device=DEVICE)
+    optimizer.step()
+    assert float(optimizer.state[late]["step"]) == 1.0
+    assert float(optimizer.state[params[0]]["step"]) == 2.0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"betas": (0.0, 0.999)}, "Invalid beta1: 0.0"),
+        ({"r": -1.0}, "Invalid r: -1.0"),
+        ({"weight_lr_power": float("nan")}, "Invalid weight_lr_power: nan"),
+        ({"lr": -1.0}, "Invalid lr: -1.0"),
+    ],
+)
+def test_bad_hyper_parameters_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        AdaWarmScheduleFree([torch.zeros(2, requires_grad=True)], **options)
+
+
+def test_fused_on_the_cpu_is_refused_before_any_change():
+    params, optimizer = fresh(backend=None, fused=True)
+    if DEVICE.type == "cuda":
+        pytest.skip("on a GPU fused=True is the Triton kernel")
+    optimizer.train()
+    set_grads(params, 0)
+    with pytest.raises(RuntimeError, match="no fused PyTorch kernel"):
+        optimizer.step()
+    assert not optimizer.state[params[0]]
