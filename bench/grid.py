@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from adawarm import schedule_free
 from adawarm.optimizer import DEFAULT_RECTIFY, DEFAULT_WARMUP_STEPS
 from adawarm.schedule import resolve_warmup_steps
 
@@ -52,7 +53,7 @@ class Method:
     float below 1), a name AdaWarm resolves ("auto", "untuned") or :data:`PREVIOUS_RULE`."""
 
     name: str
-    kind: str  # "adamw", "radam", "adawarm" or "schedulefree"
+    kind: str  # "adamw", "radam", "adawarm", "schedulefree" or "adawarm-schedulefree"
     warmup: int | float | str = 0
     rectify: bool = False
     param_dtype: str = "float32"  # "bfloat16": bf16 parameters, no fp32 master copy
@@ -60,7 +61,14 @@ class Method:
     state_dtype: str = "float32"  # "bfloat16": bf16 moments
     # AdaWarm is told the run's length (total_steps), as the documentation asks users to.
     knows_length: bool = False
-    is_default: bool = False  # the row the promises are checked on
+    is_default: bool = False  # the row AdaWarm's promises are checked on
+    is_schedule_free_default: bool = False  # the row AdaWarmScheduleFree's are checked on
+
+    @property
+    def schedule_free(self) -> bool:
+        """Whether the method is schedule-free: a constant rate with its own warmup, evaluated
+        at its averaged iterate."""
+        return self.kind in ("schedulefree", "adawarm-schedulefree")
 
     def warmup_steps(self, cell: Cell) -> int:
         """The warmup length this method uses in ``cell``."""
@@ -76,6 +84,34 @@ class Method:
 
 DEFAULT_NAME = "AdaWarm default"
 ADAMW_NO_WARMUP = "AdamW no warmup"
+SCHEDULE_FREE = "schedule-free AdamW"  # schedulefree's AdamWScheduleFree, its 5 % warmup
+SCHEDULE_FREE_NO_WARMUP = "schedule-free AdamW no warmup"
+SCHEDULE_FREE_DEFAULT = "AdaWarmScheduleFree default"
+
+
+def schedule_free_methods() -> list[Method]:
+    """schedulefree's AdamWScheduleFree with and without its warmup, AdaWarmScheduleFree's
+    defaults (told the run's length), and the rules they were chosen over."""
+    return [
+        Method(SCHEDULE_FREE_NO_WARMUP, "schedulefree", 0),
+        Method(SCHEDULE_FREE, "schedulefree", SCHEDULE_FREE_WARMUP),
+        Method(
+            SCHEDULE_FREE_DEFAULT,
+            "adawarm-schedulefree",
+            schedule_free.DEFAULT_WARMUP_STEPS,
+            schedule_free.DEFAULT_RECTIFY,
+            knows_length=True,
+            is_schedule_free_default=True,
+        ),
+        Method(
+            f"{SCHEDULE_FREE_DEFAULT} without total_steps",
+            "adawarm-schedulefree",
+            schedule_free.DEFAULT_WARMUP_STEPS,
+            schedule_free.DEFAULT_RECTIFY,
+        ),
+        Method("AdaWarmScheduleFree warmup 5%", "adawarm-schedulefree", SCHEDULE_FREE_WARMUP),
+        Method("AdaWarmScheduleFree rectify only", "adawarm-schedulefree", 0, True),
+    ]
 
 
 def tuned_name(fraction: float) -> str:
@@ -92,13 +128,12 @@ def methods_for(cell: Cell) -> list[Method]:
         knows_length=True,
         is_default=True,
     )
-    schedule_free = Method("schedule-free AdamW", "schedulefree", SCHEDULE_FREE_WARMUP)
     if cell.schedule == USER_SCHEDULE:
         return [
             Method("AdamW", "adamw"),
             default,
             Method("AdaWarm, its ramp on top (warmup_steps=50)", "adawarm", 50),
-            schedule_free,
+            *schedule_free_methods(),
         ]
     return [
         Method(ADAMW_NO_WARMUP, "adamw"),
@@ -108,7 +143,7 @@ def methods_for(cell: Cell) -> list[Method]:
         Method(f"AdaWarm ramp {PREVIOUS_RULE} (previous default)", "adawarm", PREVIOUS_RULE),
         Method("AdaWarm ramp 2/(1-beta2) (untuned)", "adawarm", "untuned"),
         Method("AdaWarm rectify only (RAdam)", "adawarm", 0, True),
-        schedule_free,
+        *schedule_free_methods(),
     ]
 
 

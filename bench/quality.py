@@ -31,6 +31,8 @@ from bench.grid import (
     DEFAULT_NAME,
     PRECISION_LIMIT,
     PRECISION_LR,
+    SCHEDULE_FREE,
+    SCHEDULE_FREE_NO_WARMUP,
     TUNED_WARMUPS,
     USER_SCHEDULE,
     Cell,
@@ -225,6 +227,87 @@ def check_cell(table: Table, cell: Cell, default: str) -> list[Verdict]:
     ]
 
 
+# AdaWarmScheduleFree's promise: within this of the better schedulefree variant at every rate
+# where that trains.
+SCHEDULE_FREE_LIMIT = 0.01
+
+
+def best_schedulefree(table: Table, cell: Cell, lr: float) -> Result:
+    """The better of schedulefree's AdamWScheduleFree without warmup and with its 5 %."""
+    return min(
+        (table[(cell.name, name, lr)] for name in (SCHEDULE_FREE_NO_WARMUP, SCHEDULE_FREE)),
+        key=lambda r: r.mean,
+    )
+
+
+def check_schedule_free_cell(table: Table, cell: Cell, default: str) -> list[Verdict]:
+    """AdaWarmScheduleFree's promises in one cell: within SCHEDULE_FREE_LIMIT of the better
+    schedulefree variant at every rate where that has no collapsed run, and no significantly
+    more collapses than it at any rate."""
+    mine = {lr: table[(cell.name, default, lr)] for lr in cell.lrs}
+    theirs = {lr: best_schedulefree(table, cell, lr) for lr in cell.lrs}
+    training = [lr for lr in cell.lrs if theirs[lr].collapsed == 0]
+    gaps = {lr: mine[lr].mean - theirs[lr].mean for lr in training}
+    worst = max(gaps, key=gaps.get, default=None)
+    collapsed = [lr for lr in cell.lrs if collapses_more(mine[lr], theirs[lr])]
+    collapsing = [lr for lr in cell.lrs if mine[lr].collapsed]
+    counts = "; ".join(
+        f"lr {lr:g}: {collapse_counts(mine[lr], theirs[lr])}" for lr in (collapsed or collapsing)
+    )
+    return [
+        Verdict(
+            cell.name,
+            f"within {SCHEDULE_FREE_LIMIT} nats of the better schedulefree at every rate where "
+            "it trains",
+            all(gap <= SCHEDULE_FREE_LIMIT for gap in gaps.values()),
+            "no rate where schedulefree trains"
+            if worst is None
+            else f"largest gap {gaps[worst]:+.3f} at lr {worst:g}",
+            cell.seeds,
+        ),
+        Verdict(
+            cell.name,
+            "no collapse where the better schedulefree has none, nor significantly more",
+            not collapsed,
+            f"collapses more: {counts}" if collapsed else (counts or "none"),
+            cell.seeds,
+        ),
+    ]
+
+
+def schedule_free_default(table: Table, cells: list[Cell]) -> str | None:
+    """AdaWarmScheduleFree's default, if every cell has its runs and both schedulefree
+    variants' (a saved grid may predate them)."""
+    methods = [m for m in methods_for(cells[0]) if m.is_schedule_free_default]
+    names = [*(m.name for m in methods), SCHEDULE_FREE_NO_WARMUP, SCHEDULE_FREE]
+    measured = all(
+        (cell.name, name, lr) in table for cell in cells for name in names for lr in cell.lrs
+    )
+    return methods[0].name if methods and measured else None
+
+
+def schedule_free_summary(table: Table, cells: list[Cell], default: str) -> list[str]:
+    """One line per cell: the better schedulefree at its best rate, AdaWarmScheduleFree's
+    default there and at its own best rate, and AdaWarm's default (AdamW with a schedule) at its
+    best rate."""
+    lines = [
+        "| cell | better schedulefree (lr) | AdaWarmScheduleFree default, same lr | "
+        "AdaWarmScheduleFree default at its best lr | AdaWarm default at its best lr |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for cell in cells:
+        free, free_lr = min((best_schedulefree(table, cell, lr).mean, lr) for lr in cell.lrs)
+        mine = table[(cell.name, default, free_lr)]
+        mine_best, mine_lr = best(table, cell, default)
+        adawarm, adawarm_lr = best(table, cell, DEFAULT_NAME)
+        lines.append(
+            f"| {cell.name} | {free:.3f} ({free_lr:g}) | {mine.text()} ({mine.mean - free:+.3f})"
+            f" | {mine_best:.3f} ({mine_lr:g}) | {adawarm:.3f} ({adawarm_lr:g}; "
+            f"{adawarm - mine_best:+.3f} vs AdaWarmScheduleFree) |"
+        )
+    return lines
+
+
 def best(table: Table, cell: Cell, method: str) -> tuple[float, float]:
     """(mean, lr) of a method at its best rate in a cell."""
     return min((table[(cell.name, method, lr)].mean, lr) for lr in cell.lrs)
@@ -328,8 +411,16 @@ def precision_report(table: Table, cell: Cell, default: str) -> tuple[list[str],
     return rows, verdicts
 
 
-def run_grid(cells: list[Cell], workers: int, cache: Path, precise: Cell | None) -> list[Run]:
-    """Train every run of ``cells`` (and the bf16 rows in ``precise``) on ``workers`` processes."""
+def run_grid(
+    cells: list[Cell],
+    workers: int,
+    cache: Path,
+    precise: Cell | None,
+    reused: list[Run] = (),
+) -> list[Run]:
+    """Train every run of ``cells`` (and the bf16 rows in ``precise``) on ``workers``
+    processes, except those in ``reused`` (a saved grid's runs of the same cell, method, rate and
+    seed: training is deterministic, so they are what a rerun would give)."""
     jobs = [
         (cell, method, lr, seed, cache)
         for cell in cells
@@ -343,10 +434,13 @@ def run_grid(cells: list[Cell], workers: int, cache: Path, precise: Cell | None)
             for method in precision_methods()
             for seed in range(precise.seeds)
         ]
+    saved = {(run.cell, run.method, run.lr, run.seed): run for run in reused}
+    kept = [saved.get((cell.name, method.name, lr, seed)) for cell, method, lr, seed, _ in jobs]
+    jobs = [job for job, run in zip(jobs, kept, strict=True) if run is None]
     jobs.sort(key=lambda job: -job[0].steps)  # long runs first: the pool ends together
-    if any(cell.fine_tune for cell in cells):
+    if any(cell.fine_tune for cell, *_ in jobs):
         pretrain(cache)
-    return train_all(jobs, workers, "quality")
+    return [run for run in kept if run is not None] + train_all(jobs, workers, "quality")
 
 
 def documented_section(name: str, lines: list[str]) -> list[str]:
@@ -390,6 +484,32 @@ def report(
         "",
         *documented_section("checks", [f"- {verdict.text()}" for verdict in verdicts]),
     ]
+    free_default = schedule_free_default(table, cells)
+    if free_default is not None:
+        free_verdicts = [
+            verdict
+            for cell in cells
+            for verdict in check_schedule_free_cell(table, cell, free_default)
+        ]
+        verdicts += free_verdicts
+        text += [
+            "",
+            f"### {free_default} against schedule-free AdamW",
+            "",
+            "The better of schedulefree's AdamWScheduleFree without warmup and with its 5 % "
+            "warmup at its best rate, AdaWarmScheduleFree's default at that rate and at its own "
+            "best, and AdaWarm's default (AdamW, under the cell's cosine) at its own best.",
+            "",
+            *documented_section(
+                "schedule-free-summary", schedule_free_summary(table, cells, free_default)
+            ),
+            "",
+            f"### {free_default} against its promises",
+            "",
+            *documented_section(
+                "schedule-free-checks", [f"- {verdict.text()}" for verdict in free_verdicts]
+            ),
+        ]
     fallback = f"{DEFAULT_NAME} without total_steps"
     unhinted = [
         verdict
@@ -441,6 +561,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="train nothing: rebuild the report and plots from a run's quality.json",
     )
     parser.add_argument(
+        "--reuse",
+        type=Path,
+        metavar="JSON",
+        help="take the runs a saved quality.json already has (same cell, method, rate and seed) "
+        "from it, and train only the others",
+    )
+    parser.add_argument(
         "--out", type=Path, default=RUNS, help=f"folder for the results (default: {RUNS})"
     )
     args = parser.parse_args(argv)
@@ -458,13 +585,20 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error("no cell of the grid matches")
         precise = None if args.quick else precision_cell(cells)
         start = time.perf_counter()
-        runs = run_grid(cells, args.workers, RUNS / "cache", precise)
+        reused = load_runs(args.reuse)[1] if args.reuse else []
+        runs = run_grid(cells, args.workers, RUNS / "cache", precise, reused)
         heading = measured_heading(
             args.workers,
             len(runs),
             time.perf_counter() - start,
             " ".join(["python -m bench quality", *(argv or [])]),
         )
+        if args.reuse:
+            taken = len(
+                {(r.cell, r.method, r.lr, r.seed) for r in reused}
+                & {(r.cell, r.method, r.lr, r.seed) for r in runs}
+            )
+            heading += f" {taken} of the runs were taken from {args.reuse}, trained before."
     text, verdicts, table, collapse_at = report(cells, runs, precise, heading)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

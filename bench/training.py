@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from adawarm import AdaWarm
+from adawarm import AdaWarm, AdaWarmScheduleFree
 from adawarm.schedule import WARMUP_NAMES
 from bench.grid import USER_SCHEDULE, USER_WARMUP, Cell, Method
 from bench.lm import ModelConfig, batches, fine_tuning_corpus, loss_on, make_model, stdlib_corpus
@@ -69,6 +69,21 @@ def make_optimizer(method: Method, params, lr: float, cell: Cell) -> torch.optim
             state_dtype=getattr(torch, method.state_dtype),
             backend="torch",
         )
+    if method.kind == "adawarm-schedulefree":
+        return AdaWarmScheduleFree(
+            params,
+            lr=lr,
+            betas=betas,
+            weight_decay=WEIGHT_DECAY,
+            warmup_steps=(
+                method.warmup if method.warmup in WARMUP_NAMES else method.warmup_steps(cell)
+            ),
+            total_steps=method.total_steps(cell),
+            rectify=method.rectify,
+            compensation=method.compensation,
+            state_dtype=getattr(torch, method.state_dtype),
+            backend="torch",
+        )
     if method.kind == "radam":
         return torch.optim.RAdam(
             params, lr=lr, betas=betas, weight_decay=WEIGHT_DECAY, decoupled_weight_decay=True
@@ -90,10 +105,10 @@ def lr_multiplier(method: Method, cell: Cell) -> Callable[[int], float]:
     """The LambdaLR factor for scheduler step ``s`` (optimizer step ``s + 1``).
 
     AdamW's warmup, if any, is part of it; AdaWarm ramps inside the optimizer, and its ramp
-    multiplies this factor (stepping aside under the user's own warmup); schedule-free AdamW
-    runs at a constant rate with its own warmup, as its authors intend.
+    multiplies this factor (stepping aside under the user's own warmup); the schedule-free
+    optimizers run at a constant rate with their own warmup, as schedulefree's authors intend.
     """
-    if method.kind == "schedulefree":
+    if method.schedule_free:
         return lambda s: 1.0
     steps = cell.steps
     user_warmup = round(USER_WARMUP * steps) if cell.schedule == USER_SCHEDULE else 0
@@ -160,7 +175,7 @@ def train_one(job: Job) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_multiplier(method, cell))
     train_batches = batches(text.train, MODEL.context, BATCH_SIZE, cell.steps, seed)
     eval_windows = batches(text.validation, MODEL.context, BATCH_SIZE, EVAL_BATCHES, 10_000)
-    schedule_free = method.kind == "schedulefree"
+    schedule_free = method.schedule_free
     if schedule_free:
         optimizer.train()
 

@@ -20,7 +20,8 @@ def test_every_cell_names_the_default_once_and_runs_schedule_free_adamw(cell):
     names = [m.name for m in methods]
     assert len(names) == len(set(names))
     assert sum(m.is_default for m in methods) == 1
-    assert "schedule-free AdamW" in names
+    assert sum(m.is_schedule_free_default for m in methods) == 1
+    assert {"schedule-free AdamW", "schedule-free AdamW no warmup"} <= set(names)
 
 
 def test_warmups_resolve_per_cell():
@@ -49,6 +50,7 @@ def test_the_schedulers_factor_carries_adamws_warmup_and_the_users_but_not_adawa
         Method("AdamW warmup", "adamw", 0.5),
         Method("AdaWarm default", "adawarm", "auto"),
         Method("schedule-free AdamW", "schedulefree", 0.5),
+        Method("AdaWarmScheduleFree default", "adawarm-schedulefree", "auto"),
     ],
     ids=lambda m: m.kind,
 )
@@ -56,8 +58,6 @@ def test_the_schedulers_factor_carries_adamws_warmup_and_the_users_but_not_adawa
 def test_a_tiny_training_run_reports_a_finite_validation_loss(
     method, fine_tune, tmp_path, monkeypatch
 ):
-    if method.kind == "schedulefree":
-        pytest.importorskip("schedulefree", reason="the bench extra: pip install -e '.[bench]'")
     monkeypatch.setattr(training, "PRETRAIN_STEPS", 3)
     monkeypatch.setattr(training, "EVAL_BATCHES", 1)
     if fine_tune:
@@ -182,6 +182,45 @@ def test_precision_report_checks_the_compensated_rows_against_fp32():
     assert [verdict.passed for verdict in verdicts] == [True, False, True, True]
 
 
+def schedule_free_check(default: dict[float, list[float]]):
+    """AdaWarmScheduleFree's verdicts against schedulefree's two variants, which train at lr
+    0.01 (the better: no warmup, 2.40) and collapse at 0.1 once in 20 runs (with its warmup)."""
+    cell = Cell("post-LN", 0.999, 100, "cosine", (0.01, 0.1), 20)
+    losses = {
+        "schedule-free AdamW no warmup": {0.01: [2.40] * 20, 0.1: [3.2] * 20},
+        "schedule-free AdamW": {0.01: [2.45] * 20, 0.1: [3.2] + [2.9] * 19},
+        "AdaWarmScheduleFree default": default,
+    }
+    table = quality.tabulate(runs_of(cell, losses), {cell.name: 3.0})
+    return quality.check_schedule_free_cell(table, cell, "AdaWarmScheduleFree default")
+
+
+def test_adawarm_schedule_free_is_held_to_the_better_schedulefree_where_it_trains():
+    gap, collapse = schedule_free_check({0.01: [2.405] * 20, 0.1: [2.0] * 20})
+    assert gap.passed and gap.detail == "largest gap +0.005 at lr 0.01"  # 0.1 collapses: left out
+    assert collapse.passed
+    gap, _ = schedule_free_check({0.01: [2.42] * 20, 0.1: [2.0] * 20})
+    assert not gap.passed and gap.detail == "largest gap +0.020 at lr 0.01"
+    _, collapse = schedule_free_check({0.01: [2.40] * 20, 0.1: [3.2] * 8 + [2.9] * 12})
+    assert not collapse.passed and collapse.detail.startswith("collapses more: lr 0.1: 8 of 20")
+
+
+def test_reused_runs_are_not_trained_again(monkeypatch, tmp_path):
+    cell = Cell("post-LN", 0.999, 8, "cosine", (0.01,), 2)
+    methods = grid.methods_for(cell)
+    reused = [Run(cell.name, methods[0].name, 0.01, 1, 2.5, [(8, 2.5)], 0.0)]
+    trained = []
+
+    def train_all(jobs, workers, desc):
+        trained.extend((job[1].name, job[3]) for job in jobs)
+        return [Run(cell.name, job[1].name, job[2], job[3], 2.0, [], 0.0) for job in jobs]
+
+    monkeypatch.setattr(quality, "train_all", train_all)
+    runs = quality.run_grid([cell], 1, tmp_path, None, reused)
+    assert (methods[0].name, 1) not in trained and (methods[0].name, 0) in trained
+    assert len(runs) == 2 * len(methods) and reused[0] in runs
+
+
 def test_the_grid_spans_what_the_defaults_must_hold_on():
     cells = grid.full_grid()
     assert {c.beta2 for c in cells} == {0.95, 0.98, 0.999}
@@ -198,11 +237,10 @@ def test_a_report_rebuilt_from_a_runs_json_is_the_same(tmp_path):
     runs = [
         training.train_one((cell, method, lr, 0, tmp_path))
         for method in grid.methods_for(cell)
-        if method.kind != "schedulefree"
         for lr in cell.lrs
     ]
-    runs += [Run(cell.name, "schedule-free AdamW", lr, 0, 2.5, [(8, 2.5)], 0.0) for lr in cell.lrs]
     text, *_ = quality.report([cell], runs, None, "A test.")
+    assert "### AdaWarmScheduleFree default against its promises" in text
     saved = tmp_path / "quality.json"
     saved.write_text(
         quality.json.dumps(
