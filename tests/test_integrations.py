@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import assert_bit_identical, assert_close, gradient_stream, make_params
 
-from adawarm import AdaWarm
+from adawarm import AdaWarm, AdaWarmScheduleFree
 from adawarm.schedule import ramp
 
 SHAPES = [(7,), (3, 5), (1025,)]
@@ -257,3 +257,51 @@ def test_hugging_face_trainer_trains_with_adawarm_and_logs_the_rate_it_uses(tmp_
     rates = [(entry["learning_rate"], entry["adawarm_lr"]) for entry in logged if "loss" in entry]
     assert len(rates) == 5
     assert all(float(trainer) == pytest.approx(float(used)) for trainer, used in rates)
+
+
+def test_hugging_face_trainer_switches_adawarm_schedule_free_as_it_does_schedulefree(tmp_path):
+    # The Trainer calls optimizer.train() before each training step and optimizer.eval() before
+    # evaluating, for any optimizer that has them: AdaWarmScheduleFree goes through the same
+    # run as schedulefree's AdamWScheduleFree and ends at the same point.
+    transformers = pytest.importorskip("transformers")
+    schedulefree = pytest.importorskip("schedulefree")
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16,
+        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+    )  # fmt: skip
+    tokens = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0))
+    dataset = [{"input_ids": row, "labels": row} for row in tokens]
+
+    def train(make_optimizer):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config)
+        optimizer = make_optimizer(model.parameters())
+        arguments = transformers.TrainingArguments(
+            output_dir=str(tmp_path),
+            max_steps=6,
+            per_device_train_batch_size=8,
+            eval_strategy="steps",
+            eval_steps=2,
+            report_to=[],
+            save_strategy="no",
+            use_cpu=True,
+        )
+        trainer = transformers.Trainer(
+            model=model,
+            args=arguments,
+            train_dataset=dataset,
+            eval_dataset=dataset[:8],
+            # schedule-free: a constant rate (the Trainer's default would decay it linearly)
+            optimizers=(optimizer, transformers.get_constant_schedule(optimizer)),
+        )
+        trainer.train()
+        return model, optimizer
+
+    settings = {"lr": 3e-3, "warmup_steps": 2, "weight_decay": 0.01}
+    ours, optimizer = train(lambda ps: AdaWarmScheduleFree(ps, **settings, backend="torch"))
+    theirs, reference = train(lambda ps: schedulefree.AdamWScheduleFree(ps, **settings))
+    assert optimizer.param_groups[0]["train_mode"] is False  # evaluated after the last step
+    assert reference.param_groups[0]["train_mode"] is False
+    assert {float(state["step"]) for state in optimizer.state.values()} == {6.0}
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert_close(p.detach(), q.detach(), torch.float32, "AdaWarmScheduleFree vs schedulefree")

@@ -290,3 +290,31 @@ def test_fused_on_the_cpu_is_refused_before_any_change():
     with pytest.raises(RuntimeError, match="no fused PyTorch kernel"):
         optimizer.step()
     assert not optimizer.state[params[0]]
+
+
+def test_batchnorm_statistics_are_recomputed_at_the_averaged_point():
+    from adawarm.batchnorm import recompute_batchnorm_statistics
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
+    )
+    optimizer = AdaWarmScheduleFree(model.parameters(), lr=0.05, warmup_steps=2, backend="torch")
+    data = [torch.randn(16, 6, generator=torch.Generator().manual_seed(i)) for i in range(10)]
+    optimizer.train()
+    for inputs in data:
+        loss = model(inputs).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    optimizer.eval()
+    model.eval()
+    norm = model[1]
+    at_y = norm.running_mean.clone()
+    recompute_batchnorm_statistics(model, data[:4])
+    # what the layer sees at x: the first layer's outputs, averaged over the four batches
+    with torch.no_grad():
+        expected = torch.stack([model[0](inputs).mean(0) for inputs in data[:4]]).mean(0)
+    torch.testing.assert_close(norm.running_mean, expected)
+    assert not torch.allclose(at_y, expected, atol=1e-3)
+    assert not model.training and norm.momentum == 0.1  # as they were
