@@ -74,10 +74,11 @@ def _schedule(
     Returns (lr_t, lr_max, weight_sum, average, y_coefficient, bias_correction2).
     """
     t = step.to(tl.float64)
-    bias_correction2 = 1.0 - power(beta2, step)
+    beta2_t = power(beta2, step)
+    bias_correction2 = 1.0 - beta2_t
     factor = ramp(t, warmup_steps)
     if RECTIFY:
-        r_t, adaptive = rectification(t, beta2, 1.0 - bias_correction2, bias_correction2)
+        r_t, adaptive = rectification(t, beta2, beta2_t, bias_correction2)
         factor = factor * tl.where(adaptive, r_t, 0.0)
     lr_t = lr * factor
     lr_max = tl.maximum(lr_t, lr_max)

@@ -1,10 +1,9 @@
-"""The Triton kernel's machine code, compiled for sm_90 and sm_80 on this CPU machine: 128-bit
+"""The Triton kernels' machine code, compiled for sm_90 and sm_80 on this CPU machine: 128-bit
 accesses for every streamed array on the full-block path, no spills, bounded registers, no layout
 conversions through shared memory, fp64 only per program.
 
 By default a representative set of variants; ``MACHINE_CODE_VARIANTS=all pytest
-tests/test_kernel_machine_code.py`` compiles every variant the backend can launch (about 75 s;
-CI runs it).
+tests/test_kernel_machine_code.py`` compiles every variant the backends can launch (CI runs it).
 """
 
 from __future__ import annotations
@@ -29,13 +28,26 @@ REPRESENTATIVE = [
     Variant(param_dtype=torch.bfloat16, state_dtype=torch.bfloat16, stochastic=True),
     Variant(aligned=False),
     Variant(arch=80),
+    Variant(kernel="schedule-free"),
+    Variant(
+        kernel="schedule-free",
+        param_dtype=torch.bfloat16,
+        state_dtype=torch.bfloat16,
+        stochastic=True,
+        flags=True,
+    ),
+    Variant(kernel="schedule-free", param_dtype=torch.float16, kahan=True, arch=80),
+    Variant(kernel="switch"),
+    Variant(kernel="switch", param_dtype=torch.bfloat16, kahan=True),
 ]
 
 
 def every_variant() -> list[Variant]:
-    """Every constexpr variant the backend launches, for sm_90 and sm_80."""
+    """Every constexpr variant the backends launch, for sm_90 and sm_80: both steps, and the
+    switch (which has no schedule, flags or state stores)."""
     variants = []
-    for param, state, rectify, aligned, flags, arch in itertools.product(
+    for kernel, param, state, rectify, aligned, flags, arch in itertools.product(
+        ("adamw", "schedule-free", "switch"),
         (torch.float32, torch.bfloat16, torch.float16),
         (torch.float32, torch.bfloat16),
         (True, False),
@@ -43,8 +55,10 @@ def every_variant() -> list[Variant]:
         (False, True),
         (90, 80),
     ):
+        if kernel == "switch" and (not rectify or flags):
+            continue
         modes = [{}]
-        if state == torch.bfloat16:
+        if state == torch.bfloat16 and kernel != "switch":
             modes.append({"nearest_state": True})  # rounding_seed=None
         if param != torch.float32:
             modes.append({"kahan": True})
@@ -52,7 +66,7 @@ def every_variant() -> list[Variant]:
             modes.append({"stochastic": True})
         for mode in modes:
             variants.append(Variant(param, state, rectify=rectify, aligned=aligned, flags=flags,
-                                    arch=arch, **mode))  # fmt: skip
+                                    arch=arch, kernel=kernel, **mode))  # fmt: skip
     return variants
 
 
