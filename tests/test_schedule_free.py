@@ -318,3 +318,81 @@ def test_batchnorm_statistics_are_recomputed_at_the_averaged_point():
     torch.testing.assert_close(norm.running_mean, expected)
     assert not torch.allclose(at_y, expected, atol=1e-3)
     assert not model.training and norm.momentum == 0.1  # as they were
+
+
+def continued(optimizer, params, grads, evaluate_at=(2,)):
+    """Train on from where ``optimizer`` stands (in train mode), evaluating after the steps in
+    ``evaluate_at``; the parameters at the end, in eval mode."""
+    optimizer.train()
+    for index, step_grads in enumerate(grads):
+        for param, grad in zip(params, step_grads, strict=True):
+            param.grad = grad.clone()
+        optimizer.step()
+        if index in evaluate_at:
+            optimizer.eval()
+            optimizer.train()
+    optimizer.eval()
+    return [p.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("source", ["AdamWScheduleFree", "RAdamScheduleFree"])
+def test_a_schedulefree_checkpoint_saved_in_eval_mode_loads_and_continues_identically(source):
+    shapes, dtype = [(7,), (3, 5)], torch.float64
+    grads = gradient_stream(shapes, dtype, 20, 11)
+    rectified = source == "RAdamScheduleFree"
+    settings = {**SETTINGS, "betas": (0.9, 0.999)}
+    if not rectified:
+        settings["warmup_steps"] = 4
+    params = make_params(shapes, dtype, 3)
+    theirs = getattr(schedulefree, source)(params, **settings)
+    continued(theirs, params, grads[:10])  # saved in eval mode, as schedulefree's README asks
+    model = copy.deepcopy([p.detach() for p in params])
+    saved = copy.deepcopy(theirs.state_dict())
+    expected = continued(theirs, params, grads[10:])
+
+    mine = [p.clone().requires_grad_() for p in model]
+    options = {"warmup_steps": 0, "rectify": True} if rectified else {}
+    optimizer = AdaWarmScheduleFree(mine, backend="torch", **options)
+    optimizer.load_state_dict(saved)
+    assert optimizer.param_groups[0]["train_mode"] is False  # the mode came with it
+    assert optimizer.param_groups[0]["lr"] == SETTINGS["lr"]  # and the hyper-parameters
+    assert {float(s["step"]) for s in optimizer.state.values()} == {10.0}
+    result = continued(optimizer, mine, grads[10:])
+    for index, (a, b) in enumerate(zip(result, expected, strict=True)):
+        assert_close(a, b, dtype, f"parameter {index} after resuming")
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("saved_in", ["train", "eval"])
+def test_its_own_checkpoint_round_trips_whichever_mode_it_was_saved_in(backend, saved_in):
+    shapes = [(7,), (1025,)]
+    grads = gradient_stream(shapes, torch.float32, 12, 13)
+
+    def build(values):
+        params = [v.detach().clone().to(DEVICE).requires_grad_() for v in values]
+        return params, AdaWarmScheduleFree(params, lr=0.01, warmup_steps=3, backend=backend)
+
+    params, optimizer = build(make_params(shapes, torch.float32, 3))
+    continued(optimizer, params, [[g.to(DEVICE) for g in step] for step in grads[:6]])
+    if saved_in == "train":
+        optimizer.train()
+    # the model's and the optimizer's state_dicts, saved together
+    model = [p.detach().cpu().clone() for p in params]
+    saved = copy.deepcopy(optimizer.state_dict())
+    later = [[g.to(DEVICE) for g in step] for step in grads[6:]]
+    expected = continued(optimizer, params, later)
+    resumed, fresh_optimizer = build(model)
+    fresh_optimizer.load_state_dict(saved)
+    assert fresh_optimizer.param_groups[0]["train_mode"] is (saved_in == "train")
+    for a, b in zip(continued(fresh_optimizer, resumed, later), expected, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_an_adamw_checkpoint_is_refused_naming_what_loads():
+    params = [torch.zeros(3, requires_grad=True)]
+    adamw = torch.optim.AdamW(params)
+    params[0].grad = torch.ones(3)
+    adamw.step()
+    optimizer = AdaWarmScheduleFree(params)
+    with pytest.raises(ValueError, match="not a schedule-free checkpoint"):
+        optimizer.load_state_dict(adamw.state_dict())
