@@ -12,10 +12,28 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from adawarm import AdaWarm
+from adawarm import AdaWarm, AdaWarmScheduleFree
 
 STEPS = 14  # past t = 6, where rectification starts for beta2 = 0.999
-OPTIONS = {"lr": 1e-2, "warmup_steps": 4, "rectify": True, "weight_decay": 0.05}
+OPTIMIZERS = {
+    "adawarm": (AdaWarm, {"lr": 1e-2, "warmup_steps": 4, "rectify": True, "weight_decay": 0.05}),
+    "schedule-free": (AdaWarmScheduleFree, {"lr": 1e-2, "warmup_steps": 4, "weight_decay": 0.05}),
+}
+
+
+def make_optimizer(kind: str, params, **options) -> torch.optim.Optimizer:
+    """The optimizer of ``kind``, ready to train (a schedule-free one in train mode)."""
+    cls, defaults = OPTIMIZERS[kind]
+    optimizer = cls(params, **defaults, **options)
+    if kind == "schedule-free":
+        optimizer.train()
+    return optimizer
+
+
+def final_point(optimizer: torch.optim.Optimizer) -> None:
+    """Put the parameters where a run is judged: a schedule-free optimizer's averaged point."""
+    if isinstance(optimizer, AdaWarmScheduleFree):
+        optimizer.eval()
 
 
 def make_model() -> nn.Module:
@@ -43,9 +61,11 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, steps: range, rank
         optimizer.step()
 
 
-def single_process_reference(steps: int = STEPS) -> list[torch.Tensor]:
+def single_process_reference(kind: str, steps: int = STEPS) -> list[torch.Tensor]:
     model = make_model()
-    train(model, AdaWarm(model.parameters(), **OPTIONS), range(steps), 0, 1)
+    optimizer = make_optimizer(kind, model.parameters())
+    train(model, optimizer, range(steps), 0, 1)
+    final_point(optimizer)
     return [p.detach().clone() for p in model.parameters()]
 
 
@@ -65,11 +85,12 @@ def _finish() -> None:
     dist.destroy_process_group()
 
 
-def ddp_worker(rank: int, world: int, port: int, out: str, backend: str) -> None:
+def ddp_worker(rank: int, world: int, port: int, out: str, kind: str, backend: str) -> None:
     _init(rank, world, port)
     model = nn.parallel.DistributedDataParallel(make_model())
-    optimizer = AdaWarm(model.parameters(), **OPTIONS, backend=backend)
+    optimizer = make_optimizer(kind, model.parameters(), backend=backend)
     train(model, optimizer, range(STEPS), rank, world)
+    final_point(optimizer)
     if rank == 0:
         torch.save([p.detach() for p in model.module.parameters()], out)
     _finish()
@@ -88,21 +109,24 @@ def _fully_sharded(world: int) -> nn.Module:
     return model
 
 
-def fsdp_worker(rank: int, world: int, port: int, out: str, backend: str) -> None:
+def fsdp_worker(rank: int, world: int, port: int, out: str, kind: str, backend: str) -> None:
     from torch.distributed.tensor import DTensor
 
     _init(rank, world, port)
     model = _fully_sharded(world)
     assert all(isinstance(p, DTensor) for p in model.parameters())
-    optimizer = AdaWarm(model.parameters(), **OPTIONS, backend=backend)
+    optimizer = make_optimizer(kind, model.parameters(), backend=backend)
     train(model, optimizer, range(STEPS), rank, world)
+    final_point(optimizer)
     full = [p.full_tensor().detach() for p in model.parameters()]
     if rank == 0:
         torch.save(full, out)
     _finish()
 
 
-def checkpoint_worker(rank: int, world: int, port: int, out: str, directory: str) -> None:
+def checkpoint_worker(
+    rank: int, world: int, port: int, out: str, kind: str, directory: str
+) -> None:
     """Train 5 steps (mid-warmup), save with torch.distributed.checkpoint, train on; then
     rebuild from the checkpoint and train on again: both continuations must agree."""
     import torch.distributed.checkpoint as dcp
@@ -115,7 +139,7 @@ def checkpoint_worker(rank: int, world: int, port: int, out: str, directory: str
 
     _init(rank, world, port)
     model = _fully_sharded(world)
-    optimizer = AdaWarm(model.parameters(), **OPTIONS)
+    optimizer = make_optimizer(kind, model.parameters())
     train(model, optimizer, range(5), rank, world)
     dcp.save(
         {
@@ -125,10 +149,13 @@ def checkpoint_worker(rank: int, world: int, port: int, out: str, directory: str
         checkpoint_id=directory,
     )
     train(model, optimizer, range(5, STEPS), rank, world)
+    final_point(optimizer)
     uninterrupted = [p.full_tensor().detach() for p in model.parameters()]
 
     resumed_model = _fully_sharded(world)
-    resumed_optimizer = AdaWarm(resumed_model.parameters(), **OPTIONS)
+    # A schedule-free optimizer in train mode: DCP initializes a fresh optimizer's state with a
+    # step at rate 0, which an eval-mode AdaWarmScheduleFree refuses (docs/schedule-free.md).
+    resumed_optimizer = make_optimizer(kind, resumed_model.parameters())
     state = {
         "model": get_model_state_dict(resumed_model),
         "optimizer": get_optimizer_state_dict(resumed_model, resumed_optimizer),
@@ -137,6 +164,7 @@ def checkpoint_worker(rank: int, world: int, port: int, out: str, directory: str
     set_model_state_dict(resumed_model, state["model"])
     set_optimizer_state_dict(resumed_model, resumed_optimizer, state["optimizer"])
     train(resumed_model, resumed_optimizer, range(5, STEPS), rank, world)
+    final_point(resumed_optimizer)
     resumed = [p.full_tensor().detach() for p in resumed_model.parameters()]
     steps = {float(s["step"]) for s in resumed_optimizer.state.values()}
     if rank == 0:

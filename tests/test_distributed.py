@@ -1,4 +1,5 @@
-"""AdaWarm under torch.distributed on CPU: 2 gloo ranks on localhost against 1 process."""
+"""AdaWarm and AdaWarmScheduleFree under torch.distributed on CPU: 2 gloo ranks on localhost
+against 1 process."""
 
 from __future__ import annotations
 
@@ -57,25 +58,31 @@ def join_within(context, seconds: float = 120.0) -> None:
             pytest.fail(f"distributed ranks still running after {seconds:.0f} s")
 
 
-def assert_matches_single_process(params):
+def assert_matches_single_process(params, kind):
     for index, (param, expected) in enumerate(
-        zip(params, workers.single_process_reference(), strict=True)
+        zip(params, workers.single_process_reference(kind), strict=True)
     ):
         assert_close(param, expected, torch.float32, f"parameter {index}")
 
 
+KINDS = list(workers.OPTIMIZERS)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_ddp_on_two_ranks_matches_one_rank_on_the_whole_batch(tmp_path, backend):
-    assert_matches_single_process(spawn(workers.ddp_worker, tmp_path, backend))
+def test_ddp_on_two_ranks_matches_one_rank_on_the_whole_batch(tmp_path, kind, backend):
+    assert_matches_single_process(spawn(workers.ddp_worker, tmp_path, kind, backend), kind)
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_fsdp2_sharded_training_matches_one_rank(tmp_path, backend):
-    assert_matches_single_process(spawn(workers.fsdp_worker, tmp_path, backend))
+def test_fsdp2_sharded_training_matches_one_rank(tmp_path, kind, backend):
+    assert_matches_single_process(spawn(workers.fsdp_worker, tmp_path, kind, backend), kind)
 
 
-def test_distributed_checkpoint_mid_warmup_resumes_exactly(tmp_path):
-    result = spawn(workers.checkpoint_worker, tmp_path, str(tmp_path / "checkpoint"))
+@pytest.mark.parametrize("kind", KINDS)
+def test_distributed_checkpoint_mid_warmup_resumes_exactly(tmp_path, kind):
+    result = spawn(workers.checkpoint_worker, tmp_path, kind, str(tmp_path / "checkpoint"))
     assert result["steps"] == {float(workers.STEPS)}
     for resumed, uninterrupted in zip(result["resumed"], result["uninterrupted"], strict=True):
         assert torch.equal(resumed, uninterrupted)

@@ -168,7 +168,12 @@ def test_resuming_optimizer_and_scheduler_continues_exactly(name):
     assert_bit_identical(run(stop_at=8), run(stop_at=-1))
 
 
-def test_compiled_training_step_matches_eager_and_does_not_recompile_on_lr_change():
+@pytest.mark.parametrize(
+    "optimizer_class", [AdaWarm, AdaWarmScheduleFree], ids=lambda c: c.__name__
+)
+def test_compiled_training_step_matches_eager_and_does_not_recompile_on_lr_change(
+    optimizer_class,
+):
     from torch._dynamo.testing import CompileCounter
 
     torch._dynamo.reset()
@@ -176,7 +181,11 @@ def test_compiled_training_step_matches_eager_and_does_not_recompile_on_lr_chang
     def build():
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2))
-        opt = AdaWarm(model.parameters(), lr=torch.tensor(1e-2), warmup_steps=3, backend="torch")
+        opt = optimizer_class(
+            model.parameters(), lr=torch.tensor(1e-2), warmup_steps=3, backend="torch"
+        )
+        if isinstance(opt, AdaWarmScheduleFree):
+            opt.train()
         return model, opt
 
     def step(model, opt, inputs, targets):
