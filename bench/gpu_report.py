@@ -9,8 +9,15 @@ from collections import Counter
 COPY_FRACTION_TARGET = 90.0  # % of the measured copy bandwidth, cases (a), (b), (d)
 MANY_TENSORS_RATIO_TARGET = 0.5  # case (c): at most this times fused AdamW's step
 BANDWIDTH_CASES = ("(a)", "(b)", "(d)")
+# AdaWarmScheduleFree's: the time of AdaWarm's step (at most this ratio), and at least this many
+# times faster than schedulefree's foreach step, on the cases that time it.
+SCHEDULE_FREE_RATIO_TARGET = 1.05
+SCHEDULEFREE_SPEEDUP_TARGET = 3.0
+SCHEDULE_FREE_CASES = ("(b)", "(c)")
 FUSED = "torch AdamW fused"
 ADAWARM = "AdaWarm"
+SCHEDULE_FREE = "AdaWarmScheduleFree"
+SCHEDULEFREE = "schedulefree AdamWScheduleFree foreach"
 
 
 def _stage(report: dict, name: str) -> dict:
@@ -102,6 +109,31 @@ def _judged_targets(report: dict) -> list[dict]:
             measurement,
         )
     )
+    for case in SCHEDULE_FREE_CASES:
+        mine, adawarm = _speed_row(speed, case, SCHEDULE_FREE), _speed_row(speed, case, ADAWARM)
+        measurement = None
+        if mine and adawarm:
+            ratio = mine["median_ms"] / adawarm["median_ms"]
+            measurement = (f"{ratio:.2f}x", ratio <= SCHEDULE_FREE_RATIO_TARGET)
+        name = case if mine is None else mine["case"]
+        found.append(
+            _target(
+                f"AdaWarmScheduleFree's step <= {SCHEDULE_FREE_RATIO_TARGET}x AdaWarm's: {name}",
+                measurement,
+            )
+        )
+        reference = _speed_row(speed, case, SCHEDULEFREE)
+        measurement = None
+        if mine and reference:
+            speedup = reference["median_ms"] / mine["median_ms"]
+            measurement = (f"{speedup:.1f}x faster", speedup >= SCHEDULEFREE_SPEEDUP_TARGET)
+        found.append(
+            _target(
+                f"AdaWarmScheduleFree >= {SCHEDULEFREE_SPEEDUP_TARGET:.0f}x faster than "
+                f"schedulefree's foreach step: {name}",
+                measurement,
+            )
+        )
     for graph in (False, True):
         by_name = {r["optimizer"]: r for r in training if r["graph"] == graph}
         mine, fused = by_name.get(ADAWARM), by_name.get(FUSED)

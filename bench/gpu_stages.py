@@ -48,6 +48,21 @@ HEADLINE_OPTIMIZERS = {
     "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
     "AdaWarm": speed.adawarm_factory("triton"),
 }
+# Cases (b) and (c) also time the schedule-free step: the kernel, and schedulefree's foreach step
+# where that package is installed (the GPU image lacks it).
+SCHEDULE_FREE_CASES = ("(b)", "(c)")
+
+
+def headline_optimizers(case: speed.Case) -> dict[str, speed.OptimizerFactory]:
+    table = dict(HEADLINE_OPTIMIZERS)
+    if case.name.startswith(SCHEDULE_FREE_CASES):
+        table["AdaWarmScheduleFree"] = speed.schedule_free_factory("triton")
+        reference = speed.schedulefree_factory()
+        if reference is not None:
+            table["schedulefree AdamWScheduleFree foreach"] = reference
+    return table
+
+
 TIMED_STEPS = 40
 REHEARSAL_STEPS = 3
 
@@ -87,7 +102,7 @@ def speed_stage(result: ResultFile, args: argparse.Namespace) -> None:
     copy_gbs = speed.copy_bandwidth(device, max(case.numel for case in cases), timer)
     result.update(copy_gb_per_s=copy_gbs, rows=[])
     for case in cases:
-        for name, factory in HEADLINE_OPTIMIZERS.items():
+        for name, factory in headline_optimizers(case).items():
             row = speed.measure(
                 case,
                 name,

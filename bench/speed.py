@@ -1,9 +1,11 @@
-"""Speed of one optimizer step: AdaWarm against torch's AdamW and RAdam, in the same process.
+"""Speed of one optimizer step: AdaWarm against torch's AdamW and RAdam, and AdaWarmScheduleFree
+against schedulefree's AdamWScheduleFree, in the same process.
 
 Each case is a list of parameter shapes. A step's time is the median over ``--steps`` timed steps
 after warm-up steps that take every optimizer past RAdam's rectification threshold (t = 6), so
 AdaWarm runs its steady-state (rectified) path. Bandwidth comes from an explicit byte count: a step
-reads param, grad, exp_avg, exp_avg_sq and writes param, exp_avg, exp_avg_sq, i.e.
+reads param, grad and two states (exp_avg and exp_avg_sq, or the schedule-free z and exp_avg_sq)
+and writes param and the states, i.e.
 ``3 * param_bytes + 4 * state_bytes`` per parameter (28 B for fp32; 22 B for bf16 parameters with
 fp32 states; 14 B with bf16 states).
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
+import importlib.util
 import json
 import math
 import platform
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from adawarm import AdaWarm
+from adawarm import AdaWarm, AdaWarmScheduleFree
 from bench import RUNS
 
 WARMUP_STEPS = 8
@@ -78,6 +81,27 @@ def adawarm_factory(backend: str) -> OptimizerFactory:
     return lambda ps: AdaWarm(ps, rectify=True, warmup_steps=100, backend=backend)
 
 
+def _training(optimizer):
+    """A schedule-free optimizer in train mode, where its steps run."""
+    optimizer.train()
+    return optimizer
+
+
+def schedule_free_factory(backend: str) -> OptimizerFactory:
+    """AdaWarmScheduleFree on ``backend``, mid-ramp."""
+    return lambda ps: _training(AdaWarmScheduleFree(ps, warmup_steps=100, backend=backend))
+
+
+def schedulefree_factory() -> OptimizerFactory | None:
+    """schedulefree's AdamWScheduleFree with its foreach step, where the package is installed
+    (it is not on the GPU image)."""
+    if importlib.util.find_spec("schedulefree") is None:
+        return None
+    import schedulefree
+
+    return lambda ps: _training(schedulefree.AdamWScheduleFree(ps, warmup_steps=100, foreach=True))
+
+
 def optimizers(device: torch.device) -> dict[str, OptimizerFactory]:
     table: dict[str, OptimizerFactory] = {
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
@@ -89,6 +113,12 @@ def optimizers(device: torch.device) -> dict[str, OptimizerFactory]:
     }
     if device.type == "cuda":
         table["AdaWarm triton"] = adawarm_factory("triton")
+    reference = schedulefree_factory()
+    if reference is not None:
+        table["schedulefree AdamWScheduleFree foreach"] = reference
+    table["AdaWarmScheduleFree torch backend"] = schedule_free_factory("torch")
+    if device.type == "cuda":
+        table["AdaWarmScheduleFree triton"] = schedule_free_factory("triton")
     return table
 
 
@@ -266,8 +296,10 @@ def measure(
     seconds = statistics.median(times)
     state = optimizer.state[params[0]]
     compensation = state.get("compensation")
-    per_param = bytes_per_param(
-        case.dtype, state["exp_avg"].dtype, None if compensation is None else compensation.dtype
+    per_param = bytes_per_param(  # AdamW's m and v, or schedule-free's z and v
+        case.dtype,
+        state["exp_avg_sq"].dtype,
+        None if compensation is None else compensation.dtype,
     )
     gbs = per_param * case.numel / seconds / 1e9
     on_gpu = device.type == "cuda"

@@ -8,11 +8,12 @@ import torch
 from helpers import assert_close, gradient_stream, make_params
 from hypothesis import strategies as st
 
-from adawarm import AdaWarm, adawarm
+from adawarm import AdaWarm, AdaWarmScheduleFree, adawarm
 from adawarm.kernels.common import BLOCK_SIZE
 from adawarm.state import moment_like, needs_compensation
 
 GRAD_SCALE = 1024.0  # a power of two: scaling and unscaling are exact
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 small_sizes = st.sampled_from([0, 1, 2, 7, 33])
 block_edge_sizes = st.sampled_from([BLOCK_SIZE - 1, BLOCK_SIZE, BLOCK_SIZE + 1])
@@ -119,3 +120,39 @@ def assert_same_params_and_state(actual, expected, dtype):
             total = param.detach().float() + state["compensation"].float()
             ref_total = ref_param.detach().float() + ref_state["compensation"].float()
             assert_close(total.cpu(), ref_total.cpu(), loosest, f"compensated param {index}")
+
+
+def schedule_free_trajectory(
+    execution, shapes, dtype, options, steps, inf_steps, reload_at, evaluate_at, device=DEVICE
+):
+    """Params and states after ``steps`` scaled steps in train mode; steps in ``inf_steps`` carry
+    an inf gradient and ``found_inf``; after step ``reload_at`` the optimizer is rebuilt from its
+    state_dict, after ``evaluate_at`` it switches to eval and back."""
+    params = [p.detach().to(device).requires_grad_() for p in make_params(shapes, dtype, 41)]
+    optimizer = AdaWarmScheduleFree(params, **execution, **options)
+    optimizer.train()
+    scale = torch.tensor(GRAD_SCALE, device=device)
+    for index, grads in enumerate(gradient_stream(shapes, dtype, steps, 41)):
+        skipped = index in inf_steps
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = (grad.to(device) * GRAD_SCALE).contiguous()
+            if skipped and param.numel():
+                param.grad.view(-1)[0] = float("inf")
+        optimizer.step(grad_scale=scale, found_inf=torch.tensor(float(skipped), device=device))
+        if index == reload_at:
+            saved = copy.deepcopy(optimizer.state_dict())
+            optimizer = AdaWarmScheduleFree(params, **execution, **options)
+            optimizer.load_state_dict(saved)
+        if index == evaluate_at:
+            optimizer.eval()
+            optimizer.train()
+    return params, [as_moments(optimizer.state[p]) for p in params]
+
+
+def as_moments(state):
+    """A schedule-free state under the names the shared comparison reads (z in the first
+    state's place), with its scalars."""
+    renamed = {("exp_avg" if key == "z" else key): value for key, value in state.items()}
+    for key in ("weight_sum", "lr_max"):
+        renamed.pop(key, None)
+    return renamed

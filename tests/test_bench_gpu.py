@@ -61,9 +61,14 @@ def test_the_rehearsal_runs_every_stage_with_only_the_gpu_images_packages(tmp_pa
     assert any("captured_capturable" in test["test"] for test in smoke)
     assert stages["tests"]["result"]["tests"]
     rows = stages["speed"]["result"]["rows"]
-    assert [row["case"][:3] for row in rows] == [c for c in ("(a)", "(b)", "(d)", "(c)", "(e)")
-                                                 for _ in range(2)]  # fmt: skip
-    assert {row["optimizer"] for row in rows} == set(gpu_stages.HEADLINE_OPTIMIZERS)
+    # (b) and (c) time the schedule-free step too; schedulefree is not on the GPU image
+    assert [row["case"][:3] for row in rows] == [
+        "(a)", "(a)", "(b)", "(b)", "(b)", "(d)", "(d)", "(c)", "(c)", "(c)", "(e)", "(e)"
+    ]  # fmt: skip
+    assert {row["optimizer"] for row in rows} == {
+        *gpu_stages.HEADLINE_OPTIMIZERS,
+        "AdaWarmScheduleFree",
+    }
     assert all(row["host_us"] > 0 for row in rows)
     training = stages["training"]["result"]["rows"]
     assert [(row["optimizer"], row["graph"]) for row in training] == [
@@ -74,10 +79,14 @@ def test_the_rehearsal_runs_every_stage_with_only_the_gpu_images_packages(tmp_pa
     ]
     assert len(stages["tune"]["result"]["rows"]) == 2
     # Every target has its figure, and none is judged from a CPU's.
-    assert len(report["targets"]) == 8
+    assert len(report["targets"]) == 12
     measured = [t for t in report["targets"] if t["measured"] != "not measured"]
     assert [t["target"] for t in report["targets"] if t not in measured] == [
-        "one launch per step per dtype group (each case is one group)"  # counted on a GPU only
+        "one launch per step per dtype group (each case is one group)",  # counted on a GPU only
+        *(  # schedulefree is not installed there
+            f"AdaWarmScheduleFree >= 3x faster than schedulefree's foreach step: {case}"
+            for case in (rows[2]["case"], rows[7]["case"])
+        ),
     ]
     assert all(target["met"] is None for target in report["targets"])
 
@@ -202,6 +211,9 @@ def test_targets_are_judged_from_the_rows():
         speed_row("(b) gpt", "AdaWarm", percent_of_copy=89.9),
         speed_row("(c) many", "torch AdamW fused", median_ms=2.0),
         speed_row("(c) many", "AdaWarm", median_ms=1.0, launches_per_step=2),
+        speed_row("(c) many", "AdaWarmScheduleFree", median_ms=1.04),
+        speed_row("(c) many", "schedulefree AdamWScheduleFree foreach", median_ms=2.6),
+        speed_row("(b) gpt", "AdaWarmScheduleFree", median_ms=1.2),
         speed_row("(e) host", "torch AdamW fused", host_us=30.0),
         speed_row("(e) host", "AdaWarm", host_us=30.0),
     ]
@@ -218,11 +230,17 @@ def test_targets_are_judged_from_the_rows():
         "<= 0.5x fused AdamW's step: (c) many": True,
         "one launch per step per dtype group (each case is one group)": False,
         "host time per step no worse than fused AdamW's: (e) host": True,
+        "AdaWarmScheduleFree's step <= 1.05x AdaWarm's: (b) gpt": False,
+        "AdaWarmScheduleFree >= 3x faster than schedulefree's foreach step: (b) gpt": None,
+        "AdaWarmScheduleFree's step <= 1.05x AdaWarm's: (c) many": True,
+        "AdaWarmScheduleFree >= 3x faster than schedulefree's foreach step: (c) many": False,
         "GPT-2 training tokens/s no worse than fused AdamW's, eager": False,
         "GPT-2 training tokens/s no worse than fused AdamW's, replayed from a CUDA graph": None,
     }
     assert found["<= 0.5x fused AdamW's step: (c) many"]["measured"].startswith("0.50x")
     assert found[">= 90 % of copy bandwidth: (d)"]["measured"] == "not measured"
+    speedup = "AdaWarmScheduleFree >= 3x faster than schedulefree's foreach step: (c) many"
+    assert found[speedup]["measured"] == "2.5x faster"
 
 
 PYTEST_OUTPUT = """\

@@ -1,19 +1,24 @@
-"""First light: a handful of cases that cover what a GPU run of the kernel must get right first.
+"""First light: a handful of cases that cover what a GPU run of the kernels must get right first.
 
-Stage 1 of ``python -m bench gpu`` runs this file on the GPU (the compiled kernel); CI runs it
+Stage 1 of ``python -m bench gpu`` runs this file on the GPU (the compiled kernels); CI runs it
 under Triton's interpreter. Each case steps the Triton backend and the torch backend on the same
 device through 12 steps -- past RAdam's threshold (t = 6), one of them skipped as a GradScaler
 skips an inf step -- and compares parameters and every state entry at the dtype table's
-tolerances.
+tolerances: AdaWarm's step, and AdaWarmScheduleFree's step and train/eval switch.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
-from kernel_cases import assert_same_params_and_state, optimizer_trajectory
+from kernel_cases import (
+    as_moments,
+    assert_same_params_and_state,
+    optimizer_trajectory,
+    schedule_free_trajectory,
+)
 
-from adawarm import AdaWarm
+from adawarm import AdaWarm, AdaWarmScheduleFree
 from adawarm.kernels.common import BLOCK_SIZE
 from bench.graphs import WARMUP_CALLS, replayable
 
@@ -99,8 +104,8 @@ def test_captured_capturable_step_replays_like_eager_steps(state_dtype):
     shapes = [(1,), (BLOCK_SIZE + 1,), (33, 17)]
     generator = torch.Generator().manual_seed(3)
     start = [torch.randn(shape, generator=generator) for shape in shapes]
-    captured_params = [p.to(DEVICE).requires_grad_() for p in start]
-    eager_params = [p.to(DEVICE).requires_grad_() for p in start]
+    captured_params = [p.clone().to(DEVICE).requires_grad_() for p in start]
+    eager_params = [p.clone().to(DEVICE).requires_grad_() for p in start]
     lr = torch.tensor(1e-2, device=DEVICE)
     options = {**BASE, "state_dtype": state_dtype}
     del options["lr"]
@@ -131,5 +136,77 @@ def test_captured_capturable_step_replays_like_eager_steps(state_dtype):
     assert_same_params_and_state(
         (captured_params, [captured.state[p] for p in captured_params]),
         (eager_params, [eager.state[p] for p in eager_params]),
+        torch.float32,
+    )
+
+
+SCHEDULE_FREE_CASES = {
+    "schedule-free fp32": (torch.float32, {}),
+    "schedule-free bf16 stochastic, bf16 state": (
+        torch.bfloat16,
+        {"compensation": "stochastic", "state_dtype": torch.bfloat16},
+    ),
+    "schedule-free fp16 Kahan, rectified": (torch.float16, {"compensation": "kahan"}),
+}
+
+
+@pytest.mark.parametrize("case", list(SCHEDULE_FREE_CASES))
+def test_schedule_free_kernel_matches_the_torch_backend(case):
+    dtype, options = SCHEDULE_FREE_CASES[case]
+    options = {
+        **{k: v for k, v in BASE.items() if k not in ("rectify", "maximize")},
+        "rectify": "rectified" in case,
+        "r": 0.5,
+        **options,
+    }
+    # step 3 skipped, a reload after step 7, an evaluation (eval, then train) after step 5
+    run = lambda backend: schedule_free_trajectory(  # noqa: E731
+        {"backend": backend}, ODD_SHAPES, dtype, options, STEPS, {3}, 7, 5, DEVICE
+    )
+    kernel = run("triton")
+    assert all(float(state["step"]) == STEPS - 1 for state in kernel[1])
+    assert_same_params_and_state(kernel, run("torch"), dtype)
+
+
+def test_captured_schedule_free_step_replays_like_eager_steps():
+    shapes = [(1,), (BLOCK_SIZE + 1,), (33, 17)]
+    generator = torch.Generator().manual_seed(4)
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    captured_params = [p.clone().to(DEVICE).requires_grad_() for p in start]
+    eager_params = [p.clone().to(DEVICE).requires_grad_() for p in start]
+    options = {"warmup_steps": 4, "weight_decay": 0.1}
+    lr = torch.tensor(1e-2, device=DEVICE)
+    captured = AdaWarmScheduleFree(
+        captured_params, lr=lr, backend="triton", capturable=True, **options
+    )
+    eager = AdaWarmScheduleFree(eager_params, lr=1e-2, backend="torch", **options)
+    captured.train()
+    eager.train()
+    for param in captured_params:
+        param.grad = torch.zeros_like(param)
+
+    def set_gradients() -> None:
+        for mine, theirs in zip(captured_params, eager_params, strict=True):
+            mine.grad.copy_(torch.randn(mine.shape, generator=generator).to(DEVICE))
+            theirs.grad = mine.grad.clone()
+
+    set_gradients()
+    replay = replayable(captured.step, DEVICE)
+    for _ in range(WARMUP_CALLS):
+        eager.step()
+    for step in range(WARMUP_CALLS, STEPS):
+        set_gradients()
+        if step == 8:
+            lr.fill_(5e-3)
+            eager.param_groups[0]["lr"] = 5e-3
+        replay()
+        eager.step()
+    captured.eval()
+    eager.eval()
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+    assert_same_params_and_state(
+        (captured_params, [as_moments(captured.state[p]) for p in captured_params]),
+        (eager_params, [as_moments(eager.state[p]) for p in eager_params]),
         torch.float32,
     )

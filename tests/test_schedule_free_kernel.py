@@ -3,14 +3,18 @@ when present), against its torch backend and the single-tensor reference."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
-from helpers import TOLERANCES, assert_close, count_calls, gradient_stream, make_params
+from helpers import TOLERANCES, assert_close, count_calls
 from hypothesis import assume, given
 from hypothesis import strategies as st
-from kernel_cases import assert_same_params_and_state, kernel_dtypes, shape_lists
+from kernel_cases import (
+    as_moments,
+    assert_same_params_and_state,
+    kernel_dtypes,
+    schedule_free_trajectory,
+    shape_lists,
+)
 
 from adawarm import AdaWarmScheduleFree
 from adawarm.kernels import schedule_free_step
@@ -18,7 +22,6 @@ from adawarm.kernels.common import BLOCK_SIZE
 from adawarm.schedule import schedule_free_step as reference_schedule
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-GRAD_SCALE = 1024.0
 
 schedule_free_options = st.fixed_dictionaries(
     {
@@ -38,40 +41,6 @@ schedule_free_options = st.fixed_dictionaries(
 )
 
 
-def trajectory(execution, shapes, dtype, options, steps, inf_steps, reload_at, evaluate_at):
-    """Params and states after ``steps`` scaled steps in train mode; steps in ``inf_steps`` carry
-    an inf gradient and ``found_inf``; after step ``reload_at`` the optimizer is rebuilt from its
-    state_dict, after ``evaluate_at`` it switches to eval and back."""
-    params = [p.detach().to(DEVICE).requires_grad_() for p in make_params(shapes, dtype, 41)]
-    optimizer = AdaWarmScheduleFree(params, **execution, **options)
-    optimizer.train()
-    scale = torch.tensor(GRAD_SCALE, device=DEVICE)
-    for index, grads in enumerate(gradient_stream(shapes, dtype, steps, 41)):
-        skipped = index in inf_steps
-        for param, grad in zip(params, grads, strict=True):
-            param.grad = (grad.to(DEVICE) * GRAD_SCALE).contiguous()
-            if skipped and param.numel():
-                param.grad.view(-1)[0] = float("inf")
-        optimizer.step(grad_scale=scale, found_inf=torch.tensor(float(skipped), device=DEVICE))
-        if index == reload_at:
-            saved = copy.deepcopy(optimizer.state_dict())
-            optimizer = AdaWarmScheduleFree(params, **execution, **options)
-            optimizer.load_state_dict(saved)
-        if index == evaluate_at:
-            optimizer.eval()
-            optimizer.train()
-    return params, [_as_moments(optimizer.state[p]) for p in params]
-
-
-def _as_moments(state):
-    """A schedule-free state under the names the shared comparison reads (z in the first
-    state's place), with its scalars."""
-    renamed = {("exp_avg" if key == "z" else key): value for key, value in state.items()}
-    for key in ("weight_sum", "lr_max"):
-        renamed.pop(key, None)
-    return renamed
-
-
 @given(
     options=schedule_free_options,
     shapes=shape_lists,
@@ -86,9 +55,9 @@ def test_kernel_equals_torch_backend_and_reference(
 ):
     assume(not (dtype == torch.float16 and options["compensation"] == "stochastic"))
     run = {"inf_steps": inf_steps, "reload_at": reload_at, "evaluate_at": evaluate_at}
-    kernel = trajectory({"backend": "triton"}, shapes, dtype, options, steps, **run)
-    backend = trajectory({"backend": "torch"}, shapes, dtype, options, steps, **run)
-    reference = trajectory(
+    kernel = schedule_free_trajectory({"backend": "triton"}, shapes, dtype, options, steps, **run)
+    backend = schedule_free_trajectory({"backend": "torch"}, shapes, dtype, options, steps, **run)
+    reference = schedule_free_trajectory(
         {"backend": "torch", "foreach": False}, shapes, dtype, options, steps, **run
     )
     assert_same_params_and_state(kernel, backend, dtype)
@@ -167,7 +136,7 @@ def test_misaligned_views_take_the_unaligned_kernel_and_update_like_the_torch_ba
                 param.grad = grad
             optimizer.step()
         optimizer.eval()
-        return params, [_as_moments(optimizer.state[p]) for p in params], optimizer
+        return params, [as_moments(optimizer.state[p]) for p in params], optimizer
 
     *kernel, optimizer = run("triton")
     *backend, _ = run("torch")
