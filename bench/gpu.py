@@ -56,6 +56,7 @@ PYTEST_FILES = {
     "tests": (
         "tests/test_gpu.py",  # pytest -m gpu: every GPU-only test lives here
         "tests/test_triton_kernel.py",
+        "tests/test_schedule_free_kernel.py",
         "tests/test_low_precision.py",
         "tests/test_compile_triton.py",
         "tests/test_atomic_step.py",
