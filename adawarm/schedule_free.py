@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from adawarm import schedule_free_checkpoint
-from adawarm.functional import local_tensors, select_backend
+from adawarm.functional import local_tensors, select_execution
 from adawarm.optimizer_base import GroupStep, WarmupOptimizer
 from adawarm.schedule import AUTO, resolve_warmup_steps
 from adawarm.schedule_free_functional import run_schedule_free, switch
@@ -222,7 +222,11 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             params = [p for p in group["params"] if self.state.get(p)]
             states = [self.state[p] for p in params]
             shards = local_tensors(params)
-            backend = select_backend(group["backend"], shards) if shards else "torch"
+            backend = "torch"
+            if shards:  # the backend the group's steps run on
+                backend, _ = select_execution(
+                    group["backend"], shards, foreach=group["foreach"], fused=group["fused"]
+                )
             switch(
                 backend,
                 shards,
