@@ -109,7 +109,10 @@ def schedule_free_methods() -> list[Method]:
             schedule_free.DEFAULT_WARMUP_STEPS,
             schedule_free.DEFAULT_RECTIFY,
         ),
-        Method("AdaWarmScheduleFree warmup 5%", "adawarm-schedulefree", SCHEDULE_FREE_WARMUP),
+        *(
+            Method(f"AdaWarmScheduleFree warmup {fraction:.0%}", "adawarm-schedulefree", fraction)
+            for fraction in (SCHEDULE_FREE_WARMUP, 0.02, 0.01)
+        ),
         Method("AdaWarmScheduleFree rectify only", "adawarm-schedulefree", 0, True),
     ]
 
