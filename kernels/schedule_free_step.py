@@ -284,9 +284,13 @@ def _schedule_free_step_kernel(
 
     blocks_of_tensor = tl.maximum(tl.cdiv(tl.load(numels + tensor), BLOCK), 1)
     if tl.atomic_add(done_counters + tensor, 1) == blocks_of_tensor - 1:
+        # The pointers are loaded again rather than kept live across the block update: kept,
+        # they pushed ptxas to spill a register to the stack (one STL and LDL a thread) in three
+        # sm_90 variants with bf16 moments (56 registers; 48-52 loaded again).
+        step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))
         tl.store(step_ptr, tl.load(step_ptr) + 1.0)
-        tl.store(weight_sum_ptr, weight_sum)
-        tl.store(lr_max_ptr, lr_max)
+        tl.store(tl.load(weight_sum_ptrs + tensor).to(tl.pointer_type(tl.float64)), weight_sum)
+        tl.store(tl.load(lr_max_ptrs + tensor).to(tl.pointer_type(tl.float64)), lr_max)
         tl.store(done_counters + tensor, 0)
 
 
