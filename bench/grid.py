@@ -81,6 +81,20 @@ class Method:
     def total_steps(self, cell: Cell) -> int | None:
         return cell.steps if self.knows_length else None
 
+    def settings(self, cell: Cell) -> dict:
+        """What a run of this method in ``cell`` trains with, beyond its rate and seed: a saved
+        run is reused in its place only if it was trained with the same (a method keeps its name
+        when a default it follows changes)."""
+        return {
+            "kind": self.kind,
+            "warmup_steps": self.warmup_steps(cell),
+            "total_steps": self.total_steps(cell),
+            "rectify": self.rectify,
+            "param_dtype": self.param_dtype,
+            "compensation": self.compensation,
+            "state_dtype": self.state_dtype,
+        }
+
 
 DEFAULT_NAME = "AdaWarm default"
 ADAMW_NO_WARMUP = "AdamW no warmup"

@@ -419,8 +419,9 @@ def run_grid(
     reused: list[Run] = (),
 ) -> list[Run]:
     """Train every run of ``cells`` (and the bf16 rows in ``precise``) on ``workers``
-    processes, except those in ``reused`` (a saved grid's runs of the same cell, method, rate and
-    seed: training is deterministic, so they are what a rerun would give)."""
+    processes, except those in ``reused``: a saved grid's runs of the same cell, method, rate and
+    seed, trained with the same settings (training is deterministic, so they are what a rerun
+    would give; a run saved without its settings is trained again)."""
     jobs = [
         (cell, method, lr, seed, cache)
         for cell in cells
@@ -434,8 +435,11 @@ def run_grid(
             for method in precision_methods()
             for seed in range(precise.seeds)
         ]
-    saved = {(run.cell, run.method, run.lr, run.seed): run for run in reused}
-    kept = [saved.get((cell.name, method.name, lr, seed)) for cell, method, lr, seed, _ in jobs]
+    saved = {(run.cell, run.method, run.lr, run.seed, repr(run.settings)): run for run in reused}
+    kept = [
+        saved.get((cell.name, method.name, lr, seed, repr(method.settings(cell))))
+        for cell, method, lr, seed, _ in jobs
+    ]
     jobs = [job for job, run in zip(jobs, kept, strict=True) if run is None]
     jobs.sort(key=lambda job: -job[0].steps)  # long runs first: the pool ends together
     if any(cell.fine_tune for cell, *_ in jobs):
@@ -564,8 +568,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--reuse",
         type=Path,
         metavar="JSON",
-        help="take the runs a saved quality.json already has (same cell, method, rate and seed) "
-        "from it, and train only the others",
+        help="take the runs a saved quality.json already has (same cell, method, rate, seed and "
+        "settings) from it, and train only the others",
     )
     parser.add_argument(
         "--out", type=Path, default=RUNS, help=f"folder for the results (default: {RUNS})"
@@ -595,8 +599,8 @@ def main(argv: list[str] | None = None) -> dict:
         )
         if args.reuse:
             taken = len(
-                {(r.cell, r.method, r.lr, r.seed) for r in reused}
-                & {(r.cell, r.method, r.lr, r.seed) for r in runs}
+                {(r.cell, r.method, r.lr, r.seed, repr(r.settings)) for r in reused}
+                & {(r.cell, r.method, r.lr, r.seed, repr(r.settings)) for r in runs}
             )
             heading += f" {taken} of the runs were taken from {args.reuse}, trained before."
     text, verdicts, table, collapse_at = report(cells, runs, precise, heading)

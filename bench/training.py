@@ -42,6 +42,8 @@ class Run:
     final_loss: float
     curve: list[tuple[int, float]]
     seconds: float
+    # Method.settings of what it trained with; None in grids saved before runs recorded them.
+    settings: dict | None = None
 
 
 # One run: its cell, method, learning rate, seed and the cache folder of the pre-trained model.
@@ -201,7 +203,9 @@ def train_one(job: Job) -> Run:
             if not math.isfinite(curve[-1][1]):
                 break  # diverged: the remaining steps cannot recover
     elapsed = time.perf_counter() - start
-    return Run(cell.name, method.name, lr, seed, curve[-1][1], curve, elapsed)
+    return Run(
+        cell.name, method.name, lr, seed, curve[-1][1], curve, elapsed, method.settings(cell)
+    )
 
 
 def train_all(jobs: list[Job], workers: int, desc: str) -> list[Run]:

@@ -208,7 +208,15 @@ def test_adawarm_schedule_free_is_held_to_the_better_schedulefree_where_it_train
 def test_reused_runs_are_not_trained_again(monkeypatch, tmp_path):
     cell = Cell("post-LN", 0.999, 8, "cosine", (0.01,), 2)
     methods = grid.methods_for(cell)
-    reused = [Run(cell.name, methods[0].name, 0.01, 1, 2.5, [(8, 2.5)], 0.0)]
+    first = methods[0]
+    second = next(m for m in methods if m.settings(cell) != first.settings(cell))
+    reused = [
+        Run(cell.name, first.name, 0.01, 1, 2.5, [(8, 2.5)], 0.0, first.settings(cell)),
+        # same name, other settings (a default changed since): trained again
+        Run(cell.name, second.name, 0.01, 1, 2.5, [(8, 2.5)], 0.0, first.settings(cell)),
+        # saved before runs recorded their settings: trained again
+        Run(cell.name, second.name, 0.01, 0, 2.5, [(8, 2.5)], 0.0),
+    ]
     trained = []
 
     def train_all(jobs, workers, desc):
@@ -217,8 +225,10 @@ def test_reused_runs_are_not_trained_again(monkeypatch, tmp_path):
 
     monkeypatch.setattr(quality, "train_all", train_all)
     runs = quality.run_grid([cell], 1, tmp_path, None, reused)
-    assert (methods[0].name, 1) not in trained and (methods[0].name, 0) in trained
+    assert (first.name, 1) not in trained and (first.name, 0) in trained
+    assert (second.name, 1) in trained and (second.name, 0) in trained
     assert len(runs) == 2 * len(methods) and reused[0] in runs
+    assert reused[1] not in runs and reused[2] not in runs
 
 
 def test_the_grid_spans_what_the_defaults_must_hold_on():
