@@ -75,6 +75,8 @@ class WarmupOptimizer(Optimizer):
     STATE_KEYS: tuple[str, ...]
     COUNTER_KEYS: tuple[str, ...] = ("step",)
     OPTIONAL_STATE_KEYS: tuple[str, ...] = ("compensation",)
+    # The algorithm's warmup length for a group's ``warmup_steps``, beta2 and ``total_steps``.
+    _resolve_warmup_steps = staticmethod(resolve_warmup_steps)
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._check_group(defaults)
@@ -345,7 +347,7 @@ class WarmupOptimizer(Optimizer):
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=0.0,
-                warmup_steps=resolve_warmup_steps(warmup, beta2, group["total_steps"]),
+                warmup_steps=self._resolve_warmup_steps(warmup, beta2, group["total_steps"]),
                 rectify=group["rectify"],
             )
             factors.append(schedule.warmup_factor)

@@ -12,12 +12,13 @@ from torch import Tensor
 from adawarm import schedule_free_checkpoint
 from adawarm.functional import local_tensors, select_execution
 from adawarm.optimizer_base import GroupStep, WarmupOptimizer
-from adawarm.schedule import AUTO, resolve_warmup_steps
+from adawarm.schedule import AUTO, resolve_schedule_free_warmup_steps
 from adawarm.schedule_free_functional import run_schedule_free, switch
 from adawarm.state import moment_like, needs_compensation
 from adawarm.validation import check_schedule_free_group, group_betas
 
-# Chosen on the quality grid (docs/schedule-free.md): AdaWarm's ramp, no rectification.
+# Chosen on the quality grid (docs/defaults.md): "auto" is a ramp over 5 % of the run when its
+# length is known (adawarm.schedule.resolve_schedule_free_warmup_steps), no rectification.
 DEFAULT_WARMUP_STEPS: int | str = AUTO
 DEFAULT_RECTIFY = False
 
@@ -56,10 +57,11 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             is the second moment's decay.
         eps: added to the denominator for numerical stability.
         weight_decay: weight decay, applied at ``y`` as in schedulefree.
-        warmup_steps: as in [`AdaWarm`][adawarm.AdaWarm]: the ramp's length, ``"untuned"``, or
-            ``"auto"`` (the default).
-        total_steps: the run's length, if known (the ``"auto"`` ramp then lasts 5 % of it
-            when that is longer).
+        warmup_steps: the ramp's length, ``"untuned"`` (``2 / (1 - beta2)`` steps), or
+            ``"auto"`` (the default): 5 % of ``total_steps`` (schedulefree's recommended
+            warmup), or without it [`AdaWarm`][adawarm.AdaWarm]'s ``min(50, 2 / (1 - beta2))``
+            steps.
+        total_steps: the run's length, if known (the ``"auto"`` ramp then lasts 5 % of it).
         rectify: RAdam's variance rectification of the rate.
         r: the averaging weight's power of ``t`` (schedulefree's ``r``).
         weight_lr_power: the averaging weight's power of the largest scheduled rate so far
@@ -88,6 +90,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
     _step_supports_amp_scaling = True
     STATE_KEYS = ("step", "z", "exp_avg_sq", "weight_sum", "lr_max")
     COUNTER_KEYS = ("step", "weight_sum", "lr_max")
+    _resolve_warmup_steps = staticmethod(resolve_schedule_free_warmup_steps)
     _check_group = staticmethod(check_schedule_free_group)
 
     def __init__(
@@ -182,7 +185,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             beta2=beta2,
             eps=group["eps"],
             weight_decay=group["weight_decay"],
-            warmup_steps=resolve_warmup_steps(
+            warmup_steps=self._resolve_warmup_steps(
                 0 if work.scheduler_warms_up else group["warmup_steps"],
                 beta2,
                 group["total_steps"],

@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 
 from adawarm import schedule_free
 from adawarm.optimizer import DEFAULT_RECTIFY, DEFAULT_WARMUP_STEPS
-from adawarm.schedule import resolve_warmup_steps
+from adawarm.schedule import AUTO, resolve_schedule_free_warmup_steps, resolve_warmup_steps
 
 # Schedules: cosine decay to 0 and a constant rate, each after the optimizer's own warmup (if any);
 # "user warmup + cosine" is the user's linear warmup over USER_WARMUP of the run, then cosine,
@@ -27,6 +27,8 @@ TUNED_WARMUPS = (0.05, 0.2)
 SCHEDULE_FREE_WARMUP = 0.05
 # The rule AdaWarm's default replaced (docs/defaults.md): 1 / (1 - beta2) steps.
 PREVIOUS_RULE = "1/(1-beta2)"
+# AdaWarm's "auto" ramp (at least 50 steps), which AdaWarmScheduleFree's default was chosen over.
+ADAWARM_RULE = "AdaWarm's auto"
 
 
 @dataclass(frozen=True)
@@ -50,7 +52,8 @@ class Cell:
 @dataclass(frozen=True)
 class Method:
     """An optimizer configuration. ``warmup`` is a number of steps, a fraction of the run (a
-    float below 1), a name AdaWarm resolves ("auto", "untuned") or :data:`PREVIOUS_RULE`."""
+    float below 1), a name the optimizer resolves ("auto", "untuned"), :data:`PREVIOUS_RULE` or
+    :data:`ADAWARM_RULE`."""
 
     name: str
     kind: str  # "adamw", "radam", "adawarm", "schedulefree" or "adawarm-schedulefree"
@@ -76,7 +79,14 @@ class Method:
             return round(self.warmup * cell.steps)
         if self.warmup == PREVIOUS_RULE:
             return round(1.0 / (1.0 - cell.beta2))
-        return resolve_warmup_steps(self.warmup, cell.beta2, self.total_steps(cell))
+        if self.warmup == ADAWARM_RULE:
+            return resolve_warmup_steps(AUTO, cell.beta2, self.total_steps(cell))
+        resolve = (
+            resolve_schedule_free_warmup_steps
+            if self.kind == "adawarm-schedulefree"
+            else resolve_warmup_steps
+        )
+        return resolve(self.warmup, cell.beta2, self.total_steps(cell))
 
     def total_steps(self, cell: Cell) -> int | None:
         return cell.steps if self.knows_length else None
@@ -123,9 +133,15 @@ def schedule_free_methods() -> list[Method]:
             schedule_free.DEFAULT_WARMUP_STEPS,
             schedule_free.DEFAULT_RECTIFY,
         ),
+        Method(
+            "AdaWarmScheduleFree with AdaWarm's ramp",
+            "adawarm-schedulefree",
+            ADAWARM_RULE,
+            knows_length=True,
+        ),
         *(
             Method(f"AdaWarmScheduleFree warmup {fraction:.0%}", "adawarm-schedulefree", fraction)
-            for fraction in (SCHEDULE_FREE_WARMUP, 0.02, 0.01)
+            for fraction in (0.02, 0.01)
         ),
         Method("AdaWarmScheduleFree rectify only", "adawarm-schedulefree", 0, True),
     ]

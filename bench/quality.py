@@ -286,6 +286,31 @@ def schedule_free_default(table: Table, cells: list[Cell]) -> str | None:
     return methods[0].name if methods and measured else None
 
 
+def same_update(cells: list[Cell], mine: str, theirs: str) -> bool:
+    """Whether two schedule-free methods of the grid compute the same update in every cell:
+    the same warmup length, neither rectified."""
+    for cell in cells:
+        methods = {m.name: m for m in methods_for(cell)}
+        a, b = methods[mine], methods[theirs]
+        if a.rectify or b.rectify or a.warmup_steps(cell) != b.warmup_steps(cell):
+            return False
+    return True
+
+
+def schedule_free_candidates(table: Table, cells: list[Cell]) -> list[str]:
+    """A table row per schedule-free method of the grid: how many of the cells' gap and
+    collapse checks (check_schedule_free_cell) it passes."""
+    lines = ["| method | gap checks passed | collapse checks passed |", "| --- | --- | --- |"]
+    for method in methods_for(cells[0]):
+        if not method.schedule_free:
+            continue
+        verdicts = [check_schedule_free_cell(table, cell, method.name) for cell in cells]
+        gaps = sum(gap.passed for gap, _ in verdicts)
+        collapses = sum(collapse.passed for _, collapse in verdicts)
+        lines.append(f"| {method.name} | {gaps} of {len(cells)} | {collapses} of {len(cells)} |")
+    return lines
+
+
 def schedule_free_summary(table: Table, cells: list[Cell], default: str) -> list[str]:
     """One line per cell: the better schedulefree at its best rate, AdaWarmScheduleFree's
     default there and at its own best rate, and AdaWarm's default (AdamW with a schedule) at its
@@ -513,6 +538,20 @@ def report(
             *documented_section(
                 "schedule-free-checks", [f"- {verdict.text()}" for verdict in free_verdicts]
             ),
+            "",
+            "### Every schedule-free method through the same checks",
+            "",
+            *(
+                [
+                    f"{SCHEDULE_FREE} (schedulefree's) computes the same update as {free_default} "
+                    "in every cell: where the two differ is what the grid's noise alone does to a "
+                    "check.",
+                    "",
+                ]
+                if same_update(cells, free_default, SCHEDULE_FREE)
+                else []
+            ),
+            *documented_section("schedule-free-candidates", schedule_free_candidates(table, cells)),
         ]
     fallback = f"{DEFAULT_NAME} without total_steps"
     unhinted = [

@@ -205,6 +205,23 @@ def test_adawarm_schedule_free_is_held_to_the_better_schedulefree_where_it_train
     assert not collapse.passed and collapse.detail.startswith("collapses more: lr 0.1: 8 of 20")
 
 
+def test_every_schedule_free_method_goes_through_the_same_checks():
+    cell = Cell("post-LN", 0.999, 100, "cosine", (0.01, 0.1), 20)
+    names = [m.name for m in grid.methods_for(cell) if m.schedule_free]
+    losses = {name: {0.01: [2.40] * 20, 0.1: [2.9] * 20} for name in names}
+    losses["AdaWarmScheduleFree rectify only"] = {0.01: [2.50] * 20, 0.1: [3.2] * 20}
+    table = quality.tabulate(runs_of(cell, losses), {cell.name: 3.0})
+    rows = quality.schedule_free_candidates(table, [cell])
+    assert len(rows) == 2 + len(names)
+    assert "| AdaWarmScheduleFree default | 1 of 1 | 1 of 1 |" in rows
+    assert "| AdaWarmScheduleFree rectify only | 0 of 1 | 0 of 1 |" in rows
+    # schedulefree's 5 % warmup is the default's update when the run's length is known
+    assert quality.same_update([cell], "AdaWarmScheduleFree default", "schedule-free AdamW")
+    assert not quality.same_update(
+        [cell], "AdaWarmScheduleFree default without total_steps", "schedule-free AdamW"
+    )
+
+
 def test_reused_runs_are_not_trained_again(monkeypatch, tmp_path):
     cell = Cell("post-LN", 0.999, 8, "cosine", (0.01,), 2)
     methods = grid.methods_for(cell)

@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from adawarm import AdaWarm, step_schedule, warmup_factor
 from adawarm.schedule import (
+    SCHEDULE_FREE_RUN_FRACTION,
     ramp,
     rectification,
+    resolve_schedule_free_warmup_steps,
     resolve_warmup_steps,
     rho,
     untuned_warmup_steps,
@@ -50,6 +52,24 @@ def test_with_the_runs_length_the_default_ramp_lasts_5_percent_of_it_when_longer
     assert resolve_warmup_steps("auto", beta2, total_steps) == steps
     assert resolve_warmup_steps(7, beta2, total_steps) == 7  # an explicit length stays
     assert resolve_warmup_steps(7, 0.999) == 7
+
+
+@pytest.mark.parametrize(
+    ("beta2", "total_steps", "steps"),
+    [
+        (0.999, 3000, round(SCHEDULE_FREE_RUN_FRACTION * 3000)),
+        (0.999, 300, round(SCHEDULE_FREE_RUN_FRACTION * 300)),  # no 50-step floor
+        (0.95, 300, round(SCHEDULE_FREE_RUN_FRACTION * 300)),
+        (0.999, None, 50),  # without the run's length: AdaWarm's
+        (0.95, None, 40),
+    ],
+)
+def test_the_schedule_free_default_ramp_is_a_fraction_of_the_run(beta2, total_steps, steps):
+    assert resolve_schedule_free_warmup_steps("auto", beta2, total_steps) == steps
+    assert resolve_schedule_free_warmup_steps(7, beta2, total_steps) == 7
+    assert resolve_schedule_free_warmup_steps("untuned", beta2, total_steps) == (
+        untuned_warmup_steps(beta2)
+    )
 
 
 def test_rho_and_rectification_match_the_reference_figures():

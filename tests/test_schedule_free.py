@@ -12,7 +12,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from adawarm import AdaWarmScheduleFree
-from adawarm.schedule import rho
+from adawarm.schedule import SCHEDULE_FREE_RUN_FRACTION, rho
 
 schedulefree = pytest.importorskip(
     "schedulefree", reason="the test extra: pip install -e '.[test]'"
@@ -84,6 +84,25 @@ def test_equals_schedulefree_adamw_with_a_linear_ramp(execution, dtype):
     expected = schedulefree_trajectory(shapes, dtype, grads, **options)
     assert_same(result, expected, dtype)
     assert all(float(state["step"]) == STEPS for state in result[2])
+
+
+@pytest.mark.parametrize(
+    ("total_steps", "warmup_steps"),
+    # schedulefree's recommended fraction of the run, or AdaWarm's 50 steps (beta2 0.99)
+    [(400, round(SCHEDULE_FREE_RUN_FRACTION * 400)), (None, 50)],
+)
+def test_the_default_warmup_is_a_fraction_of_the_run_when_its_length_is_known(
+    total_steps, warmup_steps
+):
+    shapes = [(1025,), (3, 7)]
+    grads = gradient_stream(shapes, torch.float32, STEPS, 5)
+    params = make_params(shapes, torch.float32, 3)
+    ours = AdaWarmScheduleFree(params, **SETTINGS, total_steps=total_steps, backend="torch")
+    result = trajectory(ours, params, grads)
+    expected = schedulefree_trajectory(
+        shapes, torch.float32, grads, **SETTINGS, warmup_steps=warmup_steps
+    )
+    assert_same(result, expected, torch.float32)
 
 
 @given(
