@@ -163,7 +163,7 @@ def schedule_free_torch_step(
             )
             stored = [select(tensors, indices) for tensors in group_tensors]
             computing = compute_dtype(stored[0][0].dtype)
-            work = [upcast(list(tensors), computing) for tensors in stored]
+            work = [upcast(tensors, computing) for tensors in stored]
             _BUCKET_STEPS[implementation or "foreach"](
                 *work,
                 schedule,
