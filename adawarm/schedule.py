@@ -46,8 +46,8 @@ RUN_FRACTION = 0.05
 # AdaWarmScheduleFree's default ramp lasts this fraction of the run when its length is known,
 # with no floor: schedulefree's recommended warmup. Chosen on the quality grid (docs/defaults.md):
 # it passed 28 of the grid's 34 checks against schedulefree, 1 % and 2 % of the run 26 each,
-# AdaWarm's rule (at least 50 steps) 23 -- its floor cost 300-step runs up to 0.02 nats at low
-# rates and did not stop the collapses at the highest.
+# AdaWarm's rule (at least 50 steps) 23 -- its floor cost 300-step runs up to 0.02 nats at lr
+# 0.003, though they collapsed less at lr 0.1.
 SCHEDULE_FREE_RUN_FRACTION = 0.05
 
 

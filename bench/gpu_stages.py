@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from bench import gpt2, speed, tune
+from bench.gpu_report import SCHEDULE_FREE, SCHEDULE_FREE_CASES, SCHEDULEFREE
 from bench.speed import Case, gpt2_small_shapes
 
 # The headline rows of stage 2; each against torch.optim.AdamW(fused=True) in the same process.
@@ -48,18 +49,18 @@ HEADLINE_OPTIMIZERS = {
     "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
     "AdaWarm": speed.adawarm_factory("triton"),
 }
-# Cases (b) and (c) also time the schedule-free step: the kernel, and schedulefree's foreach step
-# where that package is installed (the GPU image lacks it).
-SCHEDULE_FREE_CASES = ("(b)", "(c)")
 
 
 def headline_optimizers(case: speed.Case) -> dict[str, speed.OptimizerFactory]:
+    """The headline rows of ``case``; the report's schedule-free cases also time the
+    schedule-free kernel, and schedulefree's foreach step where that package is installed (the
+    GPU image lacks it)."""
     table = dict(HEADLINE_OPTIMIZERS)
     if case.name.startswith(SCHEDULE_FREE_CASES):
-        table["AdaWarmScheduleFree"] = speed.schedule_free_factory("triton")
+        table[SCHEDULE_FREE] = speed.schedule_free_factory("triton")
         reference = speed.schedulefree_factory()
         if reference is not None:
-            table["schedulefree AdamWScheduleFree foreach"] = reference
+            table[SCHEDULEFREE] = reference
     return table
 
 

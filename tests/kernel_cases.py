@@ -38,11 +38,13 @@ kernel_options = st.fixed_dictionaries(
 kernel_dtypes = st.sampled_from([torch.float32, torch.bfloat16, torch.float16])
 
 
-def optimizer_trajectory(backend, shapes, dtype, options, steps, inf_steps, reload_at, device):
-    """Params and state after ``steps`` scaled steps; steps in ``inf_steps`` carry inf gradients
-    and ``found_inf``; the optimizer is rebuilt from its state_dict after step ``reload_at``."""
-    params = [p.detach().to(device).requires_grad_() for p in make_params(shapes, dtype, 41)]
-    optimizer = AdaWarm(params, backend=backend, **options)
+def scaled_steps(
+    optimizer, rebuild, params, shapes, dtype, steps, inf_steps, reload_at, device, after=None
+):
+    """Step ``optimizer`` ``steps`` times on gradients scaled by GRAD_SCALE and return the
+    optimizer at the end: steps in ``inf_steps`` carry an inf gradient and ``found_inf``; after
+    step ``reload_at`` the optimizer is replaced by ``rebuild(params)`` loaded from its
+    state_dict; ``after(index, optimizer)`` runs after each step."""
     scale = torch.tensor(GRAD_SCALE, device=device)
     for index, grads in enumerate(gradient_stream(shapes, dtype, steps, 41)):
         skipped = index in inf_steps
@@ -53,8 +55,20 @@ def optimizer_trajectory(backend, shapes, dtype, options, steps, inf_steps, relo
         optimizer.step(grad_scale=scale, found_inf=torch.tensor(float(skipped), device=device))
         if index == reload_at:
             saved = copy.deepcopy(optimizer.state_dict())
-            optimizer = AdaWarm(params, backend=backend, **options)
+            optimizer = rebuild(params)
             optimizer.load_state_dict(saved)
+        if after is not None:
+            after(index, optimizer)
+    return optimizer
+
+
+def optimizer_trajectory(backend, shapes, dtype, options, steps, inf_steps, reload_at, device):
+    """Params and state after ``steps`` scaled steps of AdaWarm (see :func:`scaled_steps`)."""
+    params = [p.detach().to(device).requires_grad_() for p in make_params(shapes, dtype, 41)]
+    build = lambda ps: AdaWarm(ps, backend=backend, **options)  # noqa: E731
+    optimizer = scaled_steps(
+        build(params), build, params, shapes, dtype, steps, inf_steps, reload_at, device
+    )
     return params, [optimizer.state[p] for p in params]
 
 
@@ -129,23 +143,18 @@ def schedule_free_trajectory(
     an inf gradient and ``found_inf``; after step ``reload_at`` the optimizer is rebuilt from its
     state_dict, after ``evaluate_at`` it switches to eval and back."""
     params = [p.detach().to(device).requires_grad_() for p in make_params(shapes, dtype, 41)]
-    optimizer = AdaWarmScheduleFree(params, **execution, **options)
+    build = lambda ps: AdaWarmScheduleFree(ps, **execution, **options)  # noqa: E731
+    optimizer = build(params)
     optimizer.train()
-    scale = torch.tensor(GRAD_SCALE, device=device)
-    for index, grads in enumerate(gradient_stream(shapes, dtype, steps, 41)):
-        skipped = index in inf_steps
-        for param, grad in zip(params, grads, strict=True):
-            param.grad = (grad.to(device) * GRAD_SCALE).contiguous()
-            if skipped and param.numel():
-                param.grad.view(-1)[0] = float("inf")
-        optimizer.step(grad_scale=scale, found_inf=torch.tensor(float(skipped), device=device))
-        if index == reload_at:
-            saved = copy.deepcopy(optimizer.state_dict())
-            optimizer = AdaWarmScheduleFree(params, **execution, **options)
-            optimizer.load_state_dict(saved)
+
+    def evaluate(index, optimizer):
         if index == evaluate_at:
             optimizer.eval()
             optimizer.train()
+
+    optimizer = scaled_steps(
+        optimizer, build, params, shapes, dtype, steps, inf_steps, reload_at, device, evaluate
+    )
     return params, [as_moments(optimizer.state[p]) for p in params]
 
 

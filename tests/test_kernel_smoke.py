@@ -54,18 +54,26 @@ CASES = {
 }
 
 
+def assert_kernel_equals_torch_backend(run, dtype):
+    """``run(backend)`` is a trajectory of STEPS steps with one skipped: the kernel's and the
+    torch backend's agree, parameters and every state entry."""
+    kernel = run("triton")
+    assert all(float(state["step"]) == STEPS - 1 for state in kernel[1])
+    assert_same_params_and_state(kernel, run("torch"), dtype)
+
+
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernel_matches_the_torch_backend(case):
     dtype, options = CASES[case]
     options = {**BASE, **options}
     # Step 3 carries an inf gradient and found_inf; the optimizer is rebuilt from its
     # state_dict after step 7.
-    run = lambda backend: optimizer_trajectory(  # noqa: E731
-        backend, ODD_SHAPES, dtype, options, STEPS, {3}, 7, DEVICE
+    assert_kernel_equals_torch_backend(
+        lambda backend: optimizer_trajectory(
+            backend, ODD_SHAPES, dtype, options, STEPS, {3}, 7, DEVICE
+        ),
+        dtype,
     )
-    kernel = run("triton")
-    assert all(float(state["step"]) == STEPS - 1 for state in kernel[1])
-    assert_same_params_and_state(kernel, run("torch"), dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
@@ -160,12 +168,12 @@ def test_schedule_free_kernel_matches_the_torch_backend(case):
         **options,
     }
     # step 3 skipped, a reload after step 7, an evaluation (eval, then train) after step 5
-    run = lambda backend: schedule_free_trajectory(  # noqa: E731
-        {"backend": backend}, ODD_SHAPES, dtype, options, STEPS, {3}, 7, 5, DEVICE
+    assert_kernel_equals_torch_backend(
+        lambda backend: schedule_free_trajectory(
+            {"backend": backend}, ODD_SHAPES, dtype, options, STEPS, {3}, 7, 5, DEVICE
+        ),
+        dtype,
     )
-    kernel = run("triton")
-    assert all(float(state["step"]) == STEPS - 1 for state in kernel[1])
-    assert_same_params_and_state(kernel, run("torch"), dtype)
 
 
 def test_captured_schedule_free_step_replays_like_eager_steps():
