@@ -94,6 +94,15 @@ def test_bare_pytest_collects_the_benchmark_tests():
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def test_the_repository_root_comes_after_site_packages_on_the_test_path():
+    # kernels/ at the root must not shadow the PyPI distribution `kernels` (transformers >= 5
+    # imports it): tests/conftest.py puts the root last, whoever put it first.
+    entries = [Path(entry or ".").resolve() for entry in sys.path]
+    installed = [i for i, entry in enumerate(entries) if entry.name == "site-packages"]
+    assert installed and entries.count(ROOT) == 1
+    assert entries.index(ROOT) > max(installed)
+
+
 def test_the_wheel_holds_the_kernels_inside_the_package_the_type_marker_and_the_license(tmp_path):
     build = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
     subprocess.run([*build, "-w", str(tmp_path), str(ROOT)], check=True, capture_output=True)
