@@ -26,6 +26,7 @@ from adawarm.tensor_lists import select
 from adawarm.torch_backend import (
     compute_dtype,
     group_by_device_and_dtype,
+    real_views,
     store,
     store_bucket,
     store_compensated,
@@ -144,8 +145,10 @@ def schedule_free_torch_step(
         for tensors in (params, grads, zs, exp_avg_sqs, state_steps, weight_sums, lr_maxes)
     ]
     groups = group_by_device_and_dtype([*lists, list(compensations), list(range(len(params)))])
-    for _dtype, tensor_lists in groups:
+    for dtype, tensor_lists in groups:
         group_tensors, counters = tensor_lists[:4], tensor_lists[4:7]
+        if dtype.is_complex:
+            group_tensors = list(map(real_views, group_tensors))
         group_buffers, group_positions = tensor_lists[7:]
         for (previous_step, weight_sum, lr_max), indices in _buckets(*counters):
             schedule = schedule_free_step(
@@ -232,11 +235,17 @@ def switch_torch(
     lists = [list(params), list(zs), list(state_steps), list(compensations)]
     groups = group_by_device_and_dtype([*lists, list(range(len(params)))])
     for dtype, (group_params, group_zs, steps, buffers, positions) in groups:
-        computing = compute_dtype(dtype)
-        work = upcast(list(group_params), computing)
+        # One list of the parameters (or of their real views): store() skips its copy when the
+        # working list is that list itself, as for fp32 parameters.
+        group_params, group_zs = (
+            real_views(tensors) if dtype.is_complex else list(tensors)
+            for tensors in (group_params, group_zs)
+        )
+        computing = compute_dtype(group_params[0].dtype)
+        work = upcast(group_params, computing)
         if buffers[0] is not None:
             torch._foreach_add_(work, upcast(list(buffers), computing))
-        ends = upcast(list(group_zs), computing)
+        ends = upcast(group_zs, computing)
         if foreach:
             torch._foreach_lerp_(work, ends, weight)
         else:
@@ -245,7 +254,7 @@ def switch_torch(
         if buffers[0] is not None:
             # work already holds the buffer: the compensated store carries only the new residue
             torch._foreach_zero_(list(buffers))
-            store_compensated(list(group_params), work, list(buffers))
+            store_compensated(group_params, work, list(buffers))
         elif rounds_stochastically(dtype, rounding_seed, stochastic_params):
             for param, moved, position, step in zip(
                 group_params, work, positions, steps, strict=True
@@ -255,4 +264,4 @@ def switch_torch(
                     role=SWITCH_ROLE,
                 )  # fmt: skip
         else:
-            store(list(group_params), work)
+            store(group_params, work)

@@ -153,6 +153,14 @@ def _fused_bucket(
     )
 
 
+def real_views(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Complex tensors as real ones with a trailing (real, imaginary) dimension, sharing their
+    memory: as in torch.optim's Adam family, a complex number is a pair of independent reals
+    (each with its own second moment). Converting them to a real dtype instead would drop the
+    imaginary part."""
+    return [torch.view_as_real(tensor) for tensor in tensors]
+
+
 def upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     """The tensors themselves when already in ``dtype``, otherwise working copies in it."""
     if tensors[0].dtype == dtype:
@@ -268,10 +276,8 @@ def torch_step(
         (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs) = tensor_lists[:4]
         group_steps, group_buffers, group_positions = tensor_lists[4:]
         if dtype.is_complex:
-            # As torch.optim.AdamW/RAdam: a complex number is a pair of independent reals.
-            group_params, group_grads, group_exp_avgs, group_exp_avg_sqs = (
-                [torch.view_as_real(t) for t in tensors]
-                for tensors in (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
+            group_params, group_grads, group_exp_avgs, group_exp_avg_sqs = map(
+                real_views, (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
             )
         for previous_step, indices in _indices_by_step(group_steps):
             step = previous_step + 1

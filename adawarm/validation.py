@@ -23,13 +23,22 @@ def _reading_would_sync(value: torch.Tensor) -> bool:
     return value.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
+def _check_tensor_scalar(value: torch.Tensor, name: str, torch_name: str) -> None:
+    """A tensor hyper-parameter must be one floating-point element. For a wrong size the error
+    keeps torch.optim's words (``Tensor lr must be 1-element``), which code written against
+    torch's optimizers may match."""
+    if value.numel() == 1 and value.is_floating_point():
+        return
+    torchs = f" (Tensor {torch_name} must be 1-element)" if value.numel() != 1 else ""
+    raise ValueError(
+        f"Invalid {name}: a tensor of shape {tuple(value.shape)} and dtype {value.dtype}, "
+        f"expected a float or a one-element floating-point tensor{torchs}"
+    )
+
+
 def check_lr(lr: Any) -> None:
     if isinstance(lr, torch.Tensor):
-        if lr.numel() != 1 or not lr.is_floating_point():
-            raise ValueError(
-                f"Invalid lr: a tensor of shape {tuple(lr.shape)} and dtype {lr.dtype}, "
-                "expected a float or a one-element floating-point tensor"
-            )
+        _check_tensor_scalar(lr, "lr", "lr")
         if _reading_would_sync(lr):
             return  # the kernel reads it on the device; a capture forbids reading it here
         value = float(lr.detach().cpu())
@@ -47,11 +56,7 @@ def group_betas(group: dict[str, Any]) -> tuple[float, float]:
     values = []
     for index, beta in enumerate(group["betas"]):
         if isinstance(beta, torch.Tensor):
-            if beta.numel() != 1 or not beta.is_floating_point():
-                raise ValueError(
-                    f"Invalid beta{index + 1}: a tensor of shape {tuple(beta.shape)} and dtype "
-                    f"{beta.dtype}, expected a float or a one-element floating-point tensor"
-                )
+            _check_tensor_scalar(beta, f"beta{index + 1}", f"betas[{index}]")
             if _reading_would_sync(beta):
                 raise RuntimeError(
                     f"beta{index + 1} is a CUDA tensor, which AdaWarm reads on the host at every "

@@ -1,0 +1,693 @@
+"""The promise matrix: every promise README.md and docs/ make (tests/promises.py, shown in
+docs/promises.md), checked for both optimizers on each execution it is claimed for, and refused
+with an error that changes nothing on the others. No step may warn: a warning here is an error
+(a silent cast that drops data warns once per process, and is otherwise unseen)."""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import gradient_stream, make_params
+from promises import (
+    KINDS,
+    PROMISES,
+    assert_identical,
+    assert_matches,
+    assert_unchanged,
+    cases,
+    device_of,
+    observe,
+    on_device,
+    optimizer_for,
+    real_pairs,
+    run,
+    snapshot,
+    used_promises,
+)
+
+pytestmark = pytest.mark.filterwarnings("error")
+
+ROOT = Path(__file__).resolve().parent.parent
+SHAPES = [(0,), (1,), (7,), (3, 5), (1025,)]
+STEPS = 8  # past t = 6, where RAdam's rectification starts at beta2 = 0.999
+EVALUATE_AFTER = (2, 5)  # a schedule-free run evaluates there (eval(), then train())
+SETTINGS = {"lr": 0.02, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1, "warmup_steps": 3}
+REFUSED = (RuntimeError, ValueError)
+
+
+def start(kind, execution, dtype=torch.float32, seed=0, shapes=SHAPES, **options):
+    """Parameters of ``shapes`` on the execution's device and ``kind`` over them."""
+    params = on_device(make_params(shapes, dtype, seed), device_of(execution))
+    return params, optimizer_for(kind, params, execution, **{**SETTINGS, **options})
+
+
+def trained(kind, execution, dtype=torch.float32, steps=STEPS, seed=0, **options):
+    params, optimizer = start(kind, execution, dtype, seed, **options)
+    run(
+        optimizer,
+        params,
+        gradient_stream(SHAPES, dtype, steps, seed),
+        evaluate_after=EVALUATE_AFTER,
+    )
+    return params, optimizer
+
+
+def assert_refused(kind, execution, match, dtype=torch.float32, **options):
+    """``kind`` refuses ``options`` on ``execution``, when built or at its first step, naming
+    ``match``, with the parameters unchanged and no state created."""
+    params = on_device(make_params(SHAPES, dtype, 0), device_of(execution))
+    values = [p.detach().clone() for p in params]
+    try:
+        optimizer = optimizer_for(kind, params, execution, **{**SETTINGS, **options})
+    except REFUSED as error:
+        assert re.search(match, str(error)), str(error)
+        return
+    for param in params:
+        param.grad = torch.ones_like(param)
+    with pytest.raises(REFUSED, match=match):
+        optimizer.step()
+    assert all(torch.equal(p.detach(), v) for p, v in zip(params, values, strict=True))
+    assert not any(optimizer.state.values())
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+def documented_promises() -> dict[str, dict[str, tuple[str, ...]]]:
+    """docs/promises.md's table: per promise, per optimizer, the executions it names."""
+    text = (ROOT / "docs" / "promises.md").read_text()
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    header = [cell.strip() for cell in rows[0].strip("|").split("|")]
+    kinds = header[1:3]
+    table = {}
+    for row in rows[1:]:
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        if set(cells[0]) <= {"-", " "}:
+            continue
+        table[cells[0]] = {
+            kind: tuple(name.strip() for name in cell.split(",")) if cell != "-" else ()
+            for kind, cell in zip(kinds, cells[1:3], strict=True)
+        }
+    return table
+
+
+def test_the_documented_table_is_the_tested_one():
+    assert documented_promises() == PROMISES
+
+
+def test_every_promise_has_its_test_over_both_optimizers():
+    assert used_promises() == set(PROMISES)
+    for promise, per_kind in PROMISES.items():
+        assert set(per_kind) == {kind.name for kind in KINDS}, promise
+        assert all(per_kind.values()), f"{promise}: claimed for one optimizer only"
+
+
+# -- dtypes ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("fp32, bf16 and fp16 parameters"))
+def test_each_step_is_the_exact_update_rounded_to_the_parameters_dtype(
+    kind, execution, holds, dtype
+):
+    # Every step against the same step in fp64 from where this run stands (so that rounding
+    # does not accumulate into the comparison): computed in fp32, stored in the dtype.
+    params, optimizer = start(kind, execution, dtype)
+    for step, grads in enumerate(gradient_stream(SHAPES, dtype, STEPS, 1)):
+        exact_params = on_device([p.double() for p in params], torch.device("cpu"))
+        exact = optimizer_for(kind, exact_params, "reference", **SETTINGS)
+        if step:
+            exact.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        run(optimizer, params, [grads])
+        run(exact, exact_params, [[g.double() for g in grads]])
+        assert_matches(
+            observe(optimizer, params, evaluated=False),
+            observe(exact, exact_params, evaluated=False),
+            dtype,
+        )
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("fp64 parameters"))
+def test_fp64_parameters_take_the_update_of_the_optimizer_it_replaces(kind, execution, holds):
+    if not holds:
+        assert_refused(kind, execution, "float64", dtype=torch.float64)
+        return
+    params, optimizer = trained(kind, execution, torch.float64)
+    theirs = on_device(make_params(SHAPES, torch.float64, 0), torch.device("cpu"))
+    upstream = kind.upstream(theirs, **SETTINGS)
+    run(
+        upstream,
+        theirs,
+        gradient_stream(SHAPES, torch.float64, STEPS, 0),
+        evaluate_after=EVALUATE_AFTER,
+    )
+    assert_matches(
+        observe(optimizer, params), observe(upstream, theirs), torch.float64, every=False
+    )
+
+
+def complex_params(dtype, seed):
+    generator = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, dtype=dtype, generator=generator).requires_grad_() for s in SHAPES]
+
+
+def complex_grads(dtype, steps, seed):
+    generator = torch.Generator().manual_seed(seed + 1)
+    return [
+        [torch.randn(s, dtype=dtype, generator=generator) for s in SHAPES] for _ in range(steps)
+    ]
+
+
+@pytest.mark.parametrize("maximize", [False, True], ids=["minimize", "maximize"])
+@pytest.mark.parametrize("dtype", [torch.complex64, torch.complex128], ids=str)
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("complex parameters"))
+def test_a_complex_parameter_is_a_pair_of_independent_reals(
+    kind, execution, holds, dtype, maximize
+):
+    # torch.optim's rule: the step on a complex tensor is the step on torch.view_as_real of the
+    # parameter, its gradient and its state -- through eval()/train() and a checkpoint too.
+    if not holds:
+        assert_refused(kind, execution, str(dtype), dtype=dtype)
+        return
+    grads = complex_grads(dtype, STEPS, 2)
+    options = {**SETTINGS, "maximize": maximize}
+
+    def resumed_run(params, grads):
+        optimizer = optimizer_for(kind, params, execution, **options)
+        run(optimizer, params, grads[:4], evaluate_after=(1,))
+        saved = copy.deepcopy(optimizer.state_dict())
+        resumed = [p.detach().clone().requires_grad_() for p in params]
+        optimizer = optimizer_for(kind, resumed, execution, **options)
+        optimizer.load_state_dict(saved)
+        run(optimizer, resumed, grads[4:], evaluate_after=(1,))
+        return observe(optimizer, resumed)
+
+    ours = resumed_run(complex_params(dtype, 2), grads)
+    pairs = [
+        torch.view_as_real(p.detach()).clone().requires_grad_() for p in complex_params(dtype, 2)
+    ]
+    expected = resumed_run(pairs, [[torch.view_as_real(g) for g in step] for step in grads])
+    real = torch.float64 if dtype == torch.complex128 else torch.float32
+    assert_matches(real_pairs(ours), expected, real)
+    assert any(v.is_complex() and v.imag.abs().sum() > 0 for v in ours.values())
+
+
+# -- the update --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("kind", "execution", "holds"), cases("the update of the optimizer it replaces")
+)
+def test_it_takes_the_update_of_the_optimizer_it_replaces(kind, execution, holds):
+    # AdaWarm: torch.optim.AdamW under the linear warmup; AdaWarmScheduleFree: schedulefree's
+    # AdamWScheduleFree with the same warmup (the kinds' upstream), on odd sizes, fp32.
+    params, optimizer = trained(kind, execution, weight_decay=0.0)
+    theirs = on_device(make_params(SHAPES, torch.float32, 0), torch.device("cpu"))
+    upstream = kind.upstream(theirs, **{**SETTINGS, "weight_decay": 0.0})
+    run(
+        upstream,
+        theirs,
+        gradient_stream(SHAPES, torch.float32, STEPS, 0),
+        evaluate_after=EVALUATE_AFTER,
+    )
+    assert_matches(
+        observe(optimizer, params), observe(upstream, theirs), torch.float32, every=False
+    )
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("weight decay"))
+def test_weight_decay_is_the_replaced_optimizers(kind, execution, holds):
+    # AdamW's decoupled decay; schedulefree's decay at y. Without it the runs differ.
+    options = {**SETTINGS, "weight_decay": 0.3}
+    params, optimizer = trained(kind, execution, weight_decay=0.3)
+    theirs = on_device(make_params(SHAPES, torch.float32, 0), torch.device("cpu"))
+    upstream = kind.upstream(theirs, **options)
+    run(
+        upstream,
+        theirs,
+        gradient_stream(SHAPES, torch.float32, STEPS, 0),
+        evaluate_after=EVALUATE_AFTER,
+    )
+    ours = observe(optimizer, params)
+    assert_matches(ours, observe(upstream, theirs), torch.float32, every=False)
+    undecayed = observe(*reversed(trained(kind, execution, weight_decay=0.0)))
+    assert not torch.allclose(ours["param 4"], undecayed["param 4"])
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("maximize"))
+def test_maximize_steps_up_the_gradient(kind, execution, holds):
+    grads = gradient_stream(SHAPES, torch.float32, STEPS, 3)
+    up, optimizer = start(kind, execution, maximize=True)
+    run(optimizer, up, grads, evaluate_after=EVALUATE_AFTER)
+    down, negated = start(kind, execution)
+    run(negated, down, [[-g for g in step] for step in grads], evaluate_after=EVALUATE_AFTER)
+    # torch's rule: the moments are those of the negated gradient too
+    assert_matches(observe(optimizer, up), observe(negated, down), torch.float32)
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("tensor lr and betas"))
+def test_tensor_lr_and_betas_are_read_at_every_step(kind, execution, holds):
+    grads = gradient_stream(SHAPES, torch.float32, STEPS, 4)
+    # torch keeps tensor hyper-parameters in fp32: the float run uses the same fp32 values.
+    lr, betas = torch.tensor(0.02), (torch.tensor(0.9), torch.tensor(0.99))
+    as_floats = {"lr": float(lr), "betas": tuple(float(b) for b in betas)}
+    tensors, optimizer = start(kind, execution, lr=lr, betas=betas)
+
+    def halve_lr_in_place(index):
+        if index == 4:
+            lr.mul_(0.5)
+
+    run(optimizer, tensors, grads, before_step=halve_lr_in_place)
+    floats, expected = start(kind, execution, **as_floats)
+
+    def halve_group_lr(index):
+        if index == 4:
+            expected.param_groups[0]["lr"] *= 0.5
+
+    run(expected, floats, grads, before_step=halve_group_lr)
+    assert_matches(observe(optimizer, tensors), observe(expected, floats), torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"lr": torch.tensor([0.1, 0.2])}, r"Invalid lr: .*Tensor lr must be 1-element"),
+        ({"lr": torch.tensor(1)}, r"Invalid lr: a tensor of shape \(\) and dtype torch.int64"),
+        (
+            {"betas": (torch.tensor([0.9, 0.8]), 0.999)},
+            r"Invalid beta1: .*Tensor betas\[0\] must be 1-element",
+        ),
+        (
+            {"betas": (0.9, torch.tensor([0.9, 0.8]))},
+            r"Invalid beta2: .*Tensor betas\[1\] must be 1-element",
+        ),
+    ],
+    ids=["lr", "integer lr", "beta1", "beta2"],
+)
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("tensor lr and betas"))
+def test_a_tensor_hyper_parameter_of_more_than_one_element_is_refused_in_torchs_words(
+    kind, execution, holds, options, message
+):
+    assert_refused(kind, execution, message, **options)
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("per-group hyper-parameters"))
+def test_each_group_steps_with_its_own_hyper_parameters(kind, execution, holds):
+    grads = gradient_stream(SHAPES, torch.float32, STEPS, 5)
+    second = {"lr": 0.05, "betas": (0.8, 0.95), "weight_decay": 0.0, "warmup_steps": 0}
+    params, optimizer = start(kind, execution)
+    optimizer.param_groups[0]["params"] = params[:3]
+    optimizer.add_param_group({"params": params[3:], **second})
+    if kind.schedule_free:
+        optimizer.train()  # a group added later starts in eval mode
+    run(optimizer, params, grads, evaluate_after=EVALUATE_AFTER)
+    ours = observe(optimizer, params)
+    expected = {}
+    for group, options in ((slice(0, 3), {}), (slice(3, None), second)):
+        alone = on_device(make_params(SHAPES, torch.float32, 0)[group], device_of(execution))
+        single = optimizer_for(kind, alone, execution, **{**SETTINGS, **options})
+        run(single, alone, [step[group] for step in grads], evaluate_after=EVALUATE_AFTER)
+        offset = group.start
+        for name, value in observe(single, alone).items():
+            key, index = name.rsplit(" ", 1)
+            expected[f"{key} {int(index) + offset}"] = value
+    assert_matches(ours, expected, torch.float32)
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("closures"))
+def test_a_closure_is_evaluated_with_gradients_and_its_loss_returned(kind, execution, holds):
+    targets = [torch.full(s, 0.5, device=device_of(execution)) for s in SHAPES]
+
+    def loss_of(params):
+        return sum(((p - t) ** 2).sum() for p, t in zip(params, targets, strict=True))
+
+    params, optimizer = start(kind, execution)
+    plain_params, plain = start(kind, execution)
+    for _ in range(STEPS):
+
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_of(params)
+            loss.backward()
+            return loss
+
+        loss = optimizer.step(closure)
+        plain.zero_grad()
+        with torch.enable_grad():
+            expected_loss = loss_of(plain_params)
+            expected_loss.backward()
+        plain.step()
+        assert torch.equal(loss.detach(), expected_loss.detach())
+    assert_matches(observe(optimizer, params), observe(plain, plain_params), torch.float32)
+
+
+# -- execution choices -------------------------------------------------------------------------
+
+# The options that choose each execution (each replacing all of EXECUTIONS' options).
+SELECTIONS = {
+    "reference": [{"foreach": False}, {"foreach": False, "fused": False}],
+    "foreach": [{"foreach": True}, {"fused": False}],
+    "fused": [{"fused": True}],
+    "Triton": [{"backend": "triton"}, {"backend": "triton", "fused": True}],
+}
+# What no option chooses on CPU tensors: torch's fused AdamW kernel, or foreach ops where no
+# fused kernel computes the update.
+AUTOMATIC_ON_CPU = {"AdaWarm": "fused", "AdaWarmScheduleFree": "foreach"}
+
+
+def selected(selection: dict) -> dict:
+    return {"backend": None, "foreach": None, "fused": None, **selection}
+
+
+def count_launches(monkeypatch, kind, execution) -> list[str]:
+    owner, name = kind.launch_points[execution]
+    calls: list[str] = []
+    original = owner[name] if isinstance(owner, dict) else getattr(owner, name)
+
+    def counted(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    if isinstance(owner, dict):
+        monkeypatch.setitem(owner, name, counted)
+    else:
+        monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("kind", "execution", "holds"), cases("foreach and fused choose the implementation")
+)
+def test_foreach_and_fused_choose_the_implementation(monkeypatch, kind, execution, holds):
+    selections = list(SELECTIONS[execution])
+    if AUTOMATIC_ON_CPU[kind.name] == execution:
+        selections.append({})
+    for selection in selections:
+        launches = count_launches(monkeypatch, kind, execution)
+        params, optimizer = start(kind, execution, **selected(selection))
+        run(optimizer, params, gradient_stream(SHAPES, torch.float32, 2, 0))
+        assert launches, f"{selection} did not run {execution}"
+        monkeypatch.undo()
+
+
+@pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.name)
+def test_a_fused_request_that_no_kernel_serves_is_refused(kind):
+    param = torch.zeros(3, device="meta", requires_grad=True)
+    param.grad = torch.zeros(3, device="meta")
+    optimizer = optimizer_for(kind, [param], "reference", **selected({"fused": True}))
+    with pytest.raises(RuntimeError, match=r"fused=True: no fused kernel serves tensors on meta"):
+        optimizer.step()
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"foreach": True, "fused": True}, ValueError, r"foreach=True with fused=True"),
+        ({"foreach": 1}, TypeError, r"Invalid foreach: 1, expected None, True or False"),
+        ({"fused": "yes"}, TypeError, r"Invalid fused: 'yes'"),
+        ({"foreach": True, "backend": "triton"}, ValueError, r"foreach=True with backend='triton'"),
+        ({"fused": False, "capturable": True}, ValueError, r"capturable=True with fused=False"),
+    ],
+)
+@pytest.mark.parametrize("kind", KINDS, ids=lambda kind: kind.name)
+def test_contradicting_choices_are_refused(kind, options, error, message):
+    with pytest.raises(error, match=message):
+        kind.make(make_params([(3,)], torch.float32, 0), **options)
+
+
+# -- mixed precision and CUDA graphs -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("GradScaler"))
+def test_grad_scale_unscales_inside_the_step(kind, execution, holds):
+    grads = gradient_stream(SHAPES, torch.float32, STEPS, 6)
+    scale = torch.tensor(1024.0, device=device_of(execution))
+    no_inf = torch.zeros((), device=device_of(execution))
+    params, optimizer = start(kind, execution)
+    scaled, with_scale = start(kind, execution)
+    for step in grads:
+        run(optimizer, params, [step])
+        for param, grad in zip(scaled, step, strict=True):
+            param.grad = grad.to(param.device) * scale
+        with_scale.step(grad_scale=scale, found_inf=no_inf)
+    assert_matches(observe(with_scale, scaled), observe(optimizer, params), torch.float32)
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("GradScaler"))
+def test_a_step_with_found_inf_changes_nothing_and_does_not_advance_the_warmup(
+    kind, execution, holds
+):
+    params, optimizer = trained(kind, execution, steps=2)
+    before = snapshot(optimizer, params)
+    factor = optimizer.warmup_factor()
+    for param in params:
+        param.grad = torch.full_like(param, float("inf"))
+    found_inf = torch.ones((), device=device_of(execution))
+    optimizer.step(grad_scale=torch.tensor(2.0, device=found_inf.device), found_inf=found_inf)
+    assert_unchanged(optimizer, params, before)
+    assert optimizer.warmup_factor() == factor
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("GradScaler"))
+def test_a_grad_scaler_loop_skips_its_inf_steps(kind, execution, holds):
+    device = device_of(execution)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3).to(device)
+    optimizer = optimizer_for(kind, model.parameters(), execution, **SETTINGS)
+    scaler = torch.amp.GradScaler(device.type, init_scale=2.0**8)
+    skipped = (2, 5)
+    for step in range(STEPS):
+        loss = model(torch.randn(4, 6, device=device)).square().mean()
+        if step in skipped:
+            loss = loss * float("inf")
+        optimizer.zero_grad()
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    for param in model.parameters():
+        assert float(optimizer.state[param]["step"]) == STEPS - len(skipped)
+        assert torch.isfinite(param).all()
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("capturable"))
+def test_a_capturable_step_is_the_plain_one(kind, execution, holds):
+    # Under a CUDA graph (tests/test_gpu.py, tests/test_kernel_smoke.py) the rate is a tensor on
+    # the device and nothing is read on the host; here, the same step outside one.
+    if not holds:
+        assert_refused(kind, execution, "capturable=True", capturable=True)
+        return
+    device = device_of(execution)
+    grads = gradient_stream(SHAPES, torch.float32, STEPS, 7)
+    params, optimizer = start(
+        kind, execution, capturable=True, lr=torch.tensor(0.02, device=device)
+    )
+    run(optimizer, params, grads, evaluate_after=EVALUATE_AFTER)
+    plain_params, plain = start(kind, execution, lr=float(torch.tensor(0.02)))
+    run(plain, plain_params, grads, evaluate_after=EVALUATE_AFTER)
+    assert_matches(observe(optimizer, params), observe(plain, plain_params), torch.float32)
+
+
+# -- checkpoints -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("state_dict round trip"))
+def test_a_checkpoint_resumes_bit_for_bit(kind, execution, holds):
+    grads = gradient_stream(SHAPES, torch.float32, STEPS, 8)
+    params, optimizer = start(kind, execution)
+    run(optimizer, params, grads[:4], evaluate_after=(1,))
+    model = [p.detach().clone() for p in params]
+    saved = copy.deepcopy(optimizer.state_dict())
+    run(optimizer, params, grads[4:], evaluate_after=(1,))
+    resumed, fresh = start(kind, execution)
+    with torch.no_grad():
+        for param, value in zip(resumed, model, strict=True):
+            param.copy_(value)
+    fresh.load_state_dict(saved)
+    assert str(fresh.state_dict()["param_groups"]) == str(saved["param_groups"])
+    assert fresh.state_dict()["state"].keys() == saved["state"].keys()
+    run(fresh, resumed, grads[4:], evaluate_after=(1,))
+    assert_identical(observe(fresh, resumed), observe(optimizer, params))
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("state_dict round trip"))
+def test_a_checkpoint_that_does_not_fit_is_refused_and_nothing_loads(kind, execution, holds):
+    _, optimizer = trained(kind, execution, steps=2)
+    saved = optimizer.state_dict()
+    other_shapes = [*SHAPES[:-2], (5, 3), (1025,)]
+    params, other = start(kind, execution, shapes=other_shapes)
+    run(other, params, gradient_stream(other_shapes, torch.float32, 2, 0))
+    before = snapshot(other, params)
+    with pytest.raises(ValueError, match=r"of parameter 3 has shape \(3, 5\), expected \(5, 3\)"):
+        other.load_state_dict(saved)
+    assert_unchanged(other, params, before)
+
+
+@pytest.mark.parametrize(
+    ("kind", "execution", "holds"), cases("checkpoints of the optimizer it replaces")
+)
+def test_a_checkpoint_of_the_optimizer_it_replaces_continues_identically(kind, execution, holds):
+    # AdamW's state_dict counts as warmed up; schedulefree's is saved in eval mode, as its README
+    # asks, and carries its mode and warmup.
+    grads = gradient_stream(SHAPES, torch.float32, STEPS, 9)
+    theirs = on_device(make_params(SHAPES, torch.float32, 0), torch.device("cpu"))
+    upstream = kind.upstream(theirs, **SETTINGS)
+    run(upstream, theirs, grads[:4])
+    if kind.schedule_free:
+        upstream.eval()
+    model = [p.detach().clone() for p in theirs]
+    saved = copy.deepcopy(upstream.state_dict())
+    if kind.schedule_free:
+        upstream.train()
+    run(upstream, theirs, grads[4:])
+
+    params = on_device(model, device_of(execution))
+    optimizer = optimizer_for(kind, params, execution, **SETTINGS)
+    optimizer.load_state_dict(saved)
+    if kind.schedule_free:
+        assert optimizer.param_groups[0]["train_mode"] is False  # the mode came with it
+        optimizer.train()
+    run(optimizer, params, grads[4:])
+    assert_matches(
+        observe(optimizer, params), observe(upstream, theirs), torch.float32, every=False
+    )
+
+
+# -- safety ------------------------------------------------------------------------------------
+
+
+class InjectedFailure(Exception):
+    pass
+
+
+def fail_second_launch(monkeypatch, kind, execution) -> None:
+    """The execution's second launch runs, then raises: a kernel error midway through a step."""
+    owner, name = kind.launch_points[execution]
+    original = owner[name] if isinstance(owner, dict) else getattr(owner, name)
+    calls = []
+
+    def launch(*args, **kwargs):
+        calls.append(name)
+        original(*args, **kwargs)
+        if len(calls) == 2:
+            raise InjectedFailure("injected launch failure")
+
+    if isinstance(owner, dict):
+        monkeypatch.setitem(owner, name, launch)
+    else:
+        monkeypatch.setattr(owner, name, launch)
+
+
+def two_groups(kind, execution):
+    params, optimizer = start(kind, execution)
+    optimizer.param_groups[0]["params"] = params[:3]
+    optimizer.add_param_group({"params": params[3:], "lr": 0.05, "weight_decay": 0.0})
+    if kind.schedule_free:
+        optimizer.train()
+    return params, optimizer
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("all-or-nothing steps"))
+def test_a_step_that_fails_midway_puts_everything_back(monkeypatch, kind, execution, holds):
+    grads = gradient_stream(SHAPES, torch.float32, 3, 10)
+    params, optimizer = two_groups(kind, execution)
+    for param, grad in zip(params, grads[0], strict=True):
+        param.grad = grad.to(param.device)
+    before = snapshot(optimizer, params)
+    fail_second_launch(monkeypatch, kind, execution)  # the second group's
+    with pytest.raises(RuntimeError, match="as they were before the step") as raised:
+        optimizer.step()
+    assert isinstance(raised.value.__cause__, InjectedFailure)
+    assert_unchanged(optimizer, params, before)
+    assert not any(optimizer.state.values()), "the states this step created are removed"
+    monkeypatch.undo()
+    run(optimizer, params, grads)
+    expected_params, expected = two_groups(kind, execution)
+    run(expected, expected_params, grads)
+    assert_identical(observe(optimizer, params), observe(expected, expected_params))
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("all-or-nothing steps"))
+def test_refused_inputs_between_steps_change_nothing(kind, execution, holds):
+    params, optimizer = two_groups(kind, execution)
+    run(optimizer, params, gradient_stream(SHAPES, torch.float32, 2, 11))
+    before = snapshot(optimizer, params)
+    optimizer.param_groups[1]["lr"] = -5.0
+    with pytest.raises(ValueError, match=r"Invalid lr: -5\.0"):
+        optimizer.step()
+    optimizer.param_groups[1]["lr"] = 0.05
+    assert_unchanged(optimizer, params, before)
+    params[3].grad = torch.ones(3, 5).to_sparse().to(params[3].device)
+    with pytest.raises(RuntimeError, match=r"sparse gradient .* shape \(3, 5\)"):
+        optimizer.step()
+    assert_unchanged(optimizer, params, before)
+    if hasattr(torch.Tensor, "grad_dtype"):  # older torch refuses such a gradient itself
+        params[3].grad_dtype = None
+        params[3].grad = torch.ones(3, 5, dtype=torch.float64, device=params[3].device)
+        with pytest.raises(RuntimeError, match=r"dtype torch.float64 does not match"):
+            optimizer.step()
+        assert_unchanged(optimizer, params, before)
+
+
+BAD_HYPER_PARAMETERS = [
+    ({"lr": -1e-3}, ValueError, r"Invalid lr: -0.001"),
+    ({"lr": float("nan")}, ValueError, r"Invalid lr: nan"),
+    ({"lr": "fast"}, TypeError, r"Invalid lr: 'fast'"),
+    ({"eps": -1e-8}, ValueError, r"Invalid epsilon value: -1e-08"),
+    ({"betas": (1.0, 0.999)}, ValueError, r"Invalid beta1: 1.0, expected 0 <= beta1 < 1"),
+    ({"betas": (0.9, 1.5)}, ValueError, r"Invalid beta2: 1.5, expected 0 <= beta2 < 1"),
+    ({"betas": (0.9,)}, ValueError, r"Invalid betas: \(0.9,\), expected a pair"),
+    ({"weight_decay": -0.1}, ValueError, r"Invalid weight_decay value: -0.1"),
+    ({"warmup_steps": -1}, ValueError, r"Invalid warmup_steps: -1"),
+    ({"warmup_steps": 2.5}, TypeError, r"Invalid warmup_steps: 2.5"),
+    ({"warmup_steps": "tuned"}, ValueError, r"Invalid warmup_steps: 'tuned'"),
+    ({"total_steps": 0}, ValueError, r"Invalid total_steps: 0, expected None or an int >= 1"),
+    ({"rectify": "yes"}, TypeError, r"Invalid rectify: 'yes'"),
+    ({"betas": (0.9, 0.5), "rectify": True}, ValueError, r"Invalid beta2 for rectify=True: 0.5"),
+    ({"maximize": 1}, TypeError, r"Invalid maximize: 1, expected True or False"),
+    ({"backend": "cuda"}, ValueError, r"Invalid backend: 'cuda'"),
+    ({"state_dtype": torch.float16}, ValueError, r"Invalid state_dtype: torch.float16"),
+    ({"compensation": "exact"}, ValueError, r"Invalid compensation: 'exact'"),
+    ({"rounding_seed": -1}, ValueError, r"Invalid rounding_seed: -1"),
+]
+# What only one optimizer has: AdamW's options without an algorithm here, the average's powers.
+OWN_BAD_HYPER_PARAMETERS = {
+    "AdaWarm": [
+        ({"amsgrad": True}, ValueError, r"Invalid amsgrad: True; AdaWarm has no AMSGrad"),
+        ({"differentiable": True}, ValueError, r"Invalid differentiable: True"),
+    ],
+    "AdaWarmScheduleFree": [
+        ({"betas": (0.0, 0.999)}, ValueError, r"Invalid beta1: 0.0, expected 0 < beta1 < 1"),
+        ({"r": -1.0}, ValueError, r"Invalid r: -1.0"),
+        ({"weight_lr_power": float("nan")}, ValueError, r"Invalid weight_lr_power: nan"),
+    ],
+}
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("bad hyper-parameters are refused"))
+def test_bad_hyper_parameters_are_refused_naming_the_value(kind, execution, holds):
+    for options, error, message in BAD_HYPER_PARAMETERS + OWN_BAD_HYPER_PARAMETERS[kind.name]:
+        params = on_device(make_params(SHAPES, torch.float32, 0), device_of(execution))
+        with pytest.raises(error, match=message):
+            optimizer_for(kind, params, execution, **{**SETTINGS, **options})
+        optimizer = optimizer_for(kind, params[:2], execution, **SETTINGS)
+        with pytest.raises(error, match=message):  # nor can a group be added with it
+            optimizer.add_param_group({"params": params[2:], **options})
+        assert len(optimizer.param_groups) == 1
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("gradients are read, never written"))
+def test_a_step_reads_the_gradients_and_never_writes_them(kind, execution, holds):
+    params, optimizer = start(kind, execution, maximize=True)
+    for step in range(2):
+        for param, grad in zip(
+            params, gradient_stream(SHAPES, torch.float32, 1, step)[0], strict=True
+        ):
+            param.grad = grad.to(param.device)
+        grads = [p.grad.clone() for p in params]
+        optimizer.step(grad_scale=torch.tensor(4.0, device=params[0].device))
+        for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
+            assert torch.equal(param.grad, grad), f"the gradient of parameter {index} changed"
