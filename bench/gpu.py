@@ -55,6 +55,7 @@ PYTEST_FILES = {
     "smoke": ("tests/test_kernel_smoke.py",),
     "tests": (
         "tests/test_gpu.py",  # pytest -m gpu: every GPU-only test lives here
+        "tests/test_promises.py",  # every promise, the kernel's compiled for the GPU
         "tests/test_triton_kernel.py",
         "tests/test_schedule_free_kernel.py",
         "tests/test_low_precision.py",

@@ -132,6 +132,7 @@ TORCH_ONLY = {"AdaWarm": TORCH_ADAWARM, "AdaWarmScheduleFree": TORCH_SCHEDULE_FR
 # Per promise, per optimizer: the executions it holds on (docs/promises.md shows this table).
 PROMISES: dict[str, dict[str, tuple[str, ...]]] = {
     "fp32, bf16 and fp16 parameters": ALL,
+    "bf16 state, Kahan and stochastic rounding": ALL,
     "fp64 parameters": TORCH_ONLY,
     "complex parameters": TORCH_ONLY,
     "the update of the optimizer it replaces": ALL,

@@ -62,38 +62,6 @@ def test_adawarm_state_dict_loads_into_torch(rectify, make_torch):
     assert_same_trajectory_state(adawarm, params, torch_opt, theirs, torch.float32)
 
 
-@pytest.mark.parametrize("stop_at", [1, 3, 6, 9])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_resume_mid_warmup_is_bit_identical(stop_at, dtype):
-    grads = gradient_stream(SHAPES, dtype, STEPS, seed=23)
-    options = {**HP, "rectify": True, "warmup_steps": 10}
-
-    straight = make_params(SHAPES, dtype, seed=23)
-    train(AdaWarm(straight, **options), straight, grads)
-
-    resumed = make_params(SHAPES, dtype, seed=23)
-    first = AdaWarm(resumed, **options)
-    train(first, resumed, grads[:stop_at])
-    saved = copy.deepcopy(first.state_dict())
-    del first
-    second = AdaWarm(resumed, **options)
-    second.load_state_dict(saved)
-    train(second, resumed, grads[stop_at:])
-    assert_bit_identical([p.detach() for p in resumed], [p.detach() for p in straight])
-
-
-def test_state_dict_round_trip_keeps_state_dtypes_for_low_precision_params():
-    params = make_params([(5,)], torch.bfloat16, seed=24)
-    opt = AdaWarm(params, lr=1e-3)
-    params[0].grad = torch.ones(5, dtype=torch.bfloat16)
-    opt.step()
-    assert opt.state[params[0]]["exp_avg"].dtype == torch.float32
-    other = AdaWarm(params, lr=1e-3)
-    other.load_state_dict(copy.deepcopy(opt.state_dict()))
-    assert other.state[params[0]]["exp_avg"].dtype == torch.float32
-    assert other.state[params[0]]["exp_avg_sq"].dtype == torch.float32
-
-
 def test_two_runs_with_the_same_seed_are_bit_identical():
     def run():
         torch.manual_seed(0)
@@ -113,21 +81,6 @@ def test_two_runs_with_the_same_seed_are_bit_identical():
         assert_bit_identical(
             [a["exp_avg"], a["exp_avg_sq"], a["step"]], [b["exp_avg"], b["exp_avg_sq"], b["step"]]
         )
-
-
-def test_a_copied_or_pickled_optimizer_keeps_stepping_like_the_original():
-    import pickle
-
-    params = make_params([(5,)], torch.float32, seed=25)
-    opt = AdaWarm(params, lr=1e-2, warmup_steps=3)
-    params[0].grad = torch.ones(5)
-    opt.step()
-    for clone in (copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        for group in clone.param_groups:
-            for param in group["params"]:
-                param.grad = torch.ones_like(param)  # pickling drops gradients
-        clone.step()
-        assert float(next(iter(clone.state.values()))["step"]) == 2.0
 
 
 def with_number_steps(state_dict):
@@ -182,18 +135,6 @@ def trained_adawarm(**options):
     return params, opt
 
 
-def test_state_dict_after_load_copy_or_pickle_has_exactly_the_original_keys():
-    import pickle
-
-    params, opt = trained_adawarm()
-    original = opt.state_dict()
-    reloaded = AdaWarm([{"params": params[:1]}, {"params": params[1:]}])
-    reloaded.load_state_dict(copy.deepcopy(original))
-    for other in (reloaded, copy.deepcopy(opt), pickle.loads(pickle.dumps(opt))):
-        assert group_keys(other.state_dict()) == group_keys(original)
-        assert state_keys(other.state_dict()) == state_keys(original)
-
-
 @pytest.mark.parametrize(
     "make_torch",
     [
@@ -236,3 +177,10 @@ def test_an_untrained_torch_checkpoint_keeps_the_ramp():
     adawarm = AdaWarm(params, **HP)
     adawarm.load_state_dict(torch.optim.AdamW(params, **HP).state_dict())
     assert adawarm.param_groups[0]["warmup_steps"] == "auto"
+
+
+def test_an_amsgrad_checkpoint_is_refused():
+    params = make_params(SHAPES, torch.float32, seed=31)
+    saved = torch.optim.AdamW(params, amsgrad=True).state_dict()
+    with pytest.raises(ValueError, match="amsgrad=True"):
+        AdaWarm(params).load_state_dict(saved)
