@@ -140,6 +140,8 @@ PROMISES: dict[str, dict[str, tuple[str, ...]]] = {
     "maximize": ALL,
     "tensor lr and betas": ALL,
     "per-group hyper-parameters": ALL,
+    "LR schedulers compose with the ramp": ALL,
+    "the warmup's length": ALL,
     "closures": ALL,
     "foreach and fused choose the implementation": ALL,
     "GradScaler": ALL,

@@ -190,7 +190,7 @@ def test_each_step_stored_in_low_precision_is_the_exact_update_within_an_ulp(
 # A quadratic 0.5 |p - target|^2 whose optimum lies 0.05 away from a start in [1, 1.5), where
 # a bf16 ulp is 2^-7 = 0.0078: Adam's normalised steps of about lr = 4e-4 are below half an ulp
 # of bf16 (and of fp16: 2^-11 = 4.9e-4), so rounding to nearest loses them all.
-CREEP_STEPS, CREEP_LR = 150, 4e-4
+CREEP_STEPS, CREEP_LR = 100, 4e-4
 
 
 def creep(kind, execution, dtype, **options) -> tuple[dict[str, Tensor], Tensor]:
@@ -218,7 +218,7 @@ def test_updates_below_half_an_ulp_survive_where_rounding_to_nearest_loses_them(
 ):
     master, start = creep(kind, "reference", torch.float32)
     travel = (master["param 0"] - start).abs().mean()
-    assert travel > 0.02  # the fp32 run travels a good part of the 0.05
+    assert travel > 0.015  # the fp32 run travels a good part of the 0.05
     for dtype in (torch.bfloat16, torch.float16):
         ulp = torch.finfo(dtype).eps  # of values in [1, 2)
         plain, _ = creep(kind, execution, dtype)
@@ -495,6 +495,138 @@ def test_a_closure_is_evaluated_with_gradients_and_its_loss_returned(kind, execu
     assert_matches(observe(optimizer, params), observe(plain, plain_params), torch.float32)
 
 
+# -- the warmup and LR schedulers --------------------------------------------------------------
+
+SCHEDULE_STEPS, DEFAULT_RAMP = 12, 50  # "auto" at beta2 0.99 without total_steps: 50 steps
+SCHEDULERS = {
+    "cosine": lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=SCHEDULE_STEPS),
+    "one-cycle": lambda opt: torch.optim.lr_scheduler.OneCycleLR(
+        opt, max_lr=0.02, total_steps=SCHEDULE_STEPS
+    ),
+    "linear-then-cosine": lambda opt: torch.optim.lr_scheduler.SequentialLR(
+        opt,
+        [
+            torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=4),
+            torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=SCHEDULE_STEPS - 4),
+        ],
+        milestones=[4],
+    ),
+    # transformers' get_linear_schedule_with_warmup(opt, 4, SCHEDULE_STEPS), written out
+    "hugging-face-linear": lambda opt: torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: s / 4 if s < 4 else max(0.0, (SCHEDULE_STEPS - s) / (SCHEDULE_STEPS - 4))
+    ),
+}
+
+
+def scheduled_run(kind, execution, name, *, by_hand=0, **options):
+    """``SCHEDULE_STEPS`` under scheduler ``name``: the observation at the end and the rate
+    ``effective_lr()`` reported before each step. ``by_hand=W`` composes a ramp over ``W`` steps
+    by hand instead (warmup_steps=0, the group's rate set to the scheduler's times the ramp)."""
+    params, optimizer = start(kind, execution, **options)
+    scheduler = SCHEDULERS[name](optimizer)
+    group, rates = optimizer.param_groups[0], []
+    for step, grads in enumerate(gradient_stream(SHAPES, torch.float32, SCHEDULE_STEPS, 13), 1):
+        scheduled = group["lr"]
+        if by_hand:
+            group["lr"] = scheduled * min(1.0, step / by_hand)
+        rates.append(optimizer.effective_lr()[0])
+        run(optimizer, params, [grads])
+        group["lr"] = scheduled  # chainable schedulers read it back
+        scheduler.step()
+    return observe(optimizer, params), rates, optimizer
+
+
+def scheduled_rates(name) -> list[float]:
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=SETTINGS["lr"])
+    scheduler, rates = SCHEDULERS[name](optimizer), []
+    for _ in range(SCHEDULE_STEPS):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+@pytest.mark.parametrize(
+    ("name", "warmup_steps"),
+    [("cosine", "auto"), ("one-cycle", 6), ("linear-then-cosine", 6)],
+)
+@pytest.mark.parametrize(
+    ("kind", "execution", "holds"), cases("LR schedulers compose with the ramp")
+)
+def test_the_rate_applied_is_the_schedulers_times_the_ramp(
+    kind, execution, holds, name, warmup_steps
+):
+    # An explicit ramp is kept under a scheduler that warms up itself (one-cycle, linear).
+    ours, rates, optimizer = scheduled_run(kind, execution, name, warmup_steps=warmup_steps)
+    length = DEFAULT_RAMP if warmup_steps == "auto" else warmup_steps
+    by_hand, _, _ = scheduled_run(kind, execution, name, by_hand=length, warmup_steps=0)
+    assert_matches(ours, by_hand, torch.float32)
+    assert optimizer.param_groups[0]["warmup_steps"] == warmup_steps
+    ramped = [r * min(1.0, t / length) for t, r in enumerate(scheduled_rates(name), 1)]
+    assert rates == pytest.approx(ramped, rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["one-cycle", "hugging-face-linear"])
+@pytest.mark.parametrize(
+    ("kind", "execution", "holds"), cases("LR schedulers compose with the ramp")
+)
+def test_the_default_ramp_steps_aside_for_a_scheduler_that_warms_up(kind, execution, holds, name):
+    with pytest.warns(UserWarning, match="group 0 warms up itself"):
+        ours, rates, optimizer = scheduled_run(kind, execution, name, warmup_steps="auto")
+    alone, _, _ = scheduled_run(kind, execution, name, warmup_steps=0)
+    assert_matches(ours, alone, torch.float32)
+    assert optimizer.param_groups[0]["warmup_steps"] == 0
+    # the rate reported for logging is the scheduler's: nothing else scales the step
+    assert rates == pytest.approx(scheduled_rates(name), rel=1e-6)
+
+
+@pytest.mark.parametrize("name", ["cosine", "linear-then-cosine"])
+@pytest.mark.parametrize(
+    ("kind", "execution", "holds"), cases("LR schedulers compose with the ramp")
+)
+def test_resuming_optimizer_and_scheduler_continues_bit_for_bit(kind, execution, holds, name):
+    grads = gradient_stream(SHAPES, torch.float32, SCHEDULE_STEPS, 14)
+
+    def trained_until(stop_at):
+        params, optimizer = start(kind, execution, warmup_steps=6)
+        scheduler = SCHEDULERS[name](optimizer)
+        for index, step_grads in enumerate(grads):
+            if index == stop_at:
+                saved = copy.deepcopy((optimizer.state_dict(), scheduler.state_dict()))
+                optimizer = optimizer_for(kind, params, execution, **SETTINGS)
+                scheduler = SCHEDULERS[name](optimizer)
+                optimizer.load_state_dict(saved[0])
+                scheduler.load_state_dict(saved[1])
+                if kind.schedule_free:
+                    optimizer.train()
+            run(optimizer, params, [step_grads])
+            scheduler.step()
+        return observe(optimizer, params)
+
+    assert_identical(trained_until(5), trained_until(-1))
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("the warmup's length"))
+def test_total_steps_sets_each_groups_default_ramp_and_late_groups_ramp_from_their_first_step(
+    kind, execution, holds
+):
+    device = device_of(execution)
+    params = on_device(make_params([(3,), (4,), (5,)], torch.float32, 15), device)
+    groups = [{"params": params[:1]}, {"params": params[1:2], "total_steps": 4000}]
+    optimizer = optimizer_for(kind, groups, execution, **{**SETTINGS, "warmup_steps": "auto"})
+    lr = SETTINGS["lr"]
+    # 50 steps without total_steps (beta2 0.99); 5 % of a 4000-step run, 200, with it
+    assert optimizer.effective_lr() == pytest.approx([lr / DEFAULT_RAMP, lr / 200])
+    run(optimizer, params[:2], gradient_stream([(3,), (4,)], torch.float32, 6, 15))
+    assert optimizer.effective_lr() == pytest.approx([7 * lr / DEFAULT_RAMP, 7 * lr / 200])
+    optimizer.add_param_group({"params": params[2:]})
+    if kind.schedule_free:
+        optimizer.train()
+    assert optimizer.effective_lr()[2] == pytest.approx(lr / DEFAULT_RAMP)
+    run(optimizer, params, gradient_stream([(3,), (4,), (5,)], torch.float32, 1, 16))
+    assert [float(optimizer.state[p]["step"]) for p in params] == [7.0, 7.0, 1.0]
+
+
 # -- execution choices -------------------------------------------------------------------------
 
 # The options that choose each execution (each replacing all of EXECUTIONS' options).
@@ -652,20 +784,21 @@ def test_a_capturable_step_is_the_plain_one(kind, execution, holds):
 # -- checkpoints -------------------------------------------------------------------------------
 
 
+# Parameter dtype, storage options and the step the run stops at: mid-warmup (SETTINGS' ramp
+# is 3 steps) and past it.
 ROUND_TRIPS = {
-    "fp32": (torch.float32, {}),
-    "bf16, Kahan": (torch.bfloat16, {"compensation": "kahan"}),
-    "bf16, all stochastic": STORAGES["bf16, all stochastic"],
+    "fp32, mid-warmup": (torch.float32, {}, 2),
+    "bf16 Kahan": (torch.bfloat16, {"compensation": "kahan"}, 5),
+    "bf16 all stochastic": (*STORAGES["bf16, all stochastic"], 4),
 }
 
 
-@pytest.mark.parametrize("stop_at", [3, 6])
 @pytest.mark.parametrize("storage", ROUND_TRIPS)
 @pytest.mark.parametrize(("kind", "execution", "holds"), cases("state_dict round trip"))
-def test_a_checkpoint_resumes_bit_for_bit(kind, execution, holds, storage, stop_at):
-    # Mid-warmup and past it, random streams included; a deep copy and a pickle of the
-    # optimizer (with their own copies of the parameters) step on like it too.
-    dtype, options = ROUND_TRIPS[storage]
+def test_a_checkpoint_resumes_bit_for_bit(kind, execution, holds, storage):
+    # Random streams included; a deep copy and a pickle of the optimizer (with their own copies
+    # of the parameters) step on like it too.
+    dtype, options, stop_at = ROUND_TRIPS[storage]
     grads = gradient_stream(SHAPES, dtype, STEPS, 8)
     params, optimizer = start(kind, execution, dtype, rounding_seed=9, **options)
     run(optimizer, params, grads[:stop_at], evaluate_after=(1,))
