@@ -279,23 +279,25 @@ def test_stochastic_rounding_of_fp16_parameters_is_refused(kind, execution, hold
     )
 
 
+def takes_the_upstream_update(kind, execution, dtype=torch.float32, **options):
+    """Train ``kind`` and the optimizer it replaces alike (``STEPS`` on odd sizes, evaluating
+    along the way); assert that they agree, and return this run's observation."""
+    params, optimizer = trained(kind, execution, dtype, **options)
+    theirs = on_device(make_params(SHAPES, dtype, 0), torch.device("cpu"))
+    upstream = kind.upstream(theirs, **{**SETTINGS, **options})
+    grads = gradient_stream(SHAPES, dtype, STEPS, 0)
+    run(upstream, theirs, grads, evaluate_after=EVALUATE_AFTER)
+    ours = observe(optimizer, params)
+    assert_matches(ours, observe(upstream, theirs), dtype, every=False)
+    return ours
+
+
 @pytest.mark.parametrize(("kind", "execution", "holds"), cases("fp64 parameters"))
 def test_fp64_parameters_take_the_update_of_the_optimizer_it_replaces(kind, execution, holds):
     if not holds:
         assert_refused(kind, execution, "float64", dtype=torch.float64)
         return
-    params, optimizer = trained(kind, execution, torch.float64)
-    theirs = on_device(make_params(SHAPES, torch.float64, 0), torch.device("cpu"))
-    upstream = kind.upstream(theirs, **SETTINGS)
-    run(
-        upstream,
-        theirs,
-        gradient_stream(SHAPES, torch.float64, STEPS, 0),
-        evaluate_after=EVALUATE_AFTER,
-    )
-    assert_matches(
-        observe(optimizer, params), observe(upstream, theirs), torch.float64, every=False
-    )
+    takes_the_upstream_update(kind, execution, torch.float64)
 
 
 def complex_params(dtype, seed):
@@ -353,35 +355,13 @@ def test_a_complex_parameter_is_a_pair_of_independent_reals(
 def test_it_takes_the_update_of_the_optimizer_it_replaces(kind, execution, holds):
     # AdaWarm: torch.optim.AdamW under the linear warmup; AdaWarmScheduleFree: schedulefree's
     # AdamWScheduleFree with the same warmup (the kinds' upstream), on odd sizes, fp32.
-    params, optimizer = trained(kind, execution, weight_decay=0.0)
-    theirs = on_device(make_params(SHAPES, torch.float32, 0), torch.device("cpu"))
-    upstream = kind.upstream(theirs, **{**SETTINGS, "weight_decay": 0.0})
-    run(
-        upstream,
-        theirs,
-        gradient_stream(SHAPES, torch.float32, STEPS, 0),
-        evaluate_after=EVALUATE_AFTER,
-    )
-    assert_matches(
-        observe(optimizer, params), observe(upstream, theirs), torch.float32, every=False
-    )
+    takes_the_upstream_update(kind, execution, weight_decay=0.0)
 
 
 @pytest.mark.parametrize(("kind", "execution", "holds"), cases("weight decay"))
 def test_weight_decay_is_the_replaced_optimizers(kind, execution, holds):
     # AdamW's decoupled decay; schedulefree's decay at y. Without it the runs differ.
-    options = {**SETTINGS, "weight_decay": 0.3}
-    params, optimizer = trained(kind, execution, weight_decay=0.3)
-    theirs = on_device(make_params(SHAPES, torch.float32, 0), torch.device("cpu"))
-    upstream = kind.upstream(theirs, **options)
-    run(
-        upstream,
-        theirs,
-        gradient_stream(SHAPES, torch.float32, STEPS, 0),
-        evaluate_after=EVALUATE_AFTER,
-    )
-    ours = observe(optimizer, params)
-    assert_matches(ours, observe(upstream, theirs), torch.float32, every=False)
+    ours = takes_the_upstream_update(kind, execution, weight_decay=0.3)
     undecayed = observe(*reversed(trained(kind, execution, weight_decay=0.0)))
     assert not torch.allclose(ours["param 4"], undecayed["param 4"])
 
@@ -967,15 +947,21 @@ def test_a_first_step_that_fails_midway_puts_everything_back(monkeypatch, kind, 
     assert_identical(observe(optimizer, params), observe(expected, expected_params))
 
 
-@pytest.mark.parametrize(("kind", "execution", "holds"), cases("all-or-nothing steps"))
-def test_a_failing_step_of_a_new_configuration_is_put_back(monkeypatch, kind, execution, holds):
-    # Past the rectification threshold, the first step with a GradScaler's scale (a kernel
-    # variant not run yet, no state to create) fails midway: it is put back too.
+def past_the_threshold(kind, execution):
+    """Two groups after 7 steps, gradients set for the 8th: the parameters, the optimizer, and
+    a snapshot of both."""
     grads = gradient_stream(SHAPES, torch.float32, STEPS, 10)
     params, optimizer = two_groups(kind, execution)
     run(optimizer, params, grads[:7])
     set_grads(params, grads[7])
-    before = snapshot(optimizer, params)
+    return params, optimizer, snapshot(optimizer, params)
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("all-or-nothing steps"))
+def test_a_failing_step_of_a_new_configuration_is_put_back(monkeypatch, kind, execution, holds):
+    # Past the rectification threshold, the first step with a GradScaler's scale (a kernel
+    # variant not run yet, no state to create) fails midway: it is put back too.
+    params, optimizer, before = past_the_threshold(kind, execution)
     fail_launch(monkeypatch, kind, execution, 2, run_first=True)
     with pytest.raises(RuntimeError, match="as they were before the step"):
         optimizer.step(grad_scale=torch.ones((), device=device_of(execution)))
@@ -986,11 +972,7 @@ def test_a_failing_step_of_a_new_configuration_is_put_back(monkeypatch, kind, ex
 def test_a_later_step_that_cannot_launch_changes_nothing(monkeypatch, kind, execution, holds):
     # A configuration that has run keeps no copy (docs/adamw.md): a launch that fails before it
     # runs must still leave everything as it was, step counters included.
-    grads = gradient_stream(SHAPES, torch.float32, STEPS, 10)
-    params, optimizer = two_groups(kind, execution)
-    run(optimizer, params, grads[:7])
-    set_grads(params, grads[7])
-    before = snapshot(optimizer, params)
+    params, optimizer, before = past_the_threshold(kind, execution)
     fail_launch(monkeypatch, kind, execution, 1, run_first=False)
     with pytest.raises(InjectedFailure):
         optimizer.step()
