@@ -21,6 +21,9 @@ from adawarm.validation import check_schedule_free_group, group_betas
 # length is known (adawarm.schedule.resolve_schedule_free_warmup_steps), no rectification.
 DEFAULT_WARMUP_STEPS: int | str = AUTO
 DEFAULT_RECTIFY = False
+# AdaWarm's and torch.optim.AdamW's, so that swapping the class name keeps the decay; the grid's
+# runs used it (docs/defaults.md, "AdaWarmScheduleFree's weight decay"). schedulefree's is 0.
+DEFAULT_WEIGHT_DECAY = 1e-2
 
 
 class AdaWarmScheduleFree(WarmupOptimizer):
@@ -56,7 +59,9 @@ class AdaWarmScheduleFree(WarmupOptimizer):
         betas: ``beta1`` interpolates between the average and ``z`` (0 < beta1 < 1), ``beta2``
             is the second moment's decay.
         eps: added to the denominator for numerical stability.
-        weight_decay: weight decay, applied at ``y`` as in schedulefree.
+        weight_decay: weight decay, applied at ``y`` as in schedulefree; 0.01 by default, as in
+            [`AdaWarm`][adawarm.AdaWarm] and ``torch.optim.AdamW`` (schedulefree's default is
+            0: pass ``weight_decay=0.0`` for it).
         warmup_steps: the ramp's length, ``"untuned"`` (``2 / (1 - beta2)`` steps), or
             ``"auto"`` (the default): 5 % of ``total_steps`` (schedulefree's recommended
             warmup), or without it [`AdaWarm`][adawarm.AdaWarm]'s ``min(50, 2 / (1 - beta2))``
@@ -99,7 +104,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
         lr: float | Tensor = 0.0025,
         betas: tuple[float | Tensor, float | Tensor] = (0.9, 0.999),
         eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        weight_decay: float = DEFAULT_WEIGHT_DECAY,
         *,
         warmup_steps: int | str = DEFAULT_WARMUP_STEPS,
         total_steps: int | None = None,

@@ -1,5 +1,6 @@
-"""The documentation: the README's links resolve, the code points to pages that exist, and the
-site (built with the docs extra) shows the generated results and the docstrings' math."""
+"""The documentation: the README's links resolve, its tour runs in CI, the code points to pages
+that exist, and the site (built with the docs extra) shows the generated results and the
+docstrings' math."""
 
 from __future__ import annotations
 
@@ -60,6 +61,26 @@ def test_relative_links_and_anchors_resolve(document):
         assert path.exists(), f"{document}: {target} points to a missing file"
         if anchor:
             assert anchor in github_anchors(path.read_text()), f"{document}: no #{anchor}"
+
+
+def documented_commands(path: str, name: str) -> list[str]:
+    result = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "documented_commands.py"), path, name],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return result.stdout.splitlines()
+
+
+def test_the_readmes_tour_runs_in_ci_which_checks_its_plots_and_the_checkout():
+    assert "python -m bench" in documented_commands("README.md", "tour")
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "run_block README.md tour" in ci
+    assert "bench/runs/tour/$plot.png" in ci and "git status --porcelain" in ci
+    # the plots CI looks for are those the tour's parts write (bench/__main__.py)
+    for plot in ("speed-cpu-quick", "quality-quick-loss-vs-lr", "quality-quick-curves", "schedule"):
+        assert plot in ci
 
 
 def test_code_points_to_pages_that_exist_and_no_longer_to_readme_sections():

@@ -4,6 +4,7 @@ own rules: train/eval, checkpoints, skipped and failed steps, what a step reads 
 from __future__ import annotations
 
 import copy
+import inspect
 
 import pytest
 import torch
@@ -11,7 +12,7 @@ from helpers import ODD_SHAPES, assert_close, gradient_stream, make_params
 from hypothesis import given
 from hypothesis import strategies as st
 
-from adawarm import AdaWarmScheduleFree
+from adawarm import AdaWarm, AdaWarmScheduleFree
 from adawarm.schedule import SCHEDULE_FREE_RUN_FRACTION, rho
 
 schedulefree = pytest.importorskip(
@@ -248,34 +249,6 @@ def test_fused_on_the_cpu_is_refused_before_any_change():
     assert not optimizer.state[params[0]]
 
 
-def test_batchnorm_statistics_are_recomputed_at_the_averaged_point():
-    from adawarm.batchnorm import recompute_batchnorm_statistics
-
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
-        torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 1)
-    )
-    optimizer = AdaWarmScheduleFree(model.parameters(), lr=0.05, warmup_steps=2, backend="torch")
-    data = [torch.randn(16, 6, generator=torch.Generator().manual_seed(i)) for i in range(10)]
-    optimizer.train()
-    for inputs in data:
-        loss = model(inputs).square().mean()
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    optimizer.eval()
-    model.eval()
-    norm = model[1]
-    at_y = norm.running_mean.clone()
-    recompute_batchnorm_statistics(model, data[:4])
-    # what the layer sees at x: the first layer's outputs, averaged over the four batches
-    with torch.no_grad():
-        expected = torch.stack([model[0](inputs).mean(0) for inputs in data[:4]]).mean(0)
-    torch.testing.assert_close(norm.running_mean, expected)
-    assert not torch.allclose(at_y, expected, atol=1e-3)
-    assert not model.training and norm.momentum == 0.1  # as they were
-
-
 def continued(optimizer, params, grads, evaluate_at=(2,)):
     """Train on from where ``optimizer`` stands (in train mode), evaluating after the steps in
     ``evaluate_at``; the parameters at the end, in eval mode."""
@@ -342,6 +315,17 @@ def test_its_own_checkpoint_round_trips_whichever_mode_it_was_saved_in(backend, 
     assert fresh_optimizer.param_groups[0]["train_mode"] is (saved_in == "train")
     for a, b in zip(continued(fresh_optimizer, resumed, later), expected, strict=True):
         assert torch.equal(a, b)
+
+
+def test_the_default_weight_decay_is_adawarms_and_adamws():
+    # Swapping AdaWarm (or AdamW) for AdaWarmScheduleFree keeps the decay (docs/defaults.md).
+    defaults = {
+        optimizer: inspect.signature(optimizer).parameters["weight_decay"].default
+        for optimizer in (AdaWarmScheduleFree, AdaWarm, torch.optim.AdamW)
+    }
+    assert set(defaults.values()) == {0.01}, defaults
+    _, optimizer = fresh()
+    assert optimizer.param_groups[0]["weight_decay"] == 0.01
 
 
 def test_an_adamw_checkpoint_is_refused_naming_what_loads():
