@@ -28,6 +28,16 @@ def _dtensor_class() -> type | None:
     return None
 
 
+def has_dtensors(tensors: Sequence[Tensor | None]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (FSDP2, tensor parallel)."""
+    # One type() pass (~20 us at 500 tensors on the CI machine): this runs every step for every
+    # parameter, and plain tensors are the common case.
+    dtensor = _dtensor_class()
+    return dtensor is not None and any(
+        issubclass(kind, dtensor) for kind in set(map(type, tensors))
+    )
+
+
 def local_tensors(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
     """The local shards of DTensors (FSDP2, tensor parallel), other entries (tensors, None) as
     they are.
@@ -35,11 +45,9 @@ def local_tensors(tensors: Sequence[Tensor | None]) -> list[Tensor | None]:
     The update is element-wise, so each rank updates its own shard; the DTensors share storage
     with their local tensors, so the update lands in them.
     """
-    # One type() pass first (~20 us at 500 tensors on the CI machine): this runs every step for
-    # every tensor, and plain tensors are the common case.
-    dtensor = _dtensor_class()
-    if dtensor is None or not any(issubclass(kind, dtensor) for kind in set(map(type, tensors))):
+    if not has_dtensors(tensors):
         return list(tensors)
+    dtensor = _dtensor_class()
     return [t.to_local() if isinstance(t, dtensor) else t for t in tensors]
 
 
@@ -52,6 +60,8 @@ def select_backend(requested: str | None, params: Sequence[Tensor]) -> str:
     if requested == "torch":
         return "torch"
     if requested is None:
+        # a generator, not map(IS_CUDA, ...): torch.compile traces this, and dynamo cannot call
+        # an attrgetter
         if params and all(p.is_cuda for p in params) and unservable_reason(params) is None:
             return "triton"
         return "torch"
@@ -77,6 +87,18 @@ def select_execution(
     ``None``: ``backend`` decides. A request these tensors cannot meet raises, naming why.
     """
     check_execution({"backend": backend, "foreach": foreach, "fused": fused, "capturable": False})
+    return checked_execution(backend, params, foreach=foreach, fused=fused)
+
+
+def checked_execution(
+    backend: str | None,
+    params: Sequence[Tensor],
+    *,
+    foreach: bool | None,
+    fused: bool | None,
+) -> tuple[str, str | None]:
+    """:func:`select_execution` for choices already checked with each other (an optimizer's
+    group: its checks ran)."""
     if fused:
         return _fused_execution(backend, params)
     if foreach is not None or fused is False:
@@ -103,7 +125,7 @@ def _fused_execution(backend: str | None, params: Sequence[Tensor]) -> tuple[str
     if backend == "triton":  # CPU tensors under Triton's interpreter
         return select_backend(backend, params), None
     if all(p.is_cpu for p in params):
-        if not fused_available(params[0].device):
+        if not fused_available(params[0]):
             raise RuntimeError(
                 f"fused=True: torch {torch.__version__} has no fused AdamW kernel for CPU "
                 "tensors (torch._fused_adamw_); pass fused=None"

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from adawarm import checkpoint
-from adawarm.functional import local_tensors, run_backend
+from adawarm.functional import run_backend
 from adawarm.optimizer_base import GroupStep, WarmupOptimizer
 from adawarm.schedule import AUTO
 from adawarm.state import new_state
@@ -170,9 +170,9 @@ class AdaWarm(WarmupOptimizer):
         run_backend(
             work.backend,
             work.shards,
-            local_tensors(work.grads),
-            local_tensors(states["exp_avg"]),
-            local_tensors(states["exp_avg_sq"]),
+            work.local(work.grads),
+            work.local(states["exp_avg"]),
+            work.local(states["exp_avg_sq"]),
             states["step"],
             lr=group["lr"],
             beta1=beta1,
@@ -187,7 +187,7 @@ class AdaWarm(WarmupOptimizer):
             grad_scale=grad_scale,
             found_inf=found_inf,
             table_cache=self._table_caches.setdefault(work.index, {}),
-            compensations=local_tensors(states["compensation"]),
+            compensations=work.local(states["compensation"]),
             rounding_seed=group["rounding_seed"],
             stochastic_params=group["compensation"] == "stochastic",
         )

@@ -7,14 +7,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from operator import attrgetter, itemgetter
+from operator import attrgetter, is_, itemgetter
 from typing import Any
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from adawarm.functional import local_tensors, select_execution
+from adawarm.functional import checked_execution, has_dtensors, local_tensors
 from adawarm.rollback import StepSnapshot, failed_step_error
 from adawarm.schedule import AUTO, resolve_warmup_steps, step_schedule
 from adawarm.tensor_lists import DTYPE, IS_CPU
@@ -27,7 +27,7 @@ _IS_SPARSE = attrgetter("is_sparse")
 _STEP = itemgetter("step")
 
 
-@dataclass
+@dataclass(slots=True)
 class GroupStep:
     """One parameter group's part of a step: checked, and then given its states."""
 
@@ -35,6 +35,7 @@ class GroupStep:
     group: dict[str, Any]
     params: list[Tensor]  # those with gradients
     shards: list[Tensor]  # their local tensors (DTensor shards)
+    sharded: bool  # whether any parameter is a DTensor (then its states are too)
     grads: list[Tensor]
     backend: str
     implementation: str | None  # the torch backend's; None: its fastest
@@ -43,6 +44,11 @@ class GroupStep:
     scheduler_warms_up: bool
     # Per state entry the step changes, one tensor per parameter (None where it has none).
     states: dict[str, list[Tensor | None]] = field(default_factory=dict)
+
+    def local(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
+        """The local shards of these per-parameter tensors (they are themselves when no
+        parameter is a DTensor: then no gradient or state is one either)."""
+        return local_tensors(tensors) if self.sharded else tensors
 
     def configuration(self, lr_is_tensor: bool, scaled: bool, skippable: bool) -> tuple:
         """What decides which kernels run (and so what could fail that has not run before)."""
@@ -84,6 +90,8 @@ class WarmupOptimizer(Optimizer):
         self._table_caches: dict[int, dict] = {}
         # Configurations (see GroupStep.configuration) whose step has completed once.
         self._completed: set[tuple] = set()
+        # Per group index: the group, its hyper-parameters as last checked, and its betas.
+        self._checked: dict[int, tuple[dict, list, tuple[float, float]]] = {}
         super().__init__(params, defaults)
 
     # -- what a subclass defines --------------------------------------------------------------
@@ -120,6 +128,7 @@ class WarmupOptimizer(Optimizer):
         # Neither is pickled (torch's __getstate__ keeps the defaults, state and groups only).
         self._table_caches = {}
         self._completed = set()
+        self._checked = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():  # groups pickled by older versions
                 group.setdefault(key, value)
@@ -157,17 +166,44 @@ class WarmupOptimizer(Optimizer):
             )
         return list(params), grads
 
+    def _checked_betas(self, index: int, group: dict[str, Any]) -> tuple[float, float]:
+        """Check the group's hyper-parameters, and return its betas as floats.
+
+        Checking takes ~7 us a group, and a group's values rarely change between steps: a
+        group whose values are equal to those it was checked with at its last step is not
+        checked again -- unless a value could have changed in place since (a tensor, or a
+        container other than a tuple of numbers), as a scheduler's tensor rate does.
+        """
+        cached = self._checked.get(index)
+        if cached is not None and cached[0] is group:
+            # the same objects (~0.5 us), or else equal values (an LR scheduler sets new floats)
+            if all(map(is_, cached[1], group.values())):
+                return cached[2]
+            values = list(group.values())
+            if len(values) == len(cached[1]) and all(map(_same_value, cached[1], values)):
+                self._checked[index] = (group, values, cached[2])
+                return cached[2]
+        self._check_group(group)
+        betas = group_betas(group)
+        values = list(group.values())
+        if all(_immutable(value) for key, value in group.items() if key != "params"):
+            self._checked[index] = (group, values, betas)
+        else:
+            self._checked.pop(index, None)
+        return betas
+
     def _check(self, index: int, group: dict[str, Any]) -> GroupStep | None:
         """Everything about one group's step that can be checked without changing anything;
         None when no parameter of the group has a gradient."""
-        self._check_group(group)
+        betas = self._checked_betas(index, group)
         params, grads = self._collect(group)
         if group["compensation"] == "stochastic":
             _check_stochastic_dtypes(params)
         if not params:
             return None
-        shards = local_tensors(params)
-        backend, implementation = select_execution(
+        sharded = has_dtensors(params)
+        shards = local_tensors(params) if sharded else params
+        backend, implementation = checked_execution(
             group["backend"], shards, foreach=group["foreach"], fused=group["fused"]
         )
         if group["capturable"] and backend != "triton":
@@ -181,10 +217,11 @@ class WarmupOptimizer(Optimizer):
             group,
             params,
             shards,
+            sharded,
             grads,
             backend,
             implementation,
-            group_betas(group),
+            betas,
             self._scheduler_warms_up(group, params),
         )
 
@@ -361,6 +398,24 @@ class WarmupOptimizer(Optimizer):
             float(group["lr"]) * factor
             for group, factor in zip(self.param_groups, self.warmup_factor(), strict=True)
         ]
+
+
+# The types of a hyper-parameter that cannot change in place.
+_IMMUTABLE = (int, float, bool, str, type(None), torch.dtype)
+
+
+def _same_value(checked: Any, value: Any) -> bool:
+    """Whether a group entry holds what it held when the group was checked: the same object
+    (the parameter list, whose values are not checked), or an equal immutable value."""
+    return checked is value or (
+        _immutable(value) and type(checked) is type(value) and checked == value
+    )
+
+
+def _immutable(value: Any) -> bool:
+    return type(value) in _IMMUTABLE or (
+        type(value) is tuple and all(type(item) in _IMMUTABLE for item in value)
+    )
 
 
 def _check_stochastic_dtypes(params: list[Tensor]) -> None:

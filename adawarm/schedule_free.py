@@ -182,8 +182,8 @@ class AdaWarmScheduleFree(WarmupOptimizer):
         run_schedule_free(
             work.backend,
             work.shards,
-            local_tensors(work.grads),
-            *(local_tensors(states[key]) for key in ("z", "exp_avg_sq")),
+            work.local(work.grads),
+            *(work.local(states[key]) for key in ("z", "exp_avg_sq")),
             *(states[key] for key in ("step", "weight_sum", "lr_max")),
             lr=group["lr"],
             beta1=beta1,
@@ -203,7 +203,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             grad_scale=grad_scale,
             found_inf=found_inf,
             table_cache=self._table_caches.setdefault(work.index, {}),
-            compensations=local_tensors(states["compensation"]),
+            compensations=work.local(states["compensation"]),
             rounding_seed=group["rounding_seed"],
             stochastic_params=group["compensation"] == "stochastic",
         )

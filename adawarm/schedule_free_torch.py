@@ -14,7 +14,6 @@ stochastic rounding. The gradients are read, never written.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +21,7 @@ from torch import Tensor
 
 from adawarm.rounding import SWITCH_ROLE, rounds_stochastically
 from adawarm.schedule import ScheduleFreeStep, schedule_free_step
-from adawarm.tensor_lists import select
+from adawarm.tensor_lists import constant_like, indices_by_key, number_like, select, set_all
 from adawarm.torch_backend import (
     compute_dtype,
     group_by_device_and_dtype,
@@ -32,6 +31,7 @@ from adawarm.torch_backend import (
     store_compensated,
     store_stochastic,
     upcast,
+    upcast_all,
 )
 
 IMPLEMENTATIONS = ("reference", "foreach")
@@ -72,13 +72,16 @@ def _foreach_bucket(
     weight_decay: float,
     maximize: bool,
 ) -> None:
+    # schedulefree's foreach ops, so that the two compute the same (numbers as 0-dim tensors:
+    # tensor_lists.number_like says why).
     if maximize:
         grads = torch._foreach_neg(grads)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_mul_(exp_avg_sqs, constant_like(params[0], beta2))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-    denom = torch._foreach_div(exp_avg_sqs, schedule.bias_correction2)
+    denom = torch._foreach_div(exp_avg_sqs, number_like(params[0], schedule.bias_correction2))
     torch._foreach_sqrt_(denom)
-    torch._foreach_add_(denom, schedule.eps)
+    # a list of one 0-dim tensor: the fast form of a foreach add (a 0-dim tensor alone is not)
+    torch._foreach_add_(denom, [constant_like(params[0], schedule.eps)] * len(denom))
     if weight_decay == 0.0:
         # addcdiv: the same update (up to rounding: value * grad / denom) without a list the
         # size of the parameters to allocate and fill, ~1/9 of the step on a CPU.
@@ -166,7 +169,7 @@ def schedule_free_torch_step(
             )
             stored = [select(tensors, indices) for tensors in group_tensors]
             computing = compute_dtype(stored[0][0].dtype)
-            work = [upcast(tensors, computing) for tensors in stored]
+            work = upcast_all(stored, computing)
             _BUCKET_STEPS[implementation or "foreach"](
                 *work,
                 schedule,
@@ -183,14 +186,13 @@ def schedule_free_torch_step(
                 rounding_seed=rounding_seed,
                 stochastic_params=stochastic_params,
             )
-            # The bucket's tensors share their counters' new values: copied from one tensor
-            # each (on a CPU ~0.6 us a tensor; a foreach add or a fill_ loop takes 3 us).
-            for tensors, value in zip(
-                counters, (schedule.step, schedule.weight_sum, schedule.lr_max), strict=True
-            ):
-                targets = list(select(tensors, indices))
-                source = torch.tensor(value, dtype=targets[0].dtype)
-                torch._foreach_copy_(targets, [source] * len(targets))
+            # The bucket's tensors share their counters' new values (lr_max stays the same once
+            # the warmup is over).
+            changed = 2 if schedule.lr_max == lr_max else 3
+            set_all(
+                [select(tensors, indices) for tensors in counters[:changed]],
+                (schedule.step, schedule.weight_sum, schedule.lr_max)[:changed],
+            )
 
 
 def _buckets(
@@ -198,16 +200,9 @@ def _buckets(
 ) -> list[tuple[tuple[int, float, float], list[int] | None]]:
     """The distinct (step count, weight sum, rate maximum) and which tensors have each
     (``None``: all of them)."""
-    keys = [
-        (int(step.item()), float(weight_sum.item()), float(lr_max.item()))
-        for step, weight_sum, lr_max in zip(steps, weight_sums, lr_maxes, strict=True)
-    ]
-    if all(key == keys[0] for key in keys):
-        return [(keys[0], None)]
-    by_key: dict[tuple[int, float, float], list[int]] = defaultdict(list)
-    for index, key in enumerate(keys):
-        by_key[key].append(index)
-    return list(by_key.items())
+    values = (map(Tensor.item, counters) for counters in (steps, weight_sums, lr_maxes))
+    keys = list(zip(*values, strict=True))
+    return [((int(key[0]), key[1], key[2]), indices) for key, indices in indices_by_key(keys)]
 
 
 def switch_torch(

@@ -2,19 +2,68 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import functools
+from collections import defaultdict
+from collections.abc import Hashable, Sequence
 from operator import attrgetter
 from typing import TypeVar
 
+import torch
+from torch import Tensor
+
 Item = TypeVar("Item")
+Key = TypeVar("Key", bound=Hashable)
 
 # Accessors for the per-step whole-list passes, e.g. ``set(map(DTYPE, params))``. Dynamo cannot
 # call them on tensors, so code that torch.compile traces uses plain attribute access.
+DEVICE = attrgetter("device")
 DTYPE = attrgetter("dtype")
 IS_CPU = attrgetter("is_cpu")
 IS_CUDA = attrgetter("is_cuda")
 
 
+def set_all(lists: Sequence[Sequence[Tensor]], values: Sequence[float]) -> None:
+    """Set the scalar tensors (counters) of each list, of one dtype and device per list, to
+    that list's value: one foreach copy from one source tensor a list, ~0.5 us a tensor on a
+    CPU, where ``torch._foreach_add_`` of a number or a ``fill_`` loop takes ~2 us a tensor."""
+    targets, sources = [], []
+    for tensors, value in zip(lists, values, strict=True):
+        targets += tensors
+        first = tensors[0]
+        sources += [torch.full((), value, dtype=first.dtype, device=first.device)] * len(tensors)
+    torch._foreach_copy_(targets, sources)
+
+
+def number_like(tensor: Tensor, value: float) -> Tensor:
+    """``value`` as a 0-dim tensor of ``tensor``'s dtype and device, to pass to a foreach op: on
+    a CPU a foreach op given a Python number wraps it into a tensor for each tensor of its list
+    (``torch._foreach_mul_`` of 11 small tensors: ~21 us with a number, ~8 us with this)."""
+    return torch.full((), value, dtype=tensor.dtype, device=tensor.device)
+
+
+def constant_like(tensor: Tensor, value: float) -> Tensor:
+    """:func:`number_like` for a value that stays the same from step to step (a beta): made
+    once per value, dtype and device (~0.2 us a call instead of ~1.3 us). The tensor is shared:
+    foreach ops only read it."""
+    return _constant(value, tensor.dtype, tensor.device)
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    return torch.full((), value, dtype=dtype, device=device)
+
+
 def select(items: Sequence[Item], indices: Sequence[int] | None) -> Sequence[Item]:
     """The entries at ``indices``, or ``items`` itself when ``indices`` is None (all of them)."""
     return items if indices is None else [items[i] for i in indices]
+
+
+def indices_by_key(keys: list[Key]) -> list[tuple[Key, list[int] | None]]:
+    """The distinct keys, in order of first appearance, and the positions that have each
+    (``None``: all of them, the common case, found in one pass)."""
+    if keys.count(keys[0]) == len(keys):
+        return [(keys[0], None)]
+    by_key: dict[Key, list[int]] = defaultdict(list)
+    for index, key in enumerate(keys):
+        by_key[key].append(index)
+    return list(by_key.items())

@@ -19,7 +19,6 @@ parameters rounding to nearest even, with Kahan compensation or by stochastic ro
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Callable, Sequence
 
 import torch
@@ -34,16 +33,28 @@ from adawarm.rounding import (
     stream_base,
 )
 from adawarm.schedule import StepSchedule, step_schedule
-from adawarm.tensor_lists import select
+from adawarm.tensor_lists import (
+    DEVICE,
+    DTYPE,
+    constant_like,
+    indices_by_key,
+    number_like,
+    select,
+    set_all,
+)
 
 IMPLEMENTATIONS = ("reference", "foreach", "fused")
 
 
-def fused_available(device: torch.device) -> bool:
-    """Whether torch's fused AdamW kernel serves this device with CPU step counters."""
+# torch >= 2.4 has it for CPU tensors.
+_HAS_FUSED_ADAMW = hasattr(torch, "_fused_adamw_")
+
+
+def fused_available(tensor: Tensor) -> bool:
+    """Whether torch's fused AdamW kernel serves ``tensor``'s device with CPU step counters."""
     # The CUDA fused kernel wants its step counters on the GPU; ours live on the CPU, as in
     # torch.optim.AdamW without fused/capturable, so state_dicts interchange unchanged.
-    return device.type == "cpu" and hasattr(torch, "_fused_adamw_")
+    return tensor.is_cpu and _HAS_FUSED_ADAMW
 
 
 def _reference_bucket(
@@ -84,14 +95,14 @@ def _foreach_bucket(
     if maximize:
         grads = torch._foreach_neg(grads)
     if schedule.decay != 1.0:
-        torch._foreach_mul_(params, schedule.decay)
+        torch._foreach_mul_(params, number_like(params[0], schedule.decay))
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_mul_(exp_avg_sqs, constant_like(params[0], beta2))
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
     if schedule.adaptive:
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, schedule.bias_correction2_sqrt)
-        torch._foreach_add_(denom, schedule.eps)
+        torch._foreach_div_(denom, number_like(params[0], schedule.bias_correction2_sqrt))
+        torch._foreach_add_(denom, number_like(params[0], schedule.eps))
         torch._foreach_addcdiv_(params, exp_avgs, denom, -schedule.step_size)
     else:
         torch._foreach_add_(params, exp_avgs, alpha=-schedule.step_size)
@@ -111,7 +122,7 @@ def _fused_bucket(
     weight_decay: float,
 ) -> None:
     foreach_options = {"beta1": beta1, "beta2": beta2, "maximize": maximize}
-    if not schedule.adaptive or not fused_available(params[0].device):
+    if not (schedule.adaptive and fused_available(params[0])):
         _foreach_bucket(params, grads, exp_avgs, exp_avg_sqs, schedule, **foreach_options)
         return
     # The fused kernel walks raw memory as if every tensor were contiguous, which silently
@@ -119,7 +130,11 @@ def _fused_bucket(
     # read and write of those gradients only); non-contiguous parameters, which only arise from
     # user-built layouts, take the foreach path. The moments always share their parameter's
     # strides (the optimizer creates and loads them with the parameter's memory format).
-    strided = [i for i, param in enumerate(params) if not param.is_contiguous()]
+    strided = (
+        []
+        if all(map(Tensor.is_contiguous, params))
+        else [i for i, param in enumerate(params) if not param.is_contiguous()]
+    )
     if strided:
         _foreach_bucket(
             *(select(tensors, strided) for tensors in (params, grads, exp_avgs, exp_avg_sqs)),
@@ -133,7 +148,8 @@ def _fused_bucket(
         params, grads, exp_avgs, exp_avg_sqs, steps = (
             select(tensors, dense) for tensors in (params, grads, exp_avgs, exp_avg_sqs, steps)
         )
-    grads = [grad.contiguous() for grad in grads]
+    if not all(map(Tensor.is_contiguous, grads)):
+        grads = [grad.contiguous() for grad in grads]
     # The kernel computes p *= 1 - lr * wd; with lr = lr_t r_t, wd / r_t keeps the decay lr_t wd.
     rate = schedule.lr * schedule.rectification
     torch._fused_adamw_(
@@ -159,6 +175,13 @@ def real_views(tensors: Sequence[Tensor]) -> list[Tensor]:
     (each with its own second moment). Converting them to a real dtype instead would drop the
     imaginary part."""
     return [torch.view_as_real(tensor) for tensor in tensors]
+
+
+def upcast_all(lists: list[list[Tensor]], dtype: torch.dtype) -> list[list[Tensor]]:
+    """:func:`upcast` of each list: ``lists`` itself when all are in ``dtype`` already."""
+    if all(tensors[0].dtype is dtype for tensors in lists):
+        return lists
+    return [upcast(tensors, dtype) for tensors in lists]
 
 
 def upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
@@ -260,17 +283,8 @@ def torch_step(
 
     if compensations is None:
         compensations = [None] * len(params)
-    groups = group_by_device_and_dtype(
-        [
-            list(params),
-            list(grads),
-            list(exp_avgs),
-            list(exp_avg_sqs),
-            list(state_steps),
-            list(compensations),
-            list(range(len(params))),
-        ]
-    )
+    lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps, compensations]
+    groups = group_by_device_and_dtype([*map(list, lists), range(len(params))])
     options = {"beta1": beta1, "beta2": beta2, "maximize": maximize}
     for dtype, tensor_lists in groups:
         (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs) = tensor_lists[:4]
@@ -279,7 +293,8 @@ def torch_step(
             group_params, group_grads, group_exp_avgs, group_exp_avg_sqs = map(
                 real_views, (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
             )
-        for previous_step, indices in _indices_by_step(group_steps):
+        for previous, indices in indices_by_key(list(map(Tensor.item, group_steps))):
+            previous_step = int(previous)
             step = previous_step + 1
             schedule = step_schedule(
                 step,
@@ -291,16 +306,15 @@ def torch_step(
                 warmup_steps=warmup_steps,
                 rectify=rectify,
             )
-            stored = [
-                select(tensors, indices)
-                for tensors in (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
-            ]
+            stored = [group_params, group_grads, group_exp_avgs, group_exp_avg_sqs]
+            if indices is not None:
+                stored = [select(tensors, indices) for tensors in stored]
             computing = compute_dtype(stored[0][0].dtype)
-            work = [upcast(tensors, computing) for tensors in stored]
+            work = upcast_all(stored, computing)
             # Counters advance with their bucket (the fused kernel reads them), and go back if
             # the bucket's update fails: each tensor is either stepped or untouched.
             bucket_steps = list(select(group_steps, indices))
-            torch._foreach_add_(bucket_steps, 1)
+            set_all([bucket_steps], [step])
             try:
                 if implementation == "fused":
                     extra = {"steps": bucket_steps, "weight_decay": weight_decay}
@@ -308,7 +322,7 @@ def torch_step(
                 else:
                     _BUCKET_STEPS[implementation](*work, schedule, **options)
             except BaseException:
-                torch._foreach_sub_(bucket_steps, 1)
+                set_all([bucket_steps], [previous_step])
                 raise
             store_bucket(
                 stored,
@@ -335,6 +349,8 @@ def store_bucket(
     second state) lists. The states round stochastically when bf16 (streams of roles
     ``EXP_AVG_ROLE`` and ``EXP_AVG_SQ_ROLE``), the parameters with Kahan ``buffers``, by
     stochastic rounding (``stochastic_params``) or to nearest even."""
+    if work is stored and buffers[0] is None:
+        return  # the update ran on the tensors themselves
     stochastic = {"seed": rounding_seed, "step": step}
     for role, states, new in (
         (EXP_AVG_ROLE, stored[2], work[2]),
@@ -362,27 +378,15 @@ def group_by_device_and_dtype(
     follow from the parameter dtype and the group's options). A plain loop: torch's C++
     grouping checks every list and costs ~3 us per tensor.
     """
-    keys = [(param.device, param.dtype) for param in tensor_lists[0]]
-    if all(key == keys[0] for key in keys):
+    params = tensor_lists[0]
+    keys = list(zip(map(DEVICE, params), map(DTYPE, params), strict=True))
+    groups = indices_by_key(keys)
+    if len(groups) == 1:  # the common case: the lists as they are
         return [(keys[0][1], tensor_lists)]
-    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for index, key in enumerate(keys):
-        by_key[key].append(index)
     return [
-        (key[1], [select(tensors, indices) for tensors in tensor_lists])
-        for key, indices in by_key.items()
+        (dtype, [select(tensors, indices) for tensors in tensor_lists])
+        for (_, dtype), indices in groups
     ]
-
-
-def _indices_by_step(steps: list[Tensor]) -> list[tuple[int, list[int] | None]]:
-    """The distinct step counts and which tensors have each (``None``: all of them)."""
-    values = [int(step.item()) for step in steps]
-    if min(values) == max(values):
-        return [(values[0], None)]
-    by_step: dict[int, list[int]] = defaultdict(list)
-    for index, value in enumerate(values):
-        by_step[value].append(index)
-    return list(by_step.items())
 
 
 _BUCKET_STEPS: dict[str, Callable[..., None]] = {
