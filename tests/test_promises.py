@@ -989,6 +989,24 @@ def test_refused_inputs_between_steps_change_nothing(kind, execution, holds):
         optimizer.step()
     optimizer.param_groups[1]["lr"] = 0.05
     assert_unchanged(optimizer, params, before)
+    # values changed in place, which a step must see although the group's entries are the same
+    # objects as at its last step: betas in a list, a tensor rate
+    optimizer.param_groups[0]["betas"] = [0.9, 0.99]
+    run(optimizer, params, gradient_stream(SHAPES, torch.float32, 1, 12))
+    before = snapshot(optimizer, params)
+    optimizer.param_groups[0]["betas"][1] = 1.5
+    with pytest.raises(ValueError, match=r"Invalid beta2: 1\.5"):
+        optimizer.step()
+    optimizer.param_groups[0]["betas"] = (0.9, 0.99)
+    rate = torch.tensor(0.02)
+    optimizer.param_groups[1]["lr"] = rate
+    run(optimizer, params, gradient_stream(SHAPES, torch.float32, 1, 13))
+    before = snapshot(optimizer, params)
+    rate.fill_(-1.0)
+    with pytest.raises(ValueError, match=r"Invalid lr: -1\.0"):
+        optimizer.step()
+    rate.fill_(0.02)
+    assert_unchanged(optimizer, params, before)
     params[3].grad = torch.ones(3, 5).to_sparse().to(params[3].device)
     with pytest.raises(RuntimeError, match=r"sparse gradient .* shape \(3, 5\)"):
         optimizer.step()
