@@ -186,7 +186,7 @@ class AdaWarm(WarmupOptimizer):
             torch_implementation=work.implementation,
             grad_scale=grad_scale,
             found_inf=found_inf,
-            table_cache=self._table_caches.setdefault(work.index, {}),
+            table_cache=self._table_cache(work),
             compensations=work.local(states["compensation"]),
             rounding_seed=group["rounding_seed"],
             stochastic_params=group["compensation"] == "stochastic",

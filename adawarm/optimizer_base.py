@@ -7,6 +7,8 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
+from itertools import repeat
 from operator import attrgetter, is_, itemgetter
 from typing import Any
 
@@ -24,6 +26,7 @@ _CPU = torch.device("cpu")
 # Whole-list accessors for the per-step passes over parameters and their states.
 _GRAD = attrgetter("grad")
 _IS_SPARSE = attrgetter("is_sparse")
+_IS_NONE = partial(is_, None)
 _STEP = itemgetter("step")
 
 
@@ -106,6 +109,13 @@ class WarmupOptimizer(Optimizer):
     def _run(self, work: GroupStep, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
         raise NotImplementedError
 
+    def _table_cache(self, work: GroupStep) -> dict | None:
+        """The Triton backend's cached pointer tables of ``work``'s group (None for the torch
+        backend, which keeps none)."""
+        if work.backend != "triton":
+            return None
+        return self._table_caches.setdefault(work.index, {})
+
     def _before_step(self) -> None:
         """Checks of the optimizer as a whole, before anything else of a step."""
 
@@ -143,7 +153,7 @@ class WarmupOptimizer(Optimizer):
         name = type(self).__name__
         params = group["params"]
         grads = list(map(_GRAD, params))
-        if any(grad is None for grad in grads):
+        if any(map(_IS_NONE, grads)):
             pairs = [
                 (param, grad) for param, grad in zip(params, grads, strict=True) if grad is not None
             ]
@@ -269,7 +279,7 @@ class WarmupOptimizer(Optimizer):
                     state[key] = state[key].to(param.device if on_device else _CPU)
         work.states = {key: list(map(itemgetter(key), states)) for key in self.STATE_KEYS}
         for key in self.OPTIONAL_STATE_KEYS:
-            work.states[key] = [state.get(key) for state in states]
+            work.states[key] = list(map(dict.get, states, repeat(key)))
 
     # Under torch.compile the step runs eagerly (a graph break around it): its schedule is a set
     # of per-step Python floats, which dynamo would specialise on and recompile for at every step

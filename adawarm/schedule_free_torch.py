@@ -143,11 +143,8 @@ def schedule_free_torch_step(
         lr = float(lr.item())
     if compensations is None:
         compensations = [None] * len(params)
-    lists = [
-        list(tensors)
-        for tensors in (params, grads, zs, exp_avg_sqs, state_steps, weight_sums, lr_maxes)
-    ]
-    groups = group_by_device_and_dtype([*lists, list(compensations), list(range(len(params)))])
+    lists = [params, grads, zs, exp_avg_sqs, state_steps, weight_sums, lr_maxes, compensations]
+    groups = group_by_device_and_dtype([*map(list, lists), range(len(params))])
     for dtype, tensor_lists in groups:
         group_tensors, counters = tensor_lists[:4], tensor_lists[4:7]
         if dtype.is_complex:

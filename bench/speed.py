@@ -11,6 +11,12 @@ fp32 states; 14 B with bf16 states).
 
 On CPU it compares the torch backend with 1 and 2 threads; on a GPU it adds the Triton kernel and
 reports, per step, the kernel launches (torch profiler) and the host time (the Python call alone).
+
+Small models -- where a step's time is mostly per-call work on the host, which a GPU user pays on
+every step too -- are measured in interleaved rounds (1 thread): each round runs every optimizer
+for a few steps, in a rotating order, and each optimizer is compared with the one it replaces
+(AdaWarm with torch's fused AdamW, AdaWarmScheduleFree with schedulefree's foreach step) by the
+median of the per-round ratios, with a 95 % interval for that median.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ import torch
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
 from bench import RUNS
+from bench.paired import median_interval
 
 WARMUP_STEPS = 8
 
@@ -42,6 +49,7 @@ class Case:
     shapes: tuple[tuple[int, ...], ...]
     dtype: torch.dtype = torch.float32
     low_precision: bool = False  # compare the low-precision configurations (issue 6)
+    small: bool = False  # a small model: interleaved rounds, 1 thread, paired ratios
 
     @property
     def numel(self) -> int:
@@ -63,6 +71,27 @@ CPU_CASES = (
     Case("2000 tensors of 5000", ((5000,),) * 2000),
     Case("10M bf16 params in 4 tensors", ((2_500_000,),) * 4, torch.bfloat16, True),
 )
+# A small CNN (3 conv layers with BatchNorm, a linear head) and an MLP of 10 layers.
+CNN_SHAPES = (
+    *((16, 3, 3, 3), (16,), (16,)),
+    *((32, 16, 3, 3), (32,), (32,)),
+    *((64, 32, 3, 3), (64,), (64,)),
+    *((10, 64), (10,)),
+)
+MLP_SHAPES = ((96, 256), (96,), *((96, 96), (96,)) * 8, (10, 96), (10,))
+SMALL_CPU_CASES = (
+    Case("CNN: 11 tensors, 24k params", CNN_SHAPES, small=True),
+    Case("MLP: 20 tensors, 100k params", MLP_SHAPES, small=True),
+    Case("200 tensors of 512", ((512,),) * 200, small=True),
+)
+SMALL_ROUNDS, SMALL_STEPS_PER_ROUND = 60, 20  # ~15 s a case
+# What each optimizer of a small case is compared with: the optimizer it replaces.
+REFERENCES = {
+    "torch AdamW foreach": "torch AdamW fused",
+    "torch RAdam foreach": "torch AdamW fused",
+    "AdaWarm torch backend": "torch AdamW fused",
+    "AdaWarmScheduleFree torch backend": "schedulefree AdamWScheduleFree foreach",
+}
 QUICK_CPU_CASES = (Case("2M fp32 params in 4 tensors", ((500_000,),) * 4),)
 GPU_CASES = (
     Case("(a) one fp32 tensor of 2^28", ((1 << 28,),)),
@@ -87,9 +116,17 @@ def _training(optimizer):
     return optimizer
 
 
+# The same weight decay on both sides (AdamW's default; schedulefree's is 0).
+SCHEDULE_FREE_WEIGHT_DECAY = 0.01
+
+
 def schedule_free_factory(backend: str) -> OptimizerFactory:
     """AdaWarmScheduleFree on ``backend``, mid-ramp."""
-    return lambda ps: _training(AdaWarmScheduleFree(ps, warmup_steps=100, backend=backend))
+    return lambda ps: _training(
+        AdaWarmScheduleFree(
+            ps, warmup_steps=100, weight_decay=SCHEDULE_FREE_WEIGHT_DECAY, backend=backend
+        )
+    )
 
 
 def schedulefree_factory() -> OptimizerFactory | None:
@@ -99,7 +136,11 @@ def schedulefree_factory() -> OptimizerFactory | None:
         return None
     import schedulefree
 
-    return lambda ps: _training(schedulefree.AdamWScheduleFree(ps, warmup_steps=100, foreach=True))
+    return lambda ps: _training(
+        schedulefree.AdamWScheduleFree(
+            ps, warmup_steps=100, weight_decay=SCHEDULE_FREE_WEIGHT_DECAY, foreach=True
+        )
+    )
 
 
 def optimizers(device: torch.device) -> dict[str, OptimizerFactory]:
@@ -250,6 +291,10 @@ class Row:
     torch_version: str
     triton_version: str | None
     date: str
+    # Small cases: the optimizer it is compared with, and the median of the per-round ratios of
+    # its step time to that one's with a 95 % interval (median, low, high); None elsewhere.
+    reference: str | None = None
+    paired_ratio: tuple[float, float, float] | None = None
 
 
 def device_name(device: torch.device) -> str:
@@ -266,6 +311,25 @@ def triton_version() -> str | None:
     return triton.__version__
 
 
+def prepared(
+    case: Case, factory: OptimizerFactory, device: torch.device, warmup_steps: int = WARMUP_STEPS
+) -> tuple[list[torch.Tensor], torch.optim.Optimizer]:
+    """``case``'s parameters with gradients, and ``factory``'s optimizer over them after
+    ``warmup_steps`` steps."""
+    # Drawn on the device: a CPU draws 2^28 normal numbers in seconds.
+    generator = torch.Generator(device=device).manual_seed(0)
+    params = []
+    for shape in case.shapes:
+        param = torch.randn(shape, generator=generator, device=device).to(case.dtype)
+        grad = torch.randn(shape, generator=generator, device=device).to(case.dtype)
+        param.requires_grad_().grad = grad
+        params.append(param)
+    optimizer = factory(params)
+    for _ in range(warmup_steps):
+        optimizer.step()
+    return params, optimizer
+
+
 def measure(
     case: Case,
     name: str,
@@ -280,18 +344,35 @@ def measure(
     """One row: ``factory``'s optimizer on ``case``, timed after ``warmup_steps`` steps.
     Launches are counted on a GPU; the host time is measured when ``host_time`` says so (None:
     on a GPU)."""
-    # Drawn on the device: a CPU draws 2^28 normal numbers in seconds.
-    generator = torch.Generator(device=device).manual_seed(0)
-    params = []
-    for shape in case.shapes:
-        param = torch.randn(shape, generator=generator, device=device).to(case.dtype)
-        grad = torch.randn(shape, generator=generator, device=device).to(case.dtype)
-        param.requires_grad_().grad = grad
-        params.append(param)
-    optimizer = factory(params)
-    for _ in range(warmup_steps):
-        optimizer.step()
+    params, optimizer = prepared(case, factory, device, warmup_steps)
     times = timer.seconds(optimizer.step, steps)
+    on_gpu = device.type == "cuda"
+    return make_row(
+        case,
+        name,
+        params,
+        optimizer,
+        times,
+        device,
+        copy_gbs,
+        launches=launches_per_step(optimizer) if on_gpu else None,
+        host_us=host_microseconds(optimizer, device, steps)
+        if (on_gpu if host_time is None else host_time)
+        else None,
+    )
+
+
+def make_row(
+    case: Case,
+    name: str,
+    params: list[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    times: list[float],
+    device: torch.device,
+    copy_gbs: float,
+    **extra,
+) -> Row:
+    """The row of ``optimizer`` on ``case`` from its step times (seconds)."""
     quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
     seconds = statistics.median(times)
     state = optimizer.state[params[0]]
@@ -302,12 +383,11 @@ def measure(
         None if compensation is None else compensation.dtype,
     )
     gbs = per_param * case.numel / seconds / 1e9
-    on_gpu = device.type == "cuda"
     return Row(
         case=case.name,
         optimizer=name,
         device=device_name(device),
-        threads=None if on_gpu else torch.get_num_threads(),
+        threads=None if device.type == "cuda" else torch.get_num_threads(),
         params=case.numel,
         bytes_per_param=per_param,
         state_bytes_per_param=state_bytes_per_param(state, params[0].numel()),
@@ -315,14 +395,65 @@ def measure(
         quartiles_ms=(quartiles[0] * 1e3, quartiles[2] * 1e3),
         gb_per_s=gbs,
         percent_of_copy=100 * gbs / copy_gbs,
-        launches_per_step=launches_per_step(optimizer) if on_gpu else None,
-        host_us=host_microseconds(optimizer, device, steps)
-        if (on_gpu if host_time is None else host_time)
-        else None,
+        launches_per_step=extra.get("launches"),
+        host_us=extra.get("host_us"),
         torch_version=torch.__version__,
         triton_version=triton_version(),
         date=datetime.date.today().isoformat(),
+        reference=extra.get("reference"),
+        paired_ratio=extra.get("paired_ratio"),
     )
+
+
+def measure_interleaved(
+    case: Case,
+    table: dict[str, OptimizerFactory],
+    device: torch.device,
+    copy_gbs: float,
+    rounds: int = SMALL_ROUNDS,
+    steps_per_round: int = SMALL_STEPS_PER_ROUND,
+) -> list[Row]:
+    """Rows for a small case: ``rounds`` rounds in which every optimizer takes
+    ``steps_per_round`` steps (the order rotating from round to round, so that none always runs
+    after the same one), each optimizer's step time the median over rounds of its round mean,
+    and its ratio to the optimizer it replaces the median of the per-round ratios, with a 95 %
+    interval."""
+    ready = {name: prepared(case, factory, device) for name, factory in table.items()}
+    names = list(ready)
+    per_round: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            step = ready[name][1].step
+            synchronize(device)
+            begin = time.perf_counter()
+            for _ in range(steps_per_round):
+                step()
+            synchronize(device)
+            per_round[name].append((time.perf_counter() - begin) / steps_per_round)
+    rows = []
+    for name in names:
+        reference = REFERENCES.get(name)
+        paired = None
+        if reference in per_round:
+            ratios = [a / b for a, b in zip(per_round[name], per_round[reference], strict=True)]
+            paired = median_interval(ratios)
+        params, optimizer = ready[name]
+        rows.append(
+            make_row(
+                case,
+                name,
+                params,
+                optimizer,
+                per_round[name],
+                device,
+                copy_gbs,
+                host_us=statistics.median(per_round[name]) * 1e6,
+                reference=reference if paired else None,
+                paired_ratio=paired,
+            )
+        )
+    return rows
 
 
 def run(device, cases, threads_list, steps, progress=None) -> list[Row]:
@@ -334,6 +465,12 @@ def run(device, cases, threads_list, steps, progress=None) -> list[Row]:
         copy_gbs = copy_bandwidth(device, max(case.numel for case in cases), timer)
         for case in cases:
             table = low_precision_optimizers(device) if case.low_precision else optimizers(device)
+            if case.small:
+                if threads == 1:  # per-call work on the host: one thread is the setting
+                    rows += measure_interleaved(case, table, device, copy_gbs)
+                if progress is not None:
+                    progress.update(len(table))
+                continue
             for name, factory in table.items():
                 rows.append(measure(case, name, factory, device, timer, steps, copy_gbs))
                 if device.type == "cuda":
@@ -364,7 +501,50 @@ def format_table(rows: list[Row]) -> str:
 
 
 def markdown_report(rows: list[Row]) -> str:
-    """The rows as a Markdown table (the documentation includes it), with what they ran on."""
+    """The rows as Markdown tables (the documentation includes them), with what they ran on:
+    the large cases, then the small models' host time and paired ratios."""
+    large = [r for r in rows if r.paired_ratio is None and not _small_case(rows, r.case)]
+    small = [r for r in rows if _small_case(rows, r.case)]
+    report = _large_table(large) if large else ""
+    if small:
+        report += ("\n" if report else "") + _small_table(small)
+    return report
+
+
+def _small_case(rows: list[Row], case: str) -> bool:
+    return any(r.case == case and r.paired_ratio is not None for r in rows)
+
+
+def _small_table(rows: list[Row]) -> str:
+    first = rows[0]
+    lines = [
+        f"Small models, measured {first.date} on {first.device.split(',')[0]}, torch "
+        f"{first.torch_version}, 1 thread: the host time of one step (on a CPU, the whole "
+        "step), the median over interleaved rounds and the middle half of the rounds; each "
+        "optimizer against the one it replaces, by the median of the per-round ratios of their "
+        "step times with a 95 % interval.",
+        "",
+        "| case | optimizer | us per step [middle half] | against | ratio [95 % interval] |",
+        "| --- | --- | ---: | --- | ---: |",
+    ]
+    for r in rows:
+        low, high = r.quartiles_ms or (math.nan, math.nan)
+        ratio = "-"
+        if r.paired_ratio is not None:
+            median, lower, upper = r.paired_ratio
+            ratio = f"{median:.2f}x [{lower:.2f}, {upper:.2f}]"
+        cells = [
+            r.case,
+            r.optimizer,
+            f"{r.median_ms * 1e3:.0f} [{low * 1e3:.0f}, {high * 1e3:.0f}]",
+            r.reference or "-",
+            ratio,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _large_table(rows: list[Row]) -> str:
     fused = {(r.case, r.threads): r.median_ms for r in rows if r.optimizer == "torch AdamW fused"}
     first = rows[0]
     device = first.device.split(",")[0]
@@ -480,7 +660,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     elif args.quick:
         cases, threads = QUICK_CPU_CASES, [1]
     else:
-        cases, threads = CPU_CASES, args.threads
+        cases, threads = CPU_CASES + SMALL_CPU_CASES, args.threads
     steps = 10 if args.quick else args.steps
     total = len(threads) * sum(
         len(low_precision_optimizers(device) if c.low_precision else optimizers(device))

@@ -14,6 +14,7 @@ import torch
 from bench import RUNS, collapse, gpt2, schedule, speed, tune
 from bench.__main__ import SUBCOMMANDS
 from bench.__main__ import main as bench_main
+from bench.paired import median_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -37,6 +38,31 @@ def test_speed_run_on_a_tiny_case_measures_every_optimizer():
         assert row.median_ms > 0 and math.isfinite(row.gb_per_s)
         assert row.bytes_per_param == 28
     assert "AdaWarm torch backend" in speed.format_table(rows)
+
+
+def test_small_cases_are_timed_in_interleaved_rounds_against_the_optimizer_each_replaces():
+    case = speed.Case("tiny model", ((7,), (3, 5)), small=True)
+    rows = speed.run(torch.device("cpu"), [case], [1, 2], steps=2)  # one thread only
+    by_name = {r.optimizer: r for r in rows}
+    assert list(by_name) == list(speed.optimizers(torch.device("cpu")))
+    assert {r.threads for r in rows} == {1}
+    assert by_name["AdaWarm torch backend"].reference == "torch AdamW fused"
+    assert (
+        by_name["AdaWarmScheduleFree torch backend"].reference
+        == "schedulefree AdamWScheduleFree foreach"
+    )
+    median, low, high = by_name["AdaWarm torch backend"].paired_ratio
+    assert 0 < low <= median <= high
+    assert by_name["torch AdamW fused"].paired_ratio is None
+    report = speed.markdown_report(rows)
+    assert "Small models" in report and "| tiny model | AdaWarm torch backend |" in report
+
+
+def test_the_median_interval_covers_the_median_at_its_confidence():
+    # 60 values: the order statistics 22 and 39 (1-based) bound the median at 95 %.
+    values = list(range(60))
+    assert median_interval(values) == (29.5, 21, 38)
+    assert median_interval([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)  # too few: the whole range
 
 
 def test_tune_run_measures_every_launch_configuration():
