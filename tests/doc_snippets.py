@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import cpu_training_arguments, tiny_language_model
 
 from adawarm import AdaWarmScheduleFree
 
@@ -80,21 +81,12 @@ def hugging_face_stand_ins(folder: Path) -> dict:
     transformers = pytest.importorskip(
         "transformers", reason="the hf extra: pip install -e '.[hf]'"
     )
-    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16)
-    torch.manual_seed(0)
-    tokens = torch.randint(0, 64, (16, 16), generator=torch.Generator().manual_seed(0))
-    dataset = [{"input_ids": row, "labels": row} for row in tokens]
-    args = transformers.TrainingArguments(
-        output_dir=str(folder),
-        max_steps=2,
-        per_device_train_batch_size=4,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
+    model, dataset = tiny_language_model(transformers, 16)
+    args = cpu_training_arguments(
+        transformers, folder, max_steps=2, per_device_train_batch_size=4, logging_steps=1
     )
     return {
-        "model": transformers.GPT2LMHeadModel(config),
+        "model": model,
         "train_dataset": dataset,
         "eval_dataset": dataset[:4],
         "args": args,

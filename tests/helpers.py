@@ -110,3 +110,22 @@ def count_calls(monkeypatch, owner: object, name: str) -> list[str]:
 
     monkeypatch.setattr(owner, name, counted)
     return calls
+
+
+def tiny_language_model(transformers, rows: int, **config):
+    """A GPT-2 of one small layer from a config, and ``rows`` sequences of 16 tokens as its
+    dataset (labels are the inputs) -- the Hugging Face Trainer's tests' model."""
+    config = transformers.GPT2Config(
+        n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16, **config
+    )
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config)
+    tokens = torch.randint(0, 64, (rows, 16), generator=torch.Generator().manual_seed(0))
+    return model, [{"input_ids": row, "labels": row} for row in tokens]
+
+
+def cpu_training_arguments(transformers, folder, **arguments):
+    """TrainingArguments for a short run on the CPU that reports to nothing and saves nothing."""
+    return transformers.TrainingArguments(
+        output_dir=str(folder), report_to=[], save_strategy="no", use_cpu=True, **arguments
+    )

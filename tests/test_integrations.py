@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import assert_close
+from helpers import assert_close, cpu_training_arguments, tiny_language_model
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
 
@@ -63,11 +63,7 @@ def test_compiled_training_step_matches_eager_and_does_not_recompile_on_lr_chang
 
 def test_hugging_face_trainer_trains_with_adawarm_and_logs_the_rate_it_uses(tmp_path):
     transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16)
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config)
-    tokens = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0))
-    dataset = [{"input_ids": row, "labels": row} for row in tokens]
+    model, dataset = tiny_language_model(transformers, 32)
     logged = []
 
     # The example of docs/warmup.md, with a list to look at instead of a logger.
@@ -84,14 +80,8 @@ def test_hugging_face_trainer_trains_with_adawarm_and_logs_the_rate_it_uses(tmp_
 
     optimizer = AdaWarm(model.parameters(), lr=3e-3)
     scheduler = transformers.get_linear_schedule_with_warmup(optimizer, 2, 6)
-    arguments = transformers.TrainingArguments(
-        output_dir=str(tmp_path),
-        max_steps=5,
-        per_device_train_batch_size=8,
-        report_to=[],
-        save_strategy="no",
-        logging_steps=1,
-        use_cpu=True,
+    arguments = cpu_training_arguments(
+        transformers, tmp_path, max_steps=5, per_device_train_batch_size=8, logging_steps=1
     )
     trainer = transformers.Trainer(
         model=model,
@@ -116,26 +106,19 @@ def test_hugging_face_trainer_switches_adawarm_schedule_free_as_it_does_schedule
     # run as schedulefree's AdamWScheduleFree and ends at the same point.
     transformers = pytest.importorskip("transformers")
     schedulefree = pytest.importorskip("schedulefree")
-    config = transformers.GPT2Config(
-        n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=16,
-        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-    )  # fmt: skip
-    tokens = torch.randint(0, 64, (32, 16), generator=torch.Generator().manual_seed(0))
-    dataset = [{"input_ids": row, "labels": row} for row in tokens]
 
     def train(make_optimizer):
-        torch.manual_seed(0)
-        model = transformers.GPT2LMHeadModel(config)
+        model, dataset = tiny_language_model(
+            transformers, 32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
+        )
         optimizer = make_optimizer(model.parameters())
-        arguments = transformers.TrainingArguments(
-            output_dir=str(tmp_path),
+        arguments = cpu_training_arguments(
+            transformers,
+            tmp_path,
             max_steps=6,
             per_device_train_batch_size=8,
             eval_strategy="steps",
             eval_steps=2,
-            report_to=[],
-            save_strategy="no",
-            use_cpu=True,
         )
         trainer = transformers.Trainer(
             model=model,
