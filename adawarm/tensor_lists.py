@@ -1,4 +1,5 @@
-"""Helpers over the parallel lists (params, grads, states) that both backends split."""
+"""Helpers over the parallel lists (params, grads, states) that both backends split, and the
+numbers their foreach ops take."""
 
 from __future__ import annotations
 
