@@ -14,7 +14,6 @@ import torch
 from bench import RUNS, collapse, gpt2, schedule, speed, tune
 from bench.__main__ import SUBCOMMANDS
 from bench.__main__ import main as bench_main
-from bench.paired import median_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -56,13 +55,6 @@ def test_small_cases_are_timed_in_interleaved_rounds_against_the_optimizer_each_
     assert by_name["torch AdamW fused"].paired_ratio is None
     report = speed.markdown_report(rows)
     assert "Small models" in report and "| tiny model | AdaWarm torch backend |" in report
-
-
-def test_the_median_interval_covers_the_median_at_its_confidence():
-    # 60 values: the order statistics 22 and 39 (1-based) bound the median at 95 %.
-    values = list(range(60))
-    assert median_interval(values) == (29.5, 21, 38)
-    assert median_interval([3.0, 1.0, 2.0]) == (2.0, 1.0, 3.0)  # too few: the whole range
 
 
 def test_tune_run_measures_every_launch_configuration():

@@ -120,6 +120,20 @@ def collapse_check(default_collapsed: int, tuned_collapsed: int, seeds: int = 20
     return collapse
 
 
+def test_the_paired_comparisons_take_each_seeds_difference_to_the_best_adamw():
+    # AdaWarm default is 0.01 above AdamW no warmup (the best) on every seed: non-inferior at 0.03
+    # however large the seeds' own spread; a constant 0.05 above is worse.
+    losses = cosine_losses([2.41, 2.43], [3.1, 2.7])
+    table = quality.tabulate(runs_of(COSINE, losses), {COSINE.name: 3.0})
+    assert table[(COSINE.name, "AdaWarm default", 0.01)].by_seed == {0: 2.41, 1: 2.43}
+    rows = quality.paired_rows(table, [COSINE], "AdaWarm default", None)
+    assert "| 0.01 | +0.010 [+0.010, +0.010], 2 seeds | 0.03 | non-inferior |" in rows[2]
+    losses["AdaWarm default"][0.01] = [2.45, 2.47]
+    table = quality.tabulate(runs_of(COSINE, losses), {COSINE.name: 3.0})
+    rows = quality.paired_rows(table, [COSINE], "AdaWarm default", None)
+    assert rows[2].endswith("| worse |") and "worse in 1 of 1 cells" in rows[-1]
+
+
 def test_collapsing_more_often_than_tuned_adamw_fails_only_beyond_chance():
     # one-sided Fisher exact test: P(>= 3 of the 4 collapses in the default's 20 of 40 runs)
     # = (C(20,3) C(20,1) + C(20,4)) / C(40,4) = 27645 / 91390
