@@ -185,12 +185,12 @@ class WarmupOptimizer(Optimizer):
         container other than a tuple of numbers), as a scheduler's tensor rate does.
         """
         cached = self._checked.get(index)
-        if cached is not None and cached[0] is group:
+        if cached is not None and cached[0] is group and len(group) == len(cached[1]):
             # the same objects (~0.5 us), or else equal values (an LR scheduler sets new floats)
             if all(map(is_, cached[1], group.values())):
                 return cached[2]
             values = list(group.values())
-            if len(values) == len(cached[1]) and all(map(_same_value, cached[1], values)):
+            if all(map(_same_value, cached[1], values)):
                 self._checked[index] = (group, values, cached[2])
                 return cached[2]
         self._check_group(group)
