@@ -1011,12 +1011,18 @@ def test_refused_inputs_between_steps_change_nothing(kind, execution, holds):
     with pytest.raises(RuntimeError, match=r"sparse gradient .* shape \(3, 5\)"):
         optimizer.step()
     assert_unchanged(optimizer, params, before)
-    if hasattr(torch.Tensor, "grad_dtype"):  # older torch refuses such a gradient itself
-        params[3].grad_dtype = None
-        params[3].grad = torch.ones(3, 5, dtype=torch.float64, device=params[3].device)
-        with pytest.raises(RuntimeError, match=r"dtype torch.float64 does not match"):
-            optimizer.step()
-        assert_unchanged(optimizer, params, before)
+    # a gradient of another dtype: torch refuses it when assigned unless the parameter's
+    # grad_dtype (torch >= 2.9) allows it; then the step refuses it
+    wrong = torch.ones(3, 5, dtype=torch.float64, device=params[3].device)
+    if not hasattr(torch.Tensor, "grad_dtype"):
+        with pytest.raises(RuntimeError, match="dtype"):
+            params[3].grad = wrong
+        return
+    params[3].grad_dtype = None
+    params[3].grad = wrong
+    with pytest.raises(RuntimeError, match=r"dtype torch.float64 does not match"):
+        optimizer.step()
+    assert_unchanged(optimizer, params, before)
 
 
 BAD_HYPER_PARAMETERS = [
