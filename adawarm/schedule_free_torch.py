@@ -21,7 +21,14 @@ from torch import Tensor
 
 from adawarm.rounding import SWITCH_ROLE, rounds_stochastically
 from adawarm.schedule import ScheduleFreeStep, schedule_free_step
-from adawarm.tensor_lists import constant_like, indices_by_key, number_like, select, set_all
+from adawarm.tensor_lists import (
+    add_number_,
+    constant_like,
+    indices_by_key,
+    number_like,
+    select,
+    set_all,
+)
 from adawarm.torch_backend import (
     compute_dtype,
     group_by_device_and_dtype,
@@ -80,8 +87,7 @@ def _foreach_bucket(
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
     denom = torch._foreach_div(exp_avg_sqs, number_like(params[0], schedule.bias_correction2))
     torch._foreach_sqrt_(denom)
-    # a list of one 0-dim tensor: the fast form of a foreach add (a 0-dim tensor alone is not)
-    torch._foreach_add_(denom, [constant_like(params[0], schedule.eps)] * len(denom))
+    add_number_(denom, constant_like(params[0], schedule.eps))
     if weight_decay == 0.0:
         # addcdiv: the same update (up to rounding: value * grad / denom) without a list the
         # size of the parameters to allocate and fill, ~1/9 of the step on a CPU.

@@ -36,6 +36,7 @@ from adawarm.schedule import StepSchedule, step_schedule
 from adawarm.tensor_lists import (
     DEVICE,
     DTYPE,
+    add_number_,
     constant_like,
     indices_by_key,
     number_like,
@@ -102,7 +103,7 @@ def _foreach_bucket(
     if schedule.adaptive:
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, number_like(params[0], schedule.bias_correction2_sqrt))
-        torch._foreach_add_(denom, number_like(params[0], schedule.eps))
+        add_number_(denom, number_like(params[0], schedule.eps))
         torch._foreach_addcdiv_(params, exp_avgs, denom, -schedule.step_size)
     else:
         torch._foreach_add_(params, exp_avgs, alpha=-schedule.step_size)
@@ -306,9 +307,10 @@ def torch_step(
                 warmup_steps=warmup_steps,
                 rectify=rectify,
             )
-            stored = [group_params, group_grads, group_exp_avgs, group_exp_avg_sqs]
-            if indices is not None:
-                stored = [select(tensors, indices) for tensors in stored]
+            stored = [
+                select(tensors, indices)
+                for tensors in (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
+            ]
             computing = compute_dtype(stored[0][0].dtype)
             work = upcast_all(stored, computing)
             # Counters advance with their bucket (the fused kernel reads them), and go back if

@@ -503,16 +503,13 @@ def format_table(rows: list[Row]) -> str:
 def markdown_report(rows: list[Row]) -> str:
     """The rows as Markdown tables (the documentation includes them), with what they ran on:
     the large cases, then the small models' host time and paired ratios."""
-    large = [r for r in rows if r.paired_ratio is None and not _small_case(rows, r.case)]
-    small = [r for r in rows if _small_case(rows, r.case)]
+    small_cases = {r.case for r in rows if r.paired_ratio is not None}
+    large = [r for r in rows if r.case not in small_cases]
+    small = [r for r in rows if r.case in small_cases]
     report = _large_table(large) if large else ""
     if small:
         report += ("\n" if report else "") + _small_table(small)
     return report
-
-
-def _small_case(rows: list[Row], case: str) -> bool:
-    return any(r.case == case and r.paired_ratio is not None for r in rows)
 
 
 def _small_table(rows: list[Row]) -> str:
