@@ -19,7 +19,7 @@ from torch.optim import Optimizer
 from adawarm.functional import checked_execution, has_dtensors, local_tensors
 from adawarm.rollback import StepSnapshot, failed_step_error
 from adawarm.schedule import AUTO, resolve_warmup_steps, step_schedule
-from adawarm.tensor_lists import DTYPE, IS_CPU
+from adawarm.tensor_lists import DTYPE, PackedCounters, pack_counters
 from adawarm.validation import group_betas
 
 _CPU = torch.device("cpu")
@@ -95,6 +95,9 @@ class WarmupOptimizer(Optimizer):
         self._completed: set[tuple] = set()
         # Per group index: the group, its hyper-parameters as last checked, and its betas.
         self._checked: dict[int, tuple[dict, list, tuple[float, float]]] = {}
+        # Per group index: its counters as the torch backend last stepped them (see
+        # _packed_counters).
+        self._counter_packs: dict[int, dict[str, list[Tensor]]] = {}
         super().__init__(params, defaults)
 
     # -- what a subclass defines --------------------------------------------------------------
@@ -139,6 +142,7 @@ class WarmupOptimizer(Optimizer):
         self._table_caches = {}
         self._completed = set()
         self._checked = {}
+        self._counter_packs = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():  # groups pickled by older versions
                 group.setdefault(key, value)
@@ -266,20 +270,41 @@ class WarmupOptimizer(Optimizer):
                     device = param.device if on_device else _CPU
                     state.update(self._new_state(param, work.group, device))
                     created.append(param)
-        steps = list(map(_STEP, states))
-        counters_in_place = (
-            list(map(Tensor.get_device, steps)) == list(map(Tensor.get_device, work.params))
-            if on_device
-            else all(map(IS_CPU, steps))
-        )
-        if not counters_in_place:
-            # Loaded from a checkpoint, or the backend changed: move the counters once.
-            for param, state in zip(work.params, states, strict=True):
-                for key in self.COUNTER_KEYS:
-                    state[key] = state[key].to(param.device if on_device else _CPU)
+        if on_device:
+            steps = list(map(_STEP, states))
+            if list(map(Tensor.get_device, steps)) != list(map(Tensor.get_device, work.params)):
+                # Loaded from a checkpoint, or the backend changed: move the counters once.
+                for param, state in zip(work.params, states, strict=True):
+                    for key in self.COUNTER_KEYS:
+                        state[key] = state[key].to(param.device)
         work.states = {key: list(map(itemgetter(key), states)) for key in self.STATE_KEYS}
+        if not on_device:
+            work.states.update(self._packed_counters(work.index, states, work.states))
         for key in self.OPTIONAL_STATE_KEYS:
             work.states[key] = list(map(dict.get, states, repeat(key)))
+
+    def _packed_counters(
+        self, index: int, states: list[dict], current: dict[str, list[Tensor]]
+    ) -> dict[str, list[Tensor]]:
+        """The counters of a group's stepping parameters for the torch backend: per counter
+        key, a :class:`PackedCounters` on the CPU, which the backend reads and advances in one
+        op each. The pack of an earlier step serves while the states hold its views; otherwise
+        (a first step, other parameters stepping, a loaded checkpoint, counters replaced or
+        moved) the counters' values go into a new pack whose views replace them in the states."""
+        packs = self._counter_packs.get(index)
+        if packs is not None and all(_holds(packs[key], current[key]) for key in self.COUNTER_KEYS):
+            return packs
+        packs = {}
+        for key in self.COUNTER_KEYS:
+            counters = [counter.to(_CPU) for counter in current[key]]
+            pack = pack_counters(counters)
+            if pack is not None:  # else counters of different dtypes: kept as they are
+                counters = pack
+            for state, counter in zip(states, counters, strict=True):
+                state[key] = counter
+            packs[key] = counters
+        self._counter_packs[index] = packs
+        return packs
 
     # Under torch.compile the step runs eagerly (a graph break around it): its schedule is a set
     # of per-step Python floats, which dynamo would specialise on and recompile for at every step
@@ -425,6 +450,15 @@ def _same_value(checked: Any, value: Any) -> bool:
 def _immutable(value: Any) -> bool:
     return type(value) in _IMMUTABLE or (
         type(value) is tuple and all(type(item) in _IMMUTABLE for item in value)
+    )
+
+
+def _holds(pack: list[Tensor], counters: list[Tensor]) -> bool:
+    """Whether ``counters`` are the views of ``pack``, in order."""
+    return (
+        isinstance(pack, PackedCounters)
+        and len(pack) == len(counters)
+        and all(map(is_, pack, counters))
     )
 
 

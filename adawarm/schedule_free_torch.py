@@ -23,7 +23,9 @@ from adawarm.rounding import SWITCH_ROLE, rounds_stochastically
 from adawarm.schedule import ScheduleFreeStep, schedule_free_step
 from adawarm.tensor_lists import (
     add_number_,
+    as_list,
     constant_like,
+    counter_values,
     indices_by_key,
     number_like,
     select,
@@ -150,7 +152,7 @@ def schedule_free_torch_step(
     if compensations is None:
         compensations = [None] * len(params)
     lists = [params, grads, zs, exp_avg_sqs, state_steps, weight_sums, lr_maxes, compensations]
-    groups = group_by_device_and_dtype([*map(list, lists), range(len(params))])
+    groups = group_by_device_and_dtype([*map(as_list, lists), range(len(params))])
     for dtype, tensor_lists in groups:
         group_tensors, counters = tensor_lists[:4], tensor_lists[4:7]
         if dtype.is_complex:
@@ -203,7 +205,7 @@ def _buckets(
 ) -> list[tuple[tuple[int, float, float], list[int] | None]]:
     """The distinct (step count, weight sum, rate maximum) and which tensors have each
     (``None``: all of them)."""
-    values = (map(Tensor.item, counters) for counters in (steps, weight_sums, lr_maxes))
+    values = map(counter_values, (steps, weight_sums, lr_maxes))
     keys = list(zip(*values, strict=True))
     return [((int(key[0]), key[1], key[2]), indices) for key, indices in indices_by_key(keys)]
 

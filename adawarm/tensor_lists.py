@@ -23,16 +23,50 @@ IS_CPU = attrgetter("is_cpu")
 IS_CUDA = attrgetter("is_cuda")
 
 
+class PackedCounters(list):
+    """Scalar counters (one per parameter) that are the views, in order, of one 1-D tensor,
+    ``base``: read with one ``tolist()`` and set with one ``fill_`` (~1 us in all) instead of
+    ~0.16 us a counter to read and ~0.5 us to set. Being a list of the views, it serves
+    wherever a list of counters does; whoever builds one vouches that it holds ``base``'s views
+    (see :func:`pack_counters`)."""
+
+    __slots__ = ("base",)
+
+    def __init__(self, base: Tensor) -> None:
+        super().__init__(base.unbind())
+        self.base = base
+
+
+def pack_counters(counters: Sequence[Tensor]) -> PackedCounters | None:
+    """The values of these scalar counters as the views of a new 1-D tensor (the caller puts
+    the views in their places); None when they differ in dtype or device, or are none."""
+    if not counters or len({(c.dtype, c.device) for c in counters}) != 1:
+        return None
+    return PackedCounters(torch.stack(list(counters)))
+
+
+def counter_values(counters: Sequence[Tensor]) -> list[float]:
+    """The values of scalar counters, as Python numbers."""
+    if isinstance(counters, PackedCounters):
+        return counters.base.tolist()
+    return list(map(Tensor.item, counters))
+
+
 def set_all(lists: Sequence[Sequence[Tensor]], values: Sequence[float]) -> None:
     """Set the scalar tensors (counters) of each list, of one dtype and device per list, to
-    that list's value: one foreach copy from one source tensor a list, ~0.5 us a tensor on a
-    CPU, where ``torch._foreach_add_`` of a number or a ``fill_`` loop takes ~2 us a tensor."""
+    that list's value: a :class:`PackedCounters` by one ``fill_``, the others by one foreach
+    copy from one source tensor a list, ~0.5 us a tensor on a CPU, where
+    ``torch._foreach_add_`` of a number or a ``fill_`` loop takes ~2 us a tensor."""
     targets, sources = [], []
     for tensors, value in zip(lists, values, strict=True):
+        if isinstance(tensors, PackedCounters):
+            tensors.base.fill_(value)
+            continue
         targets += tensors
         first = tensors[0]
         sources += [torch.full((), value, dtype=first.dtype, device=first.device)] * len(tensors)
-    torch._foreach_copy_(targets, sources)
+    if targets:
+        torch._foreach_copy_(targets, sources)
 
 
 def number_like(tensor: Tensor, value: float) -> Tensor:
@@ -59,6 +93,11 @@ def constant_like(tensor: Tensor, value: float) -> Tensor:
 @functools.lru_cache(maxsize=64)
 def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.full((), value, dtype=dtype, device=device)
+
+
+def as_list(items: Sequence[Item]) -> list[Item]:
+    """``items`` itself when a list (a :class:`PackedCounters` stays one), else a list of them."""
+    return items if isinstance(items, list) else list(items)
 
 
 def select(items: Sequence[Item], indices: Sequence[int] | None) -> Sequence[Item]:

@@ -37,7 +37,9 @@ from adawarm.tensor_lists import (
     DEVICE,
     DTYPE,
     add_number_,
+    as_list,
     constant_like,
+    counter_values,
     indices_by_key,
     number_like,
     select,
@@ -285,7 +287,7 @@ def torch_step(
     if compensations is None:
         compensations = [None] * len(params)
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps, compensations]
-    groups = group_by_device_and_dtype([*map(list, lists), range(len(params))])
+    groups = group_by_device_and_dtype([*map(as_list, lists), range(len(params))])
     options = {"beta1": beta1, "beta2": beta2, "maximize": maximize}
     for dtype, tensor_lists in groups:
         (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs) = tensor_lists[:4]
@@ -294,7 +296,7 @@ def torch_step(
             group_params, group_grads, group_exp_avgs, group_exp_avg_sqs = map(
                 real_views, (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
             )
-        for previous, indices in indices_by_key(list(map(Tensor.item, group_steps))):
+        for previous, indices in indices_by_key(counter_values(group_steps)):
             previous_step = int(previous)
             step = previous_step + 1
             schedule = step_schedule(
@@ -315,7 +317,7 @@ def torch_step(
             work = upcast_all(stored, computing)
             # Counters advance with their bucket (the fused kernel reads them), and go back if
             # the bucket's update fails: each tensor is either stepped or untouched.
-            bucket_steps = list(select(group_steps, indices))
+            bucket_steps = select(group_steps, indices)
             set_all([bucket_steps], [step])
             try:
                 if implementation == "fused":
