@@ -19,10 +19,14 @@ from torch.optim import Optimizer
 from adawarm.functional import checked_execution, has_dtensors, local_tensors
 from adawarm.rollback import StepSnapshot, failed_step_error
 from adawarm.schedule import AUTO, resolve_warmup_steps, step_schedule
-from adawarm.tensor_lists import DTYPE, PackedCounters, pack_counters
+from adawarm.tensor_lists import DTYPE, PackedTensors, empty_packed, pack
 from adawarm.validation import group_betas
 
 _CPU = torch.device("cpu")
+# The largest group (in elements) whose states the torch backend packs: what a small model's
+# step saves is per-tensor work, and a packed step copies the gradients into a scratch of
+# this size once per step (a pass over them that a large model would notice).
+PACKED_STATE_LIMIT = 1 << 20
 # Whole-list accessors for the per-step passes over parameters and their states.
 _GRAD = attrgetter("grad")
 _IS_SPARSE = attrgetter("is_sparse")
@@ -47,6 +51,9 @@ class GroupStep:
     scheduler_warms_up: bool
     # Per state entry the step changes, one tensor per parameter (None where it has none).
     states: dict[str, list[Tensor | None]] = field(default_factory=dict)
+    # Where the torch backend packs the group's states, a scratch of their shapes for the
+    # gradients (see WarmupOptimizer._packed_states).
+    gradient_scratch: PackedTensors | None = None
 
     def local(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
         """The local shards of these per-parameter tensors (they are themselves when no
@@ -84,6 +91,9 @@ class WarmupOptimizer(Optimizer):
     STATE_KEYS: tuple[str, ...]
     COUNTER_KEYS: tuple[str, ...] = ("step",)
     OPTIONAL_STATE_KEYS: tuple[str, ...] = ("compensation",)
+    # State entries that the torch backend keeps end to end in one tensor per small group, for
+    # a step that updates them with one op each (see _packed_states).
+    PACKED_STATE_KEYS: tuple[str, ...] = ()
     # The algorithm's warmup length for a group's ``warmup_steps``, beta2 and ``total_steps``.
     _resolve_warmup_steps = staticmethod(resolve_warmup_steps)
 
@@ -95,9 +105,9 @@ class WarmupOptimizer(Optimizer):
         self._completed: set[tuple] = set()
         # Per group index: the group, its hyper-parameters as last checked, and its betas.
         self._checked: dict[int, tuple[dict, list, tuple[float, float]]] = {}
-        # Per group index: its counters as the torch backend last stepped them (see
-        # _packed_counters).
-        self._counter_packs: dict[int, dict[str, list[Tensor]]] = {}
+        # Per group index: its packed state entries as the torch backend last stepped them, and
+        # the gradients' scratch that goes with them (see _packed_states).
+        self._packs: dict[int, tuple[dict[str, list[Tensor]], PackedTensors | None]] = {}
         super().__init__(params, defaults)
 
     # -- what a subclass defines --------------------------------------------------------------
@@ -142,7 +152,7 @@ class WarmupOptimizer(Optimizer):
         self._table_caches = {}
         self._completed = set()
         self._checked = {}
-        self._counter_packs = {}
+        self._packs = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():  # groups pickled by older versions
                 group.setdefault(key, value)
@@ -279,38 +289,68 @@ class WarmupOptimizer(Optimizer):
                         state[key] = state[key].to(param.device)
         work.states = {key: list(map(itemgetter(key), states)) for key in self.STATE_KEYS}
         if not on_device:
-            work.states.update(self._packed_counters(work.index, states, work.states))
+            work.states.update(self._packed_states(work, states, work.states))
         for key in self.OPTIONAL_STATE_KEYS:
             work.states[key] = list(map(dict.get, states, repeat(key)))
 
-    def _packed_counters(
-        self, index: int, states: list[dict], current: dict[str, list[Tensor]]
+    def _packed_states(
+        self, work: GroupStep, states: list[dict], current: dict[str, list[Tensor]]
     ) -> dict[str, list[Tensor]]:
-        """The counters of a group's stepping parameters for the torch backend: per counter
-        key, a :class:`PackedCounters` on the CPU, which the backend reads and advances in one
-        op each. The pack of an earlier step serves while the states hold its views; otherwise
-        (a first step, other parameters stepping, a loaded checkpoint, counters replaced or
-        moved) the counters' values go into a new pack whose views replace them in the states."""
-        packs = self._counter_packs.get(index)
-        if packs is not None and all(_holds(packs[key], current[key]) for key in self.COUNTER_KEYS):
-            return packs
-        packs = {}
-        for key in self.COUNTER_KEYS:
-            counters = [counter.to(_CPU) for counter in current[key]]
-            pack = pack_counters(counters)
-            if pack is not None:  # else counters of different dtypes: kept as they are
-                counters = pack
-            for state, counter in zip(states, counters, strict=True):
-                state[key] = counter
-            packs[key] = counters
-        self._counter_packs[index] = packs
+        """The torch backend's counters, and ``PACKED_STATE_KEYS`` where a group is small
+        (:meth:`_packs_states`), of a group's stepping parameters: per key, a
+        :class:`PackedTensors` (counters on the CPU), which the backend reads and updates in one
+        op where it can. The packs of an earlier step serve while the states hold their views;
+        otherwise (a first step, other parameters stepping, a loaded checkpoint, entries
+        replaced or moved) the entries' values go into new packs whose views replace them in
+        the states."""
+        cached = self._packs.get(work.index)
+        if cached is not None and all(map(_holds, cached[0].values(), map(current.get, cached[0]))):
+            work.gradient_scratch = cached[1]
+            return cached[0]
+        packs: dict[str, list[Tensor]] = {}
+        keys = self.COUNTER_KEYS
+        if self._packs_states(work, current):
+            keys += self.PACKED_STATE_KEYS
+        for key in (*self.COUNTER_KEYS, *self.PACKED_STATE_KEYS):
+            tensors = current[key]
+            if key in self.COUNTER_KEYS:
+                tensors = [tensor.to(_CPU) for tensor in tensors]
+            packed = pack(tensors) if key in keys else None
+            if packed is not None:
+                tensors = packed
+            for state, tensor in zip(states, tensors, strict=True):
+                state[key] = tensor
+            packs[key] = tensors
+        scratch = None
+        if self.PACKED_STATE_KEYS and all(
+            isinstance(packs[key], PackedTensors) for key in self.PACKED_STATE_KEYS
+        ):
+            scratch = empty_packed(packs[self.PACKED_STATE_KEYS[0]])
+        self._packs[work.index] = (packs, scratch)
+        work.gradient_scratch = scratch
         return packs
 
-    # Under torch.compile the step runs eagerly (a graph break around it): its schedule is a set
-    # of per-step Python floats, which dynamo would specialise on and recompile for at every step
-    # of the warmup and every learning-rate change. torch._disable_dynamo (what torch.optim uses)
-    # imports dynamo at the first call, not at import: dynamo imports triton, which is slow and
-    # not needed by a CPU step.
+    def _packs_states(self, work: GroupStep, current: dict[str, list[Tensor]]) -> bool:
+        """Whether the torch backend keeps a group's ``PACKED_STATE_KEYS`` packed: a group of at
+        most ``PACKED_STATE_LIMIT`` elements, run by foreach ops, on contiguous fp32 or fp64
+        parameters with states of their dtype, none a DTensor (the views then have the
+        parameters' shapes and strides)."""
+        params = work.params
+        dtype = params[0].dtype
+        return (
+            bool(self.PACKED_STATE_KEYS)
+            and work.implementation in (None, "foreach")
+            and not work.sharded
+            and dtype in (torch.float32, torch.float64)
+            and sum(map(Tensor.numel, params)) <= PACKED_STATE_LIMIT
+            and all(param.dtype is dtype and param.is_contiguous() for param in params)
+            and all(
+                state.dtype is dtype and state.is_contiguous()
+                for key in self.PACKED_STATE_KEYS
+                for state in current[key]
+            )
+        )
+
     @torch._disable_dynamo
     @torch.no_grad()
     def step(
@@ -453,13 +493,9 @@ def _immutable(value: Any) -> bool:
     )
 
 
-def _holds(pack: list[Tensor], counters: list[Tensor]) -> bool:
-    """Whether ``counters`` are the views of ``pack``, in order."""
-    return (
-        isinstance(pack, PackedCounters)
-        and len(pack) == len(counters)
-        and all(map(is_, pack, counters))
-    )
+def _holds(packed: list[Tensor], tensors: list[Tensor] | None) -> bool:
+    """Whether ``tensors`` are those of ``packed`` (its views, if it is a PackedTensors)."""
+    return tensors is not None and len(packed) == len(tensors) and all(map(is_, packed, tensors))
 
 
 def _check_stochastic_dtypes(params: list[Tensor]) -> None:

@@ -95,6 +95,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
     _step_supports_amp_scaling = True
     STATE_KEYS = ("step", "z", "exp_avg_sq", "weight_sum", "lr_max")
     COUNTER_KEYS = ("step", "weight_sum", "lr_max")
+    PACKED_STATE_KEYS = ("z", "exp_avg_sq")
     _resolve_warmup_steps = staticmethod(resolve_schedule_free_warmup_steps)
     _check_group = staticmethod(check_schedule_free_group)
 
@@ -203,6 +204,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             grad_scale=grad_scale,
             found_inf=found_inf,
             table_cache=self._table_cache(work),
+            gradient_scratch=work.gradient_scratch,
             compensations=work.local(states["compensation"]),
             rounding_seed=group["rounding_seed"],
             stochastic_params=group["compensation"] == "stochastic",

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from torch import Tensor
 
 from adawarm.schedule_free_torch import schedule_free_torch_step, switch_torch
+from adawarm.tensor_lists import PackedTensors
 from adawarm.triton_backend import triton_schedule_free_step, triton_switch
 
 
@@ -23,6 +24,7 @@ def run_schedule_free(
     *,
     torch_implementation: str | None,
     table_cache: dict | None,
+    gradient_scratch: PackedTensors | None = None,
     **options,
 ) -> None:
     """One schedule-free step (``warmup_steps`` resolved to an int) on ``backend``."""
@@ -30,7 +32,12 @@ def run_schedule_free(
     if backend == "triton":
         triton_schedule_free_step(*tensors, **options, table_cache=table_cache)
     else:
-        schedule_free_torch_step(*tensors, **options, implementation=torch_implementation)
+        schedule_free_torch_step(
+            *tensors,
+            **options,
+            implementation=torch_implementation,
+            gradient_scratch=gradient_scratch,
+        )
 
 
 def switch(

@@ -22,6 +22,7 @@ from torch import Tensor
 from adawarm.rounding import SWITCH_ROLE, rounds_stochastically
 from adawarm.schedule import ScheduleFreeStep, schedule_free_step
 from adawarm.tensor_lists import (
+    PackedTensors,
     add_number_,
     as_list,
     constant_like,
@@ -80,9 +81,23 @@ def _foreach_bucket(
     beta2: float,
     weight_decay: float,
     maximize: bool,
+    scratch: PackedTensors | None = None,
 ) -> None:
     # schedulefree's foreach ops, so that the two compute the same (numbers as 0-dim tensors:
-    # tensor_lists.number_like says why).
+    # tensor_lists.number_like says why); with a scratch for the gradients, on packed states.
+    if scratch is not None:
+        _packed_bucket(
+            params,
+            grads,
+            zs,
+            exp_avg_sqs,
+            schedule,
+            beta2=beta2,
+            weight_decay=weight_decay,
+            maximize=maximize,
+            scratch=scratch,
+        )
+        return
     if maximize:
         grads = torch._foreach_neg(grads)
     torch._foreach_mul_(exp_avg_sqs, constant_like(params[0], beta2))
@@ -102,6 +117,36 @@ def _foreach_bucket(
     torch._foreach_lerp_(params, zs, schedule.average)
     torch._foreach_add_(params, normalized, alpha=schedule.y_coefficient)
     torch._foreach_sub_(zs, normalized, alpha=schedule.lr)
+
+
+def _packed_bucket(
+    params: list[Tensor],
+    grads: list[Tensor],
+    zs: PackedTensors,
+    exp_avg_sqs: PackedTensors,
+    schedule: ScheduleFreeStep,
+    *,
+    beta2: float,
+    weight_decay: float,
+    maximize: bool,
+    scratch: PackedTensors,
+) -> None:
+    """:func:`_foreach_bucket` for packed states: the same ops in the same order, those that
+    touch only states and gradients as one op on the packed tensors (the gradients copied into
+    ``scratch``, which then holds the normalized step), those that touch the parameters as
+    foreach ops over the views -- 4 ops a tensor instead of 10."""
+    torch._foreach_copy_(scratch, grads)
+    normalized, z, exp_avg_sq = scratch.base, zs.base, exp_avg_sqs.base
+    if maximize:
+        normalized.neg_()
+    exp_avg_sq.mul_(beta2).addcmul_(normalized, normalized, value=1.0 - beta2)
+    denom = exp_avg_sq.div(schedule.bias_correction2).sqrt_().add_(schedule.eps)
+    normalized.div_(denom)
+    if weight_decay != 0.0:
+        torch._foreach_add_(scratch, params, alpha=weight_decay)  # decay at y, as schedulefree
+    torch._foreach_lerp_(params, zs, schedule.average)
+    torch._foreach_add_(params, scratch, alpha=schedule.y_coefficient)
+    z.sub_(normalized, alpha=schedule.lr)
 
 
 _BUCKET_STEPS = {"reference": _reference_bucket, "foreach": _foreach_bucket}
@@ -132,9 +177,15 @@ def schedule_free_torch_step(
     compensations: Sequence[Tensor | None] | None = None,
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
+    gradient_scratch: PackedTensors | None = None,
 ) -> None:
     """One schedule-free step over one parameter group's tensors, in train mode (``params``
     hold ``y``; ``warmup_steps`` resolved to an int).
+
+    Where ``zs`` and ``exp_avg_sqs`` are :class:`~adawarm.tensor_lists.PackedTensors` of the
+    parameters' dtype and ``gradient_scratch`` one of their shapes (AdaWarmScheduleFree keeps
+    a small group's states so), the ops that touch only states and gradients run once on the
+    packed tensors.
 
     ``state_steps`` (fp32), ``weight_sums`` and ``lr_maxes`` (fp64) are scalar CPU tensors,
     advanced here. Stores round as in :func:`adawarm.torch_backend.torch_step`. With
@@ -175,13 +226,10 @@ def schedule_free_torch_step(
             stored = [select(tensors, indices) for tensors in group_tensors]
             computing = compute_dtype(stored[0][0].dtype)
             work = upcast_all(stored, computing)
-            _BUCKET_STEPS[implementation or "foreach"](
-                *work,
-                schedule,
-                beta2=beta2,
-                weight_decay=weight_decay,
-                maximize=maximize,
-            )
+            options = {"beta2": beta2, "weight_decay": weight_decay, "maximize": maximize}
+            if _takes_packed_step(work, gradient_scratch, implementation):
+                options["scratch"] = gradient_scratch
+            _BUCKET_STEPS[implementation or "foreach"](*work, schedule, **options)
             store_bucket(
                 stored,
                 work,
@@ -198,6 +246,21 @@ def schedule_free_torch_step(
                 [select(tensors, indices) for tensors in counters[:changed]],
                 (schedule.step, schedule.weight_sum, schedule.lr_max)[:changed],
             )
+
+
+def _takes_packed_step(
+    work: list[Sequence[Tensor]], scratch: PackedTensors | None, implementation: str | None
+) -> bool:
+    """Whether a bucket's working lists are packed states (the whole group's, updated in
+    place: no working copies) with a gradient scratch of their shapes."""
+    zs, exp_avg_sqs = work[2], work[3]
+    return (
+        scratch is not None
+        and implementation in (None, "foreach")
+        and isinstance(zs, PackedTensors)
+        and isinstance(exp_avg_sqs, PackedTensors)
+        and len(scratch) == len(zs)
+    )
 
 
 def _buckets(
