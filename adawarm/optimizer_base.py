@@ -332,9 +332,9 @@ class WarmupOptimizer(Optimizer):
 
     def _packs_states(self, work: GroupStep, current: dict[str, list[Tensor]]) -> bool:
         """Whether the torch backend keeps a group's ``PACKED_STATE_KEYS`` packed: a group of at
-        most ``PACKED_STATE_LIMIT`` elements, run by foreach ops, on contiguous fp32 or fp64
-        parameters with states of their dtype, none a DTensor (the views then have the
-        parameters' shapes and strides)."""
+        most ``PACKED_STATE_LIMIT`` elements, run by foreach ops, of fp32 or fp64 parameters
+        with contiguous states of their dtype (the views are contiguous; states that follow a
+        channels-last parameter keep their layout), none a DTensor."""
         params = work.params
         dtype = params[0].dtype
         return (
@@ -343,7 +343,7 @@ class WarmupOptimizer(Optimizer):
             and not work.sharded
             and dtype in (torch.float32, torch.float64)
             and sum(map(Tensor.numel, params)) <= PACKED_STATE_LIMIT
-            and all(param.dtype is dtype and param.is_contiguous() for param in params)
+            and all(param.dtype is dtype for param in params)
             and all(
                 state.dtype is dtype and state.is_contiguous()
                 for key in self.PACKED_STATE_KEYS
