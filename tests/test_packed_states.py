@@ -135,7 +135,7 @@ def test_the_groups_whose_states_are_packed(monkeypatch):
     small = make_params([(5,), (3, 4)], torch.float32, seed=46)  # 17 elements
     large = make_params([(60,), (41,)], torch.float32, seed=47)  # 101
     low = make_params([(5,), (3, 4)], torch.bfloat16, seed=48)
-    strided = [torch.randn(2, 3, 4, 5).to(memory_format=torch.channels_last).requires_grad_()]
+    strided = [torch.randn(2, 2, 3, 4).to(memory_format=torch.channels_last).requires_grad_()]
     lone = make_params([(5,), (3, 4)], torch.float32, seed=49)
     groups = [small, large, low, strided]
     optimizer = schedule_free([{"params": group} for group in groups])
