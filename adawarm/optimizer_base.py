@@ -405,7 +405,8 @@ class WarmupOptimizer(Optimizer):
         try:
             for item in work:
                 self._attach_states(item, created)
-            if created or not configurations <= self._completed:
+            completed = configurations <= self._completed
+            if created or not completed:
                 snapshot = StepSnapshot(work, created)
             for item in work:
                 self._run(item, grad_scale, found_inf)
@@ -421,7 +422,8 @@ class WarmupOptimizer(Optimizer):
             if replacement is None:
                 raise
             raise replacement from error
-        self._completed |= configurations
+        if not completed:
+            self._completed |= configurations
         for item in work:
             if item.scheduler_warms_up:
                 item.group["warmup_steps"] = 0

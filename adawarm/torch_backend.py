@@ -383,10 +383,10 @@ def group_by_device_and_dtype(
     grouping checks every list and costs ~3 us per tensor.
     """
     params = tensor_lists[0]
-    keys = list(zip(map(DEVICE, params), map(DTYPE, params), strict=True))
-    groups = indices_by_key(keys)
-    if len(groups) == 1:  # the common case: the lists as they are
-        return [(keys[0][1], tensor_lists)]
+    dtypes, devices = list(map(DTYPE, params)), list(map(DEVICE, params))
+    if dtypes.count(dtypes[0]) == len(dtypes) and devices.count(devices[0]) == len(devices):
+        return [(dtypes[0], tensor_lists)]  # the common case: the lists as they are
+    groups = indices_by_key(list(zip(devices, dtypes, strict=True)))
     return [
         (dtype, [select(tensors, indices) for tensors in tensor_lists])
         for (_, dtype), indices in groups
