@@ -16,7 +16,10 @@ Small models -- where a step's time is mostly per-call work on the host, which a
 every step too -- are measured in interleaved rounds (1 thread): each round runs every optimizer
 for a few steps, in a rotating order, and each optimizer is compared with the one it replaces
 (AdaWarm with torch's fused AdamW, AdaWarmScheduleFree with schedulefree's foreach step) by the
-median of the per-round ratios, with a 95 % interval for that median.
+median of the per-round ratios, with a 95 % interval for that median. Those with a model (the CNN
+and the MLP) are also timed in a training loop: each optimizer trains its own copy of the model,
+and only its ``step()`` is timed, after a forward and backward pass that leave the caches as a
+training step does (colder than back-to-back steps).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ import argparse
 import csv
 import datetime
 import importlib.util
+import itertools
 import json
 import math
 import platform
@@ -50,6 +54,10 @@ class Case:
     dtype: torch.dtype = torch.float32
     low_precision: bool = False  # compare the low-precision configurations (issue 6)
     small: bool = False  # a small model: interleaved rounds, 1 thread, paired ratios
+    # A model with these parameter shapes and the shape of a batch of its inputs: the small
+    # case is timed in a training loop too.
+    model: Callable[[], torch.nn.Module] | None = None
+    batch_shape: tuple[int, ...] | None = None
 
     @property
     def numel(self) -> int:
@@ -79,12 +87,50 @@ CNN_SHAPES = (
     *((10, 64), (10,)),
 )
 MLP_SHAPES = ((96, 256), (96,), *((96, 96), (96,)) * 8, (10, 96), (10,))
+
+
+def cnn_model() -> torch.nn.Module:
+    """The CNN of CNN_SHAPES: 3 convolutions (no bias) with BatchNorm, a linear head."""
+    layers: list[torch.nn.Module] = []
+    for inputs, outputs in ((3, 16), (16, 32), (32, 64)):
+        layers += [
+            torch.nn.Conv2d(inputs, outputs, 3, bias=False),
+            torch.nn.BatchNorm2d(outputs),
+            torch.nn.ReLU(),
+        ]
+    return torch.nn.Sequential(
+        *layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10)
+    )
+
+
+def mlp_model() -> torch.nn.Module:
+    """The MLP of MLP_SHAPES: 10 linear layers with ReLU between them."""
+    widths = [256, *[96] * 9, 10]
+    layers: list[torch.nn.Module] = []
+    for inputs, outputs in itertools.pairwise(widths):
+        layers += [torch.nn.Linear(inputs, outputs), torch.nn.ReLU()]
+    return torch.nn.Sequential(*layers[:-1])
+
+
 SMALL_CPU_CASES = (
-    Case("CNN: 11 tensors, 24k params", CNN_SHAPES, small=True),
-    Case("MLP: 20 tensors, 100k params", MLP_SHAPES, small=True),
+    Case(
+        "CNN: 11 tensors, 24k params",
+        CNN_SHAPES,
+        small=True,
+        model=cnn_model,
+        batch_shape=(32, 3, 16, 16),
+    ),
+    Case(
+        "MLP: 20 tensors, 100k params",
+        MLP_SHAPES,
+        small=True,
+        model=mlp_model,
+        batch_shape=(32, 256),
+    ),
     Case("200 tensors of 512", ((512,),) * 200, small=True),
 )
 SMALL_ROUNDS, SMALL_STEPS_PER_ROUND = 60, 20  # ~15 s a case
+LOOP_ROUNDS, LOOP_STEPS_PER_ROUND = 40, 10  # ~20 s a case (forward and backward included)
 # What each optimizer of a small case is compared with: the optimizer it replaces.
 REFERENCES = {
     "torch AdamW foreach": "torch AdamW fused",
@@ -295,6 +341,9 @@ class Row:
     # its step time to that one's with a 95 % interval (median, low, high); None elsewhere.
     reference: str | None = None
     paired_ratio: tuple[float, float, float] | None = None
+    # Small cases with a model: the same in a training loop (us per step; median, low, high).
+    loop_us: float | None = None
+    loop_ratio: tuple[float, float, float] | None = None
 
 
 def device_name(device: torch.device) -> str:
@@ -402,6 +451,8 @@ def make_row(
         date=datetime.date.today().isoformat(),
         reference=extra.get("reference"),
         paired_ratio=extra.get("paired_ratio"),
+        loop_us=extra.get("loop_us"),
+        loop_ratio=extra.get("loop_ratio"),
     )
 
 
@@ -412,33 +463,35 @@ def measure_interleaved(
     copy_gbs: float,
     rounds: int = SMALL_ROUNDS,
     steps_per_round: int = SMALL_STEPS_PER_ROUND,
+    loop_rounds: int = LOOP_ROUNDS,
+    loop_steps_per_round: int = LOOP_STEPS_PER_ROUND,
 ) -> list[Row]:
     """Rows for a small case: ``rounds`` rounds in which every optimizer takes
     ``steps_per_round`` steps (the order rotating from round to round, so that none always runs
     after the same one), each optimizer's step time the median over rounds of its round mean,
     and its ratio to the optimizer it replaces the median of the per-round ratios, with a 95 %
-    interval."""
+    interval; for a case with a model, the same of ``optimizer.step()`` in a training loop
+    (``loop_rounds`` rounds of ``loop_steps_per_round`` training steps)."""
     ready = {name: prepared(case, factory, device) for name, factory in table.items()}
-    names = list(ready)
-    per_round: dict[str, list[float]] = {name: [] for name in names}
-    for index in range(rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            step = ready[name][1].step
-            synchronize(device)
-            begin = time.perf_counter()
-            for _ in range(steps_per_round):
-                step()
-            synchronize(device)
-            per_round[name].append((time.perf_counter() - begin) / steps_per_round)
+    per_round = _interleaved_rounds(
+        {name: optimizer.step for name, (_, optimizer) in ready.items()},
+        device,
+        rounds,
+        steps_per_round,
+    )
+    in_loop = {}
+    if case.model is not None:
+        in_loop = _interleaved_rounds(
+            {name: _training_step(case, factory, device) for name, factory in table.items()},
+            device,
+            loop_rounds,
+            loop_steps_per_round,
+        )
     rows = []
-    for name in names:
+    for name, (params, optimizer) in ready.items():
         reference = REFERENCES.get(name)
-        paired = None
-        if reference in per_round:
-            ratios = [a / b for a, b in zip(per_round[name], per_round[reference], strict=True)]
-            paired = median_interval(ratios)
-        params, optimizer = ready[name]
+        if reference not in per_round:
+            reference = None
         rows.append(
             make_row(
                 case,
@@ -449,11 +502,80 @@ def measure_interleaved(
                 device,
                 copy_gbs,
                 host_us=statistics.median(per_round[name]) * 1e6,
-                reference=reference if paired else None,
-                paired_ratio=paired,
+                reference=reference,
+                paired_ratio=_paired_ratio(per_round, name, reference),
+                loop_us=statistics.median(in_loop[name]) * 1e6 if in_loop else None,
+                loop_ratio=_paired_ratio(in_loop, name, reference) if in_loop else None,
             )
         )
     return rows
+
+
+def _interleaved_rounds(
+    steps: dict[str, Callable[[], float | None]],
+    device: torch.device,
+    rounds: int,
+    per_round: int,
+) -> dict[str, list[float]]:
+    """Per name, the mean seconds of its step over ``per_round`` calls, in each of ``rounds``
+    rounds that call every step in a rotating order. A step returns the seconds to count (a
+    training step times its ``optimizer.step()`` only), or None for the whole call."""
+    names = list(steps)
+    seconds: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            step, total = steps[name], 0.0
+            for _ in range(per_round):
+                synchronize(device)
+                begin = time.perf_counter()
+                timed = step()
+                synchronize(device)
+                total += time.perf_counter() - begin if timed is None else timed
+            seconds[name].append(total / per_round)
+    return seconds
+
+
+def _training_step(
+    case: Case, factory: OptimizerFactory, device: torch.device
+) -> Callable[[], float]:
+    """One training step of ``case``'s model (the same initial weights and batch for every
+    optimizer) that returns the seconds of its ``optimizer.step()``."""
+    torch.manual_seed(0)
+    model = case.model().to(device)
+    assert tuple(tuple(p.shape) for p in model.parameters()) == case.shapes
+    optimizer = factory(list(model.parameters()))
+    generator = torch.Generator().manual_seed(1)
+    inputs = torch.randn(case.batch_shape, generator=generator).to(device)
+    with torch.no_grad():
+        classes = model(inputs).shape[-1]
+    targets = torch.randint(0, classes, case.batch_shape[:1], generator=generator).to(device)
+
+    def step() -> float:
+        loss = torch.nn.functional.cross_entropy(model(inputs), targets)
+        loss.backward()
+        synchronize(device)
+        begin = time.perf_counter()
+        optimizer.step()
+        synchronize(device)
+        seconds = time.perf_counter() - begin
+        optimizer.zero_grad()
+        return seconds
+
+    for _ in range(WARMUP_STEPS):
+        step()
+    return step
+
+
+def _paired_ratio(
+    seconds: dict[str, list[float]], name: str, reference: str | None
+) -> tuple[float, float, float] | None:
+    """The median of the per-round ratios of ``name``'s times to ``reference``'s, with a 95 %
+    interval; None without a reference."""
+    if reference is None:
+        return None
+    ratios = [a / b for a, b in zip(seconds[name], seconds[reference], strict=True)]
+    return median_interval(ratios)
 
 
 def run(device, cases, threads_list, steps, progress=None) -> list[Row]:
@@ -519,26 +641,34 @@ def _small_table(rows: list[Row]) -> str:
         f"{first.torch_version}, 1 thread: the host time of one step (on a CPU, the whole "
         "step), the median over interleaved rounds and the middle half of the rounds; each "
         "optimizer against the one it replaces, by the median of the per-round ratios of their "
-        "step times with a 95 % interval.",
+        "step times with a 95 % interval. In a training loop: the same of `optimizer.step()` "
+        "alone, each optimizer training its own copy of the model (a forward and backward pass "
+        "before each step leave the caches colder than back-to-back steps do).",
         "",
-        "| case | optimizer | us per step [middle half] | against | ratio [95 % interval] |",
-        "| --- | --- | ---: | --- | ---: |",
+        "| case | optimizer | us per step [middle half] | against | ratio [95 % interval] "
+        "| in a training loop: us | ratio [95 % interval] |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for r in rows:
         low, high = r.quartiles_ms or (math.nan, math.nan)
-        ratio = "-"
-        if r.paired_ratio is not None:
-            median, lower, upper = r.paired_ratio
-            ratio = f"{median:.2f}x [{lower:.2f}, {upper:.2f}]"
         cells = [
             r.case,
             r.optimizer,
             f"{r.median_ms * 1e3:.0f} [{low * 1e3:.0f}, {high * 1e3:.0f}]",
             r.reference or "-",
-            ratio,
+            _ratio_cell(r.paired_ratio),
+            "-" if r.loop_us is None else f"{r.loop_us:.0f}",
+            _ratio_cell(r.loop_ratio),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _ratio_cell(ratio: tuple[float, float, float] | None) -> str:
+    if ratio is None:
+        return "-"
+    median, lower, upper = ratio
+    return f"{median:.2f}x [{lower:.2f}, {upper:.2f}]"
 
 
 def _large_table(rows: list[Row]) -> str:

@@ -40,7 +40,13 @@ def test_speed_run_on_a_tiny_case_measures_every_optimizer():
 
 
 def test_small_cases_are_timed_in_interleaved_rounds_against_the_optimizer_each_replaces():
-    case = speed.Case("tiny model", ((7,), (3, 5)), small=True)
+    case = speed.Case(
+        "tiny model",
+        ((3, 5), (3,)),
+        small=True,
+        model=lambda: torch.nn.Linear(5, 3),
+        batch_shape=(2, 5),
+    )
     rows = speed.run(torch.device("cpu"), [case], [1, 2], steps=2)  # one thread only
     by_name = {r.optimizer: r for r in rows}
     assert list(by_name) == list(speed.optimizers(torch.device("cpu")))
@@ -53,8 +59,21 @@ def test_small_cases_are_timed_in_interleaved_rounds_against_the_optimizer_each_
     median, low, high = by_name["AdaWarm torch backend"].paired_ratio
     assert 0 < low <= median <= high
     assert by_name["torch AdamW fused"].paired_ratio is None
+    # and in a training loop, where the model's forward and backward run before each step
+    median, low, high = by_name["AdaWarmScheduleFree torch backend"].loop_ratio
+    assert 0 < low <= median <= high
+    assert all(row.loop_us > 0 for row in rows)
+    assert by_name["torch AdamW fused"].loop_ratio is None
     report = speed.markdown_report(rows)
     assert "Small models" in report and "| tiny model | AdaWarm torch backend |" in report
+    assert "| in a training loop: us |" in report
+
+
+def test_the_small_models_have_the_parameter_shapes_of_their_cases():
+    for case in speed.SMALL_CPU_CASES:
+        if case.model is not None:
+            assert tuple(tuple(p.shape) for p in case.model().parameters()) == case.shapes
+            case.model()(torch.zeros(case.batch_shape))  # a batch it takes
 
 
 def test_tune_run_measures_every_launch_configuration():
