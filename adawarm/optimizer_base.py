@@ -351,7 +351,6 @@ class WarmupOptimizer(Optimizer):
             )
         )
 
-    @torch._disable_dynamo
     @torch.no_grad()
     def step(
         self,
@@ -379,6 +378,16 @@ class WarmupOptimizer(Optimizer):
                 and the step counters (hence the warmup) do not advance. GradScaler sets both
                 (as attributes, which are read when the arguments are not given).
         """
+        if torch.compiler.is_compiling():
+            return _eagerly(self._step, closure, grad_scale, found_inf)
+        return self._step(closure, grad_scale, found_inf)
+
+    def _step(
+        self,
+        closure: Callable[[], float] | None,
+        grad_scale: Tensor | None,
+        found_inf: Tensor | None,
+    ) -> float | None:
         self._before_step()
         loss = None
         if closure is not None:
@@ -475,6 +484,18 @@ class WarmupOptimizer(Optimizer):
             float(group["lr"]) * factor
             for group, factor in zip(self.param_groups, self.warmup_factor(), strict=True)
         ]
+
+
+# Under torch.compile the step runs eagerly (a graph break around it): its schedule is a set of
+# per-step Python floats, which dynamo would specialise on and recompile for at every step of the
+# warmup and every learning-rate change. Only a step that dynamo traces calls this: a
+# dynamo-disabled call passes through ~6 Python frames of torch's, which a step after a forward
+# and backward pass (cold caches) pays for, where torch.compiler.is_compiling() is one call.
+# torch._disable_dynamo (what torch.optim uses) imports dynamo at the first call, not at import:
+# dynamo imports triton, which is slow and not needed by a CPU step.
+@torch._disable_dynamo
+def _eagerly(function: Callable[..., Any], *args: Any) -> Any:
+    return function(*args)
 
 
 # The types of a hyper-parameter that cannot change in place.
