@@ -24,12 +24,12 @@ from adawarm.schedule import ScheduleFreeStep, schedule_free_step
 from adawarm.tensor_lists import (
     PackedTensors,
     add_number_,
-    as_list,
+    as_lists,
     constant_like,
     counter_values,
     indices_by_key,
     number_like,
-    select,
+    select_all,
     set_all,
 )
 from adawarm.torch_backend import (
@@ -203,7 +203,7 @@ def schedule_free_torch_step(
     if compensations is None:
         compensations = [None] * len(params)
     lists = [params, grads, zs, exp_avg_sqs, state_steps, weight_sums, lr_maxes, compensations]
-    groups = group_by_device_and_dtype([*map(as_list, lists), range(len(params))])
+    groups = group_by_device_and_dtype([*as_lists(lists), range(len(params))])
     for dtype, tensor_lists in groups:
         group_tensors, counters = tensor_lists[:4], tensor_lists[4:7]
         if dtype.is_complex:
@@ -223,18 +223,19 @@ def schedule_free_torch_step(
                 lr_max=lr_max,
                 weight_sum=weight_sum,
             )
-            stored = [select(tensors, indices) for tensors in group_tensors]
+            stored = select_all(group_tensors, indices)
             computing = compute_dtype(stored[0][0].dtype)
             work = upcast_all(stored, computing)
             options = {"beta2": beta2, "weight_decay": weight_decay, "maximize": maximize}
             if _takes_packed_step(work, gradient_scratch, implementation):
                 options["scratch"] = gradient_scratch
             _BUCKET_STEPS[implementation or "foreach"](*work, schedule, **options)
+            buffers, positions = select_all((group_buffers, group_positions), indices)
             store_bucket(
                 stored,
                 work,
-                buffers=select(group_buffers, indices),
-                positions=select(group_positions, indices),
+                buffers=buffers,
+                positions=positions,
                 step=schedule.step,
                 rounding_seed=rounding_seed,
                 stochastic_params=stochastic_params,
@@ -243,7 +244,7 @@ def schedule_free_torch_step(
             # the warmup is over).
             changed = 2 if schedule.lr_max == lr_max else 3
             set_all(
-                [select(tensors, indices) for tensors in counters[:changed]],
+                select_all(counters[:changed], indices),
                 (schedule.step, schedule.weight_sum, schedule.lr_max)[:changed],
             )
 

@@ -104,9 +104,20 @@ def _constant(value: float, dtype: torch.dtype, device: torch.device) -> Tensor:
     return torch.full((), value, dtype=dtype, device=device)
 
 
-def as_list(items: Sequence[Item]) -> list[Item]:
-    """``items`` itself when a list (a :class:`PackedCounters` stays one), else a list of them."""
-    return items if isinstance(items, list) else list(items)
+def as_lists(lists: Sequence[Sequence[Item]]) -> list[list[Item]]:
+    """Each of ``lists`` itself when a list (a :class:`PackedTensors` stays one), else a list of
+    its items."""
+    return [items if isinstance(items, list) else list(items) for items in lists]
+
+
+def select_all(
+    lists: Sequence[Sequence[Item]], indices: Sequence[int] | None
+) -> list[Sequence[Item]]:
+    """:func:`select` of each of ``lists``: the lists themselves when ``indices`` is None, the
+    common case, at no call a list (a step pays for each call on cold caches)."""
+    if indices is None:
+        return list(lists)
+    return [select(items, indices) for items in lists]
 
 
 def select(items: Sequence[Item], indices: Sequence[int] | None) -> Sequence[Item]:

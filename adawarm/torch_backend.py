@@ -20,6 +20,7 @@ parameters rounding to nearest even, with Kahan compensation or by stochastic ro
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from operator import itemgetter
 
 import torch
 from torch import Tensor
@@ -37,16 +38,18 @@ from adawarm.tensor_lists import (
     DEVICE,
     DTYPE,
     add_number_,
-    as_list,
+    as_lists,
     constant_like,
     counter_values,
     indices_by_key,
     number_like,
     select,
+    select_all,
     set_all,
 )
 
 IMPLEMENTATIONS = ("reference", "foreach", "fused")
+_FIRST = itemgetter(0)
 
 
 # torch >= 2.4 has it for CPU tensors.
@@ -182,7 +185,7 @@ def real_views(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 def upcast_all(lists: list[list[Tensor]], dtype: torch.dtype) -> list[list[Tensor]]:
     """:func:`upcast` of each list: ``lists`` itself when all are in ``dtype`` already."""
-    if all(tensors[0].dtype is dtype for tensors in lists):
+    if set(map(DTYPE, map(_FIRST, lists))) == {dtype}:
         return lists
     return [upcast(tensors, dtype) for tensors in lists]
 
@@ -287,7 +290,7 @@ def torch_step(
     if compensations is None:
         compensations = [None] * len(params)
     lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps, compensations]
-    groups = group_by_device_and_dtype([*map(as_list, lists), range(len(params))])
+    groups = group_by_device_and_dtype([*as_lists(lists), range(len(params))])
     options = {"beta1": beta1, "beta2": beta2, "maximize": maximize}
     for dtype, tensor_lists in groups:
         (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs) = tensor_lists[:4]
@@ -309,10 +312,9 @@ def torch_step(
                 warmup_steps=warmup_steps,
                 rectify=rectify,
             )
-            stored = [
-                select(tensors, indices)
-                for tensors in (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
-            ]
+            stored = select_all(
+                (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs), indices
+            )
             computing = compute_dtype(stored[0][0].dtype)
             work = upcast_all(stored, computing)
             # Counters advance with their bucket (the fused kernel reads them), and go back if
@@ -328,11 +330,12 @@ def torch_step(
             except BaseException:
                 set_all([bucket_steps], [previous_step])
                 raise
+            buffers, positions = select_all((group_buffers, group_positions), indices)
             store_bucket(
                 stored,
                 work,
-                buffers=select(group_buffers, indices),
-                positions=select(group_positions, indices),
+                buffers=buffers,
+                positions=positions,
                 step=step,
                 rounding_seed=rounding_seed,
                 stochastic_params=stochastic_params,
