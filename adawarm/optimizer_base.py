@@ -308,21 +308,18 @@ class WarmupOptimizer(Optimizer):
             work.gradient_scratch = cached[1]
             return cached[0]
         packs: dict[str, list[Tensor]] = {}
-        keys = self.COUNTER_KEYS
-        if self._packs_states(work, current):
-            keys += self.PACKED_STATE_KEYS
+        packing_states = self._packs_states(work, current)
         for key in (*self.COUNTER_KEYS, *self.PACKED_STATE_KEYS):
-            tensors = current[key]
-            if key in self.COUNTER_KEYS:
-                tensors = [tensor.to(_CPU) for tensor in tensors]
-            packed = pack(tensors) if key in keys else None
-            if packed is not None:
+            counter = key in self.COUNTER_KEYS
+            tensors = [tensor.to(_CPU) for tensor in current[key]] if counter else current[key]
+            packed = pack(tensors) if counter or packing_states else None
+            if packed is not None:  # else kept as they are (counters of different dtypes)
                 tensors = packed
             for state, tensor in zip(states, tensors, strict=True):
                 state[key] = tensor
             packs[key] = tensors
         scratch = None
-        if self.PACKED_STATE_KEYS and all(
+        if packing_states and all(
             isinstance(packs[key], PackedTensors) for key in self.PACKED_STATE_KEYS
         ):
             scratch = empty_packed(packs[self.PACKED_STATE_KEYS[0]])

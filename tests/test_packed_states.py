@@ -39,6 +39,14 @@ def executions():
     ]
 
 
+def drawn(seed: int):
+    """Starting parameters and STEPS steps of gradients of SHAPES, from ``seed``."""
+    return (
+        make_params(SHAPES, torch.float32, seed=seed),
+        gradient_stream(SHAPES, torch.float32, STEPS, seed=seed + 1),
+    )
+
+
 def step_with(optimizer, params, grads, idle=frozenset()):
     for index, (param, grad) in enumerate(zip(params, grads, strict=True)):
         param.grad = None if index in idle else grad.to(param.device, copy=True)
@@ -47,9 +55,7 @@ def step_with(optimizer, params, grads, idle=frozenset()):
 
 @pytest.mark.parametrize(("kind", "execution"), executions())
 def test_parameters_of_a_group_that_step_at_different_times_keep_their_own_counts(kind, execution):
-    device = device_of(execution)
-    start = make_params(SHAPES, torch.float32, seed=40)
-    grads = gradient_stream(SHAPES, torch.float32, STEPS, seed=41)
+    device, start, grads = device_of(execution), *drawn(seed=40)
     params = on_device(start, device)
     together = optimizer_for(kind, params, execution, **SETTINGS)
     # Each parameter alone in its own optimizer, stepped when it has a gradient.
@@ -74,9 +80,7 @@ def test_parameters_of_a_group_that_step_at_different_times_keep_their_own_count
 
 @pytest.mark.parametrize(("kind", "execution"), executions())
 def test_a_count_changed_between_steps_is_the_one_the_next_step_reads(kind, execution):
-    device = device_of(execution)
-    start = make_params(SHAPES, torch.float32, seed=42)
-    grads = gradient_stream(SHAPES, torch.float32, STEPS, seed=43)
+    device, start, grads = device_of(execution), *drawn(seed=42)
     params = on_device(start, device)
     optimizer = optimizer_for(kind, params, execution, **SETTINGS)
     for step_grads in grads[:4]:
