@@ -1,4 +1,5 @@
-"""``python -m bench [speed|quality|collapse|schedule|tune|gpu]``: AdaWarm against AdamW, here.
+"""``python -m bench [speed|quality|collapse|schedule|tune|gpu|adaptive]``: AdaWarm against
+AdamW, here.
 
 Without a sub-command: a short tour -- a quick speed table and a quick quality run, a summary,
 and PNG plots in bench/runs/tour/ (or --out).
@@ -10,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import RUNS, collapse, gpu, quality, schedule, speed, tune
+from bench import RUNS, adaptive, collapse, gpu, quality, schedule, speed, tune
 
 SUBCOMMANDS = {
     "speed": speed.main,
@@ -19,6 +20,7 @@ SUBCOMMANDS = {
     "schedule": schedule.main,
     "tune": tune.main,
     "gpu": gpu.main,
+    "adaptive": adaptive.main,
 }
 
 

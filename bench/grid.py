@@ -56,7 +56,9 @@ class Method:
     :data:`ADAWARM_RULE`."""
 
     name: str
-    kind: str  # "adamw", "radam", "adawarm", "schedulefree" or "adawarm-schedulefree"
+    # "adamw", "radam", "adawarm", "schedulefree", "adawarm-schedulefree", or "measured" (a
+    # prototype of a measured warmup, bench.adaptive: ``warmup`` names its rule)
+    kind: str
     warmup: int | float | str = 0
     rectify: bool = False
     param_dtype: str = "float32"  # "bfloat16": bf16 parameters, no fp32 master copy
@@ -75,6 +77,8 @@ class Method:
 
     def warmup_steps(self, cell: Cell) -> int:
         """The warmup length this method uses in ``cell``."""
+        if self.kind == "measured":
+            return 0  # its factor scales the rate inside the optimizer
         if isinstance(self.warmup, float):
             return round(self.warmup * cell.steps)
         if self.warmup == PREVIOUS_RULE:

@@ -1,0 +1,322 @@
+"""``python -m bench adaptive``: candidate measured warmup rules, prototyped before any kernel.
+
+A measured warmup scales each step's rate by a factor computed from what earlier steps did,
+instead of from the step count alone. Before a rule goes into the optimizers (the Triton kernel
+and the torch backend, with its statistic gathered inside the step), it is prototyped here:
+AdaWarm on its torch backend with no ramp of its own, whose group rates are multiplied, step by
+step, by a factor that this module computes in Python from the parameters before and after the
+previous step -- passes over the parameters that a fused form would not make, so nothing here
+is timed. Each rule is trained on cells of the quality grid at the cells' rates and seeds, and
+compared seed by seed (the same initialisation and batches) with the runs of a saved
+``quality.json``: AdaWarm's default, the default without ``total_steps``, and the best fixed
+ramp at the same rate (the best mean of AdamW with none, 5 % and 20 % of the run, and AdaWarm
+with ``2 / (1 - beta2)`` steps).
+
+The rules measure the **relative update** of a step, ``||delta p|| / ||p||``, the size of a step
+against the weights it changes (Kosson et al. 2024, *Analyzing & reducing the need for learning
+rate warmup in GPT training*): early Adam steps are large against the weights, which is what a
+warmup damps. With ``rho`` the relative update the last step would have made at the group's
+full rate (the measured one divided by the factor it applied), the next factor is
+``min(1, cap / rho)``: a step may change its weights by at most ``cap`` of their norm. The
+first step runs at the full rate (nothing is measured yet).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from torch import Tensor
+
+from adawarm import AdaWarm
+from bench import RUNS
+from bench.grid import ADAMW_NO_WARMUP, DEFAULT_NAME, Cell, Method, full_grid, quick_grid
+from bench.paired import PairedDifference, paired_difference
+from bench.training import Run, measured_heading, train_all
+
+# The fixed ramps a measured rule is compared with at each rate: the best of them by mean.
+FIXED_RAMPS = (
+    ADAMW_NO_WARMUP,
+    "AdamW warmup 5%",
+    "AdamW warmup 20%",
+    "AdaWarm ramp 2/(1-beta2) (untuned)",
+)
+WITHOUT_LENGTH = f"{DEFAULT_NAME} without total_steps"
+COMMITTED_GRID = Path(__file__).resolve().parent / "results" / "quality.json"
+# issue 26's margins: within RATE_MARGIN of the best fixed ramp at every rate up to
+# RATE_RANGE times the best AdamW rate; non-inferior to the default at its best rate at FREE_MARGIN
+RATE_MARGIN = 0.03
+RATE_RANGE = 3.0
+FREE_MARGIN = 0.01
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A measured warmup: the next factor is ``min(1, cap / rho)``, ``rho`` the relative update
+    at the full rate, over the whole group (``per_tensor=False``) or each tensor (then a tensor
+    of norm 0 takes the full rate, as LAMB's trust ratio); ``monotone``: a factor never falls
+    (a ramp that ends), else it follows the measurement; ``rectify``: RAdam's rectification on
+    top (AdaWarm's)."""
+
+    cap: float
+    per_tensor: bool = False
+    monotone: bool = False
+    rectify: bool = False
+
+
+RULES = {
+    "group cap 0.003 + rectification": Rule(0.003, rectify=True),
+    "group cap 0.003 monotone + rectification": Rule(0.003, monotone=True, rectify=True),
+    "group cap 0.002": Rule(0.002),
+    "group cap 0.003": Rule(0.003),
+    "group cap 0.005": Rule(0.005),
+    "tensor cap 0.003": Rule(0.003, per_tensor=True),
+    "tensor cap 0.01": Rule(0.01, per_tensor=True),
+}
+
+
+class MeasuredWarmup(AdaWarm):
+    """AdaWarm without a ramp, its rate scaled by a :class:`Rule`'s factor (a prototype: the
+    measurement takes a copy of the parameters and a pass over them every step)."""
+
+    def __init__(self, params, rule: Rule, **options) -> None:
+        if rule.per_tensor:  # a group per tensor: a factor per tensor
+            params = [{"params": [param]} for param in params]
+        super().__init__(params, warmup_steps=0, rectify=rule.rectify, **options)
+        self.rule = rule
+        self.factors: list[float | None] = [None] * len(self.param_groups)  # None: not measured
+
+    def step(self, closure=None):
+        rates = [group["lr"] for group in self.param_groups]
+        applied = [1.0 if factor is None else factor for factor in self.factors]
+        for group, factor in zip(self.param_groups, applied, strict=True):
+            group["lr"] = group["lr"] * factor
+        before = [[param.detach().clone() for param in g["params"]] for g in self.param_groups]
+        try:
+            loss = super().step(closure)
+        finally:
+            for group, rate in zip(self.param_groups, rates, strict=True):
+                group["lr"] = rate
+        for index, group in enumerate(self.param_groups):
+            rho = relative_update(group["params"], before[index]) / max(applied[index], 1e-12)
+            self.factors[index] = self.next_factor(self.factors[index], rho)
+        return loss
+
+    def next_factor(self, previous: float | None, rho: float) -> float:
+        """The factor of the next step after a step whose relative update at the full rate
+        was ``rho``."""
+        factor = min(1.0, self.rule.cap / rho) if rho > 0.0 else 1.0
+        if self.rule.monotone and previous is not None:
+            factor = max(factor, previous)
+        return factor
+
+
+def relative_update(params: list[Tensor], before: list[Tensor]) -> float:
+    """``||p - p_before|| / ||p_before||`` over these tensors together; 0 where the norm is 0."""
+    moved = sum(float((p.detach() - b).square().sum()) for p, b in zip(params, before, strict=True))
+    norm = sum(float(b.square().sum()) for b in before)
+    return math.sqrt(moved / norm) if norm > 0.0 else 0.0
+
+
+def make_measured(method: Method, params, lr: float, cell: Cell, **options) -> MeasuredWarmup:
+    """The optimizer of a method of kind ``"measured"`` (its ``warmup`` names the rule)."""
+    return MeasuredWarmup(params, RULES[method.warmup], lr=lr, backend="torch", **options)
+
+
+def measured_method(rule: str) -> Method:
+    return Method(f"measured: {rule}", "measured", rule)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A rule at one rate of one cell, against the saved runs on the same seeds."""
+
+    cell: str
+    lr: float
+    mean: float
+    collapsed: int
+    seeds: int
+    against_default: PairedDifference | None
+    against_no_length: PairedDifference | None
+    best_fixed: str | None
+    against_best_fixed: PairedDifference | None
+
+
+def compare(runs: list[Run], saved: list[Run], collapse_at: dict[str, float]) -> list[Comparison]:
+    """Each (cell, rule, rate) of ``runs`` against the saved runs of the same cell and rate
+    (``collapse_at``: per cell, the final loss at or above which a run collapsed)."""
+    losses: dict[tuple[str, str, float], dict[int, float]] = {}
+    for run in [*saved, *runs]:
+        losses.setdefault((run.cell, run.method, run.lr), {})[run.seed] = run.final_loss
+    rows = []
+    for cell, method, lr in sorted({(r.cell, r.method, r.lr) for r in runs}):
+        mine = losses[(cell, method, lr)]
+        others = {
+            name: losses.get((cell, name, lr), {})
+            for name in {*FIXED_RAMPS, DEFAULT_NAME, WITHOUT_LENGTH}
+        }
+        fixed = {name: _mean_on(others[name], mine) for name in FIXED_RAMPS}
+        best = min(fixed, key=fixed.get) if any(map(math.isfinite, fixed.values())) else None
+        rows.append(
+            Comparison(
+                cell=cell,
+                lr=lr,
+                mean=_mean(list(mine.values())),
+                collapsed=sum(not (x < collapse_at[cell]) for x in mine.values()),
+                seeds=len(mine),
+                against_default=paired_difference(mine, others[DEFAULT_NAME]),
+                against_no_length=paired_difference(mine, others[WITHOUT_LENGTH]),
+                best_fixed=best,
+                against_best_fixed=None if best is None else paired_difference(mine, others[best]),
+            )
+        )
+    return rows
+
+
+def _mean_on(theirs: dict[int, float], mine: dict[int, float]) -> float:
+    """The mean of ``theirs`` over the seeds of ``mine``; infinite if one is missing."""
+    if not all(seed in theirs for seed in mine):
+        return math.inf
+    return _mean([theirs[seed] for seed in mine])
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if all(map(math.isfinite, values)) else math.inf
+
+
+def best_adamw_rates(saved: list[Run]) -> dict[str, float]:
+    """Per cell, the rate at which the better of AdamW without warmup and with 5 % or 20 %
+    ends lowest (by mean over the saved seeds)."""
+    means: dict[tuple[str, float], list[float]] = {}
+    for run in saved:
+        if run.method in FIXED_RAMPS[:3]:
+            means.setdefault((run.cell, run.lr), []).append(run.final_loss)
+    best: dict[str, tuple[float, float]] = {}
+    for (cell, lr), values in means.items():
+        mean = _mean(values)
+        if cell not in best or mean < best[cell][0]:
+            best[cell] = (mean, lr)
+    return {cell: lr for cell, (_, lr) in best.items()}
+
+
+def report(rule: str, rows: list[Comparison], best_rates: dict[str, float]) -> list[str]:
+    """A rule's table and its standing on issue 26's rate and best-rate goals."""
+
+    def shown(paired: PairedDifference | None) -> str:
+        return "-" if paired is None else paired.text()
+
+    lines = [
+        f"### {rule}",
+        "",
+        "| cell | lr | mean (coll.) | - default | - default without total_steps | best fixed "
+        "ramp | - best fixed |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
+    ]
+    rate_verdicts, free_verdicts = [], []
+    for row in rows:
+        collapsed = f" ({row.collapsed} coll.)" if row.collapsed else ""
+        lines.append(
+            f"| {row.cell} | {row.lr:g} | {row.mean:.3f}{collapsed} | "
+            f"{shown(row.against_default)} | {shown(row.against_no_length)} | "
+            f"{row.best_fixed or '-'} | {shown(row.against_best_fixed)} |"
+        )
+        best_rate = best_rates.get(row.cell)
+        if best_rate is None:
+            continue
+        if row.lr <= RATE_RANGE * best_rate * (1 + 1e-9) and row.against_best_fixed is not None:
+            rate_verdicts.append(row.against_best_fixed.verdict(RATE_MARGIN))
+        if row.lr == best_rate and row.against_default is not None:
+            free_verdicts.append(row.against_default.verdict(FREE_MARGIN))
+    lines += [
+        "",
+        f"- within {RATE_MARGIN} nats of the best fixed ramp at each rate up to "
+        f"{RATE_RANGE:g}x the cell's best AdamW rate: {_tally(rate_verdicts)}",
+        f"- at the cell's best AdamW rate, against the default (told the run's length), margin "
+        f"{FREE_MARGIN}: {_tally(free_verdicts)}",
+    ]
+    return lines
+
+
+def _tally(verdicts: list[str]) -> str:
+    if not verdicts:
+        return "nothing to compare"
+    counts = {verdict: verdicts.count(verdict) for verdict in sorted(set(verdicts))}
+    return ", ".join(f"{v} {n}" for v, n in counts.items()) + f" (of {len(verdicts)})"
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m bench adaptive", description=__doc__)
+    parser.add_argument(
+        "--rules", nargs="+", default=list(RULES), choices=list(RULES), metavar="RULE"
+    )
+    parser.add_argument(
+        "--only", action="append", help="cells whose name contains this text (repeatable)"
+    )
+    parser.add_argument("--seeds", type=int, help="at most this many seeds per cell")
+    parser.add_argument("--quick", action="store_true", help="the quick grid's cells")
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        default=COMMITTED_GRID,
+        help=f"the saved quality grid whose runs the rules are compared with (default: "
+        f"{COMMITTED_GRID})",
+    )
+    parser.add_argument("--workers", type=int, default=2, help="processes, 1 thread each")
+    parser.add_argument(
+        "--out", type=Path, default=RUNS, help=f"folder for the results (default: {RUNS})"
+    )
+    args = parser.parse_args(argv)
+    from bench.quality import load_runs
+
+    _, saved, _, _ = load_runs(args.baseline)
+    collapse_at = json.loads(args.baseline.read_text())["collapse_at"]
+    cells = quick_grid() if args.quick else full_grid()
+    if args.only:
+        cells = [cell for cell in cells if any(text in cell.name for text in args.only)]
+    if args.seeds:
+        cells = [replace(cell, seeds=min(cell.seeds, args.seeds)) for cell in cells]
+    if not cells:
+        parser.error("no cell of the grid matches")
+    jobs = [
+        (cell, measured_method(rule), lr, seed, RUNS / "cache")
+        for rule in args.rules
+        for cell in cells
+        for lr in cell.lrs
+        for seed in range(cell.seeds)
+    ]
+    jobs.sort(key=lambda job: -job[0].steps)  # long runs first: the pool ends together
+    if any(cell.fine_tune for cell in cells):
+        from bench.training import pretrain
+
+        pretrain(RUNS / "cache")
+    start = time.perf_counter()
+    runs = train_all(jobs, args.workers, "adaptive")
+    best_rates = best_adamw_rates(saved)
+    lines = [
+        measured_heading(
+            args.workers,
+            len(runs),
+            time.perf_counter() - start,
+            " ".join(["python -m bench adaptive", *(argv or [])]),
+        )
+        + f" Compared with {args.baseline}, seed by seed: each difference is the rule's final "
+        "validation loss minus the other's, the mean over the seeds with Student's t 90 % "
+        "interval (each bound one-sided 95 %); the best fixed ramp is the best mean among "
+        f"{', '.join(FIXED_RAMPS)} on the same seeds.",
+    ]
+    for rule in args.rules:
+        name = measured_method(rule).name
+        rows = compare([run for run in runs if run.method == name], saved, collapse_at)
+        lines += ["", *report(rule, rows, best_rates)]
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "adaptive.md").write_text(text + "\n")
+    (args.out / "adaptive.json").write_text(
+        json.dumps({"heading": lines[0], "runs": [asdict(run) for run in runs]}) + "\n"
+    )
+    return text

@@ -1,0 +1,140 @@
+"""The prototypes of measured warmup rules (bench.adaptive): the factor each rule computes, what
+a step applies, and the paired comparison with a saved grid."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+from adawarm import AdaWarm
+from bench import adaptive
+from bench.adaptive import MeasuredWarmup, Rule
+from bench.grid import DEFAULT_NAME, quick_grid
+from bench.training import Run
+
+LR = 0.1
+
+
+def model_and_gradients(seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    params = [
+        torch.randn(7, 5, generator=generator).requires_grad_(),
+        torch.zeros(7).requires_grad_(),  # norm 0, as a bias at initialisation
+    ]
+    for param in params:
+        param.grad = torch.randn(param.shape, generator=generator)
+    return params
+
+
+@pytest.mark.parametrize("per_tensor", [False, True], ids=["group", "tensor"])
+def test_the_next_factor_caps_the_relative_update_at_the_full_rate(per_tensor):
+    params = model_and_gradients()
+    rule = Rule(0.01, per_tensor=per_tensor)
+    optimizer = MeasuredWarmup(params, rule, lr=LR, weight_decay=0.0, backend="torch")
+    before = [p.detach().clone() for p in params]
+    optimizer.step()  # at the full rate: nothing measured yet
+    reference = [p.detach().clone() for p in before]
+    for p, g in zip(reference, params, strict=True):
+        p.grad = g.grad.clone()
+    AdaWarm(reference, lr=LR, weight_decay=0.0, warmup_steps=0, rectify=False).step()
+    torch.testing.assert_close([p.detach() for p in params], reference, rtol=0, atol=0)
+    groups = [[0], [1]] if per_tensor else [[0, 1]]
+    expected = []
+    for indices in groups:
+        moved = sum(float((params[i].detach() - before[i]).square().sum()) for i in indices)
+        norm = sum(float(before[i].square().sum()) for i in indices)
+        rho = math.sqrt(moved / norm) if norm > 0 else 0.0
+        expected.append(min(1.0, 0.01 / rho) if rho > 0 else 1.0)
+    assert optimizer.factors == pytest.approx(expected, rel=1e-12)
+    assert expected[0] < 1.0 and (not per_tensor or expected[1] == 1.0)
+
+
+def test_a_step_applies_the_factor_to_the_rate_and_leaves_the_groups_rate_as_it_was():
+    params = model_and_gradients()
+    optimizer = MeasuredWarmup(params, Rule(0.01), lr=LR, weight_decay=0.01, backend="torch")
+    optimizer.step()
+    (factor,) = optimizer.factors
+    twin = copy.deepcopy(optimizer)  # its parameters and state, stepped at lr * factor
+    plain = AdaWarm(twin.param_groups[0]["params"], lr=LR * factor, weight_decay=0.01)
+    plain.param_groups[0].update(warmup_steps=0, rectify=False)
+    plain.state = twin.state
+    optimizer.step()
+    plain.step()
+    torch.testing.assert_close(
+        [p.detach() for p in params], [p.detach() for p in plain.param_groups[0]["params"]]
+    )
+    assert optimizer.param_groups[0]["lr"] == LR  # a scheduler's rate is not overwritten
+
+
+def test_a_monotone_rule_never_lowers_its_factor():
+    optimizer = MeasuredWarmup(model_and_gradients(), Rule(0.01, monotone=True), lr=LR)
+    assert optimizer.next_factor(None, 0.02) == 0.5
+    assert optimizer.next_factor(0.5, 0.04) == 0.5
+    assert optimizer.next_factor(0.5, 0.0125) == pytest.approx(0.8)
+    follows = MeasuredWarmup(model_and_gradients(), Rule(0.01), lr=LR)
+    assert follows.next_factor(0.5, 0.04) == 0.25
+
+
+def saved_runs(cell: str, lr: float, losses: dict[str, list[float]]) -> list[Run]:
+    return [
+        Run(cell, method, lr, seed, loss, [(1, loss)], 0.0)
+        for method, values in losses.items()
+        for seed, loss in enumerate(values)
+    ]
+
+
+def test_a_rule_is_compared_seed_by_seed_with_the_default_and_the_best_fixed_ramp():
+    cell = "post-LN, beta2 0.999, 100 steps, cosine"
+    saved = saved_runs(
+        cell,
+        0.01,
+        {
+            DEFAULT_NAME: [2.50, 2.60, 2.70],
+            adaptive.WITHOUT_LENGTH: [2.55, 2.65, 2.75],
+            "AdamW no warmup": [2.40, 2.60, 2.80],  # mean 2.60
+            "AdamW warmup 5%": [2.45, 2.55, 2.65],  # mean 2.55: the best fixed ramp
+            "AdamW warmup 20%": [2.60, 2.70, 2.80],
+            "AdaWarm ramp 2/(1-beta2) (untuned)": [2.9, 2.9, 2.9],
+        },
+    )
+    mine = saved_runs(cell, 0.01, {"measured: x": [2.49, 2.59, 3.2]})
+    (row,) = adaptive.compare(mine, saved, {cell: 3.1})
+    assert row.best_fixed == "AdamW warmup 5%" and row.collapsed == 1 and row.seeds == 3
+    assert row.against_default.mean == pytest.approx((-0.01 - 0.01 + 0.5) / 3)
+    assert row.against_best_fixed.mean == pytest.approx((0.04 + 0.04 + 0.55) / 3)
+    lines = adaptive.report("x", [row], {cell: 0.01})
+    assert "- within 0.03 nats" in lines[-2] and lines[-2].endswith("undecided 1 (of 1)")
+    assert lines[-1].endswith("undecided 1 (of 1)")
+    # a rate beyond 3x the best AdamW rate is shown, and not counted
+    assert adaptive.report("x", [row], {cell: 0.001})[-1].endswith("nothing to compare")
+
+
+def test_the_command_trains_each_rule_on_the_cells_and_writes_its_report(tmp_path):
+    pytest.importorskip("tqdm", reason="the bench extra: pip install -e '.[bench]'")
+    cell = quick_grid()[0]
+    fixed = {name: [2.5] for name in (*adaptive.FIXED_RAMPS, DEFAULT_NAME)}
+    saved = [run for lr in cell.lrs for run in saved_runs(cell.name, lr, fixed)]
+    baseline = tmp_path / "quality.json"
+    baseline.write_text(
+        json.dumps(
+            {
+                "heading": "synthetic",
+                "cells": [{**cell.__dict__, "name": cell.name}],
+                "precision_cell": None,
+                "collapse_at": {cell.name: 3.15},
+                "runs": [run.__dict__ for run in saved],
+            }
+        )
+    )
+    argv = ["--rules", "group cap 0.003", "--baseline", str(baseline), "--out", str(tmp_path)]
+    text = adaptive.main([*argv, "--quick", "--only", cell.name, "--workers", "1"])
+    assert "### group cap 0.003" in text
+    assert (tmp_path / "adaptive.md").read_text() == text + "\n"
+    runs = json.loads((tmp_path / "adaptive.json").read_text())["runs"]
+    assert {(r["method"], r["lr"]) for r in runs} == {
+        ("measured: group cap 0.003", lr) for lr in cell.lrs
+    }
