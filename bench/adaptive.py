@@ -32,9 +32,18 @@ from pathlib import Path
 
 from torch import Tensor
 
-from adawarm import AdaWarm
+from adawarm import AdaWarm, AdaWarmScheduleFree
 from bench import RUNS
-from bench.grid import ADAMW_NO_WARMUP, DEFAULT_NAME, Cell, Method, full_grid, quick_grid
+from bench.grid import (
+    ADAMW_NO_WARMUP,
+    DEFAULT_NAME,
+    SCHEDULE_FREE,
+    SCHEDULE_FREE_DEFAULT,
+    Cell,
+    Method,
+    full_grid,
+    quick_grid,
+)
 from bench.paired import PairedDifference, paired_difference
 from bench.training import Run, measured_heading, train_all
 
@@ -47,11 +56,35 @@ FIXED_RAMPS = (
 )
 WITHOUT_LENGTH = f"{DEFAULT_NAME} without total_steps"
 COMMITTED_GRID = Path(__file__).resolve().parent / "results" / "quality.json"
-# issue 26's margins: within RATE_MARGIN of the best fixed ramp at every rate up to
-# RATE_RANGE times the best AdamW rate; non-inferior to the default at its best rate at FREE_MARGIN
-RATE_MARGIN = 0.03
+# issue 26's goals: at every rate up to RATE_RANGE times the cell's best AdamW rate, within a
+# family's margin of its reference (AdaWarm: 0.03 of the best fixed ramp; AdaWarmScheduleFree:
+# 0.01 of schedulefree with its 5 % warmup); at the best AdamW rate, non-inferior to today's
+# default (told the run's length) at FREE_MARGIN
 RATE_RANGE = 3.0
 FREE_MARGIN = 0.01
+
+
+@dataclass(frozen=True)
+class Family:
+    """The saved methods a rule is compared with: the default (told the run's length), the
+    default without ``total_steps``, and the references, the best of which by mean at a rate
+    (on the rule's seeds) is its bar there, at ``margin``."""
+
+    default: str
+    without_length: str
+    references: tuple[str, ...]
+    margin: float
+
+
+FAMILIES = {
+    "AdaWarm": Family(DEFAULT_NAME, WITHOUT_LENGTH, FIXED_RAMPS, 0.03),
+    "AdaWarmScheduleFree": Family(
+        SCHEDULE_FREE_DEFAULT,
+        f"{SCHEDULE_FREE_DEFAULT} without total_steps",
+        (SCHEDULE_FREE,),
+        0.01,
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -79,31 +112,33 @@ RULES = {
 }
 
 
-class MeasuredWarmup(AdaWarm):
-    """AdaWarm without a ramp, its rate scaled by a :class:`Rule`'s factor (a prototype: the
-    measurement takes a copy of the parameters and a pass over them every step)."""
+class _MeasuredRate:
+    """A rule's factor on each group's rate (a prototype: the measurement copies the measured
+    tensors and makes a pass over them every step). ``_measured`` names what a step moves."""
 
-    def __init__(self, params, rule: Rule, **options) -> None:
-        if rule.per_tensor:  # a group per tensor: a factor per tensor
-            params = [{"params": [param]} for param in params]
-        super().__init__(params, warmup_steps=0, rectify=rule.rectify, **options)
+    def _init_rule(self, rule: Rule) -> None:
         self.rule = rule
         self.factors: list[float | None] = [None] * len(self.param_groups)  # None: not measured
+
+    def _measured(self, group: dict) -> list[Tensor]:
+        raise NotImplementedError
 
     def step(self, closure=None):
         rates = [group["lr"] for group in self.param_groups]
         applied = [1.0 if factor is None else factor for factor in self.factors]
         for group, factor in zip(self.param_groups, applied, strict=True):
             group["lr"] = group["lr"] * factor
-        before = [[param.detach().clone() for param in g["params"]] for g in self.param_groups]
+        before = [[t.detach().clone() for t in self._measured(g)] for g in self.param_groups]
         try:
             loss = super().step(closure)
         finally:
             for group, rate in zip(self.param_groups, rates, strict=True):
                 group["lr"] = rate
         for index, group in enumerate(self.param_groups):
-            rho = relative_update(group["params"], before[index]) / max(applied[index], 1e-12)
-            self.factors[index] = self.next_factor(self.factors[index], rho)
+            moved = relative_update(self._measured(group), before[index])
+            self.factors[index] = self.next_factor(
+                self.factors[index], moved / max(applied[index], 1e-12)
+            )
         return loss
 
     def next_factor(self, previous: float | None, rho: float) -> float:
@@ -115,6 +150,37 @@ class MeasuredWarmup(AdaWarm):
         return factor
 
 
+def _groups(params, rule: Rule):
+    """A group per tensor where the rule measures each tensor (a factor per tensor)."""
+    return [{"params": [param]} for param in params] if rule.per_tensor else params
+
+
+class MeasuredWarmup(_MeasuredRate, AdaWarm):
+    """AdaWarm without a ramp, its rate scaled by a :class:`Rule`'s factor, measured on the
+    parameters."""
+
+    def __init__(self, params, rule: Rule, **options) -> None:
+        super().__init__(_groups(params, rule), warmup_steps=0, rectify=rule.rectify, **options)
+        self._init_rule(rule)
+
+    def _measured(self, group: dict) -> list[Tensor]:
+        return group["params"]
+
+
+class MeasuredScheduleFree(_MeasuredRate, AdaWarmScheduleFree):
+    """AdaWarmScheduleFree without a ramp, its rate (and so its averaging weights) scaled by a
+    :class:`Rule`'s factor, measured on ``z``, which moves by the rate times the adaptive step
+    (``y`` moves by a mix of that and the average's pull)."""
+
+    def __init__(self, params, rule: Rule, **options) -> None:
+        super().__init__(_groups(params, rule), warmup_steps=0, rectify=rule.rectify, **options)
+        self._init_rule(rule)
+
+    def _measured(self, group: dict) -> list[Tensor]:
+        # before the first step z is the parameter (its state starts as a copy)
+        return [self.state[param].get("z", param) for param in group["params"]]
+
+
 def relative_update(params: list[Tensor], before: list[Tensor]) -> float:
     """``||p - p_before|| / ||p_before||`` over these tensors together; 0 where the norm is 0."""
     moved = sum(float((p.detach() - b).square().sum()) for p, b in zip(params, before, strict=True))
@@ -122,12 +188,16 @@ def relative_update(params: list[Tensor], before: list[Tensor]) -> float:
     return math.sqrt(moved / norm) if norm > 0.0 else 0.0
 
 
-def make_measured(method: Method, params, lr: float, cell: Cell, **options) -> MeasuredWarmup:
-    """The optimizer of a method of kind ``"measured"`` (its ``warmup`` names the rule)."""
-    return MeasuredWarmup(params, RULES[method.warmup], lr=lr, backend="torch", **options)
+def make_measured(method: Method, params, lr: float, cell: Cell, **options) -> _MeasuredRate:
+    """The optimizer of a method of kind ``"measured"`` or ``"measured-schedulefree"`` (its
+    ``warmup`` names the rule)."""
+    kind = MeasuredScheduleFree if method.schedule_free else MeasuredWarmup
+    return kind(params, RULES[method.warmup], lr=lr, backend="torch", **options)
 
 
-def measured_method(rule: str) -> Method:
+def measured_method(rule: str, schedule_free: bool = False) -> Method:
+    if schedule_free:
+        return Method(f"measured schedule-free: {rule}", "measured-schedulefree", rule)
     return Method(f"measured: {rule}", "measured", rule)
 
 
@@ -146,7 +216,9 @@ class Comparison:
     against_best_fixed: PairedDifference | None
 
 
-def compare(runs: list[Run], saved: list[Run], collapse_at: dict[str, float]) -> list[Comparison]:
+def compare(
+    runs: list[Run], saved: list[Run], collapse_at: dict[str, float], family: Family
+) -> list[Comparison]:
     """Each (cell, rule, rate) of ``runs`` against the saved runs of the same cell and rate
     (``collapse_at``: per cell, the final loss at or above which a run collapsed)."""
     losses: dict[tuple[str, str, float], dict[int, float]] = {}
@@ -157,9 +229,9 @@ def compare(runs: list[Run], saved: list[Run], collapse_at: dict[str, float]) ->
         mine = losses[(cell, method, lr)]
         others = {
             name: losses.get((cell, name, lr), {})
-            for name in {*FIXED_RAMPS, DEFAULT_NAME, WITHOUT_LENGTH}
+            for name in {*family.references, family.default, family.without_length}
         }
-        fixed = {name: _mean_on(others[name], mine) for name in FIXED_RAMPS}
+        fixed = {name: _mean_on(others[name], mine) for name in family.references}
         best = min(fixed, key=fixed.get) if any(map(math.isfinite, fixed.values())) else None
         rows.append(
             Comparison(
@@ -168,8 +240,8 @@ def compare(runs: list[Run], saved: list[Run], collapse_at: dict[str, float]) ->
                 mean=_mean(list(mine.values())),
                 collapsed=sum(not (x < collapse_at[cell]) for x in mine.values()),
                 seeds=len(mine),
-                against_default=paired_difference(mine, others[DEFAULT_NAME]),
-                against_no_length=paired_difference(mine, others[WITHOUT_LENGTH]),
+                against_default=paired_difference(mine, others[family.default]),
+                against_no_length=paired_difference(mine, others[family.without_length]),
                 best_fixed=best,
                 against_best_fixed=None if best is None else paired_difference(mine, others[best]),
             )
@@ -203,7 +275,9 @@ def best_adamw_rates(saved: list[Run]) -> dict[str, float]:
     return {cell: lr for cell, (_, lr) in best.items()}
 
 
-def report(rule: str, rows: list[Comparison], best_rates: dict[str, float]) -> list[str]:
+def report(
+    rule: str, rows: list[Comparison], best_rates: dict[str, float], family: Family
+) -> list[str]:
     """A rule's table and its standing on issue 26's rate and best-rate goals."""
 
     def shown(paired: PairedDifference | None) -> str:
@@ -212,8 +286,8 @@ def report(rule: str, rows: list[Comparison], best_rates: dict[str, float]) -> l
     lines = [
         f"### {rule}",
         "",
-        "| cell | lr | mean (coll.) | - default | - default without total_steps | best fixed "
-        "ramp | - best fixed |",
+        f"| cell | lr | mean (coll.) | - {family.default} | - without total_steps | best "
+        "reference | - best reference |",
         "| --- | ---: | ---: | ---: | ---: | --- | ---: |",
     ]
     rate_verdicts, free_verdicts = [], []
@@ -228,12 +302,12 @@ def report(rule: str, rows: list[Comparison], best_rates: dict[str, float]) -> l
         if best_rate is None:
             continue
         if row.lr <= RATE_RANGE * best_rate * (1 + 1e-9) and row.against_best_fixed is not None:
-            rate_verdicts.append(row.against_best_fixed.verdict(RATE_MARGIN))
+            rate_verdicts.append(row.against_best_fixed.verdict(family.margin))
         if row.lr == best_rate and row.against_default is not None:
             free_verdicts.append(row.against_default.verdict(FREE_MARGIN))
     lines += [
         "",
-        f"- within {RATE_MARGIN} nats of the best fixed ramp at each rate up to "
+        f"- within {family.margin} nats of the best reference at each rate up to "
         f"{RATE_RANGE:g}x the cell's best AdamW rate: {_tally(rate_verdicts)}",
         f"- at the cell's best AdamW rate, against the default (told the run's length), margin "
         f"{FREE_MARGIN}: {_tally(free_verdicts)}",
@@ -257,6 +331,13 @@ def main(argv: list[str] | None = None) -> str:
         "--only", action="append", help="cells whose name contains this text (repeatable)"
     )
     parser.add_argument("--seeds", type=int, help="at most this many seeds per cell")
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=["AdaWarm"],
+        choices=list(FAMILIES),
+        help="the optimizers the rules run in (default: AdaWarm)",
+    )
     parser.add_argument("--quick", action="store_true", help="the quick grid's cells")
     parser.add_argument(
         "--baseline",
@@ -281,9 +362,14 @@ def main(argv: list[str] | None = None) -> str:
         cells = [replace(cell, seeds=min(cell.seeds, args.seeds)) for cell in cells]
     if not cells:
         parser.error("no cell of the grid matches")
-    jobs = [
-        (cell, measured_method(rule), lr, seed, RUNS / "cache")
+    methods = [
+        (optimizer, rule, measured_method(rule, optimizer == "AdaWarmScheduleFree"))
+        for optimizer in args.optimizers
         for rule in args.rules
+    ]
+    jobs = [
+        (cell, method, lr, seed, RUNS / "cache")
+        for _, _, method in methods
         for cell in cells
         for lr in cell.lrs
         for seed in range(cell.seeds)
@@ -305,13 +391,18 @@ def main(argv: list[str] | None = None) -> str:
         )
         + f" Compared with {args.baseline}, seed by seed: each difference is the rule's final "
         "validation loss minus the other's, the mean over the seeds with Student's t 90 % "
-        "interval (each bound one-sided 95 %); the best fixed ramp is the best mean among "
-        f"{', '.join(FIXED_RAMPS)} on the same seeds.",
+        "interval (each bound one-sided 95 %); the best reference is the best mean on the same "
+        "seeds among AdaWarm's fixed ramps "
+        f"({', '.join(FIXED_RAMPS)}), or {SCHEDULE_FREE} for AdaWarmScheduleFree.",
     ]
-    for rule in args.rules:
-        name = measured_method(rule).name
-        rows = compare([run for run in runs if run.method == name], saved, collapse_at)
-        lines += ["", *report(rule, rows, best_rates)]
+    for optimizer, rule, method in methods:
+        rows = compare(
+            [run for run in runs if run.method == method.name],
+            saved,
+            collapse_at,
+            FAMILIES[optimizer],
+        )
+        lines += ["", *report(f"{optimizer}, {rule}", rows, best_rates, FAMILIES[optimizer])]
     text = "\n".join(lines)
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -56,8 +56,9 @@ class Method:
     :data:`ADAWARM_RULE`."""
 
     name: str
-    # "adamw", "radam", "adawarm", "schedulefree", "adawarm-schedulefree", or "measured" (a
-    # prototype of a measured warmup, bench.adaptive: ``warmup`` names its rule)
+    # "adamw", "radam", "adawarm", "schedulefree", "adawarm-schedulefree", or "measured" and
+    # "measured-schedulefree" (prototypes of a measured warmup around AdaWarm and
+    # AdaWarmScheduleFree, bench.adaptive: ``warmup`` names the rule)
     kind: str
     warmup: int | float | str = 0
     rectify: bool = False
@@ -73,11 +74,11 @@ class Method:
     def schedule_free(self) -> bool:
         """Whether the method is schedule-free: a constant rate with its own warmup, evaluated
         at its averaged iterate."""
-        return self.kind in ("schedulefree", "adawarm-schedulefree")
+        return self.kind in ("schedulefree", "adawarm-schedulefree", "measured-schedulefree")
 
     def warmup_steps(self, cell: Cell) -> int:
         """The warmup length this method uses in ``cell``."""
-        if self.kind == "measured":
+        if self.kind.startswith("measured"):
             return 0  # its factor scales the rate inside the optimizer
         if isinstance(self.warmup, float):
             return round(self.warmup * cell.steps)

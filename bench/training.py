@@ -86,7 +86,7 @@ def make_optimizer(method: Method, params, lr: float, cell: Cell) -> torch.optim
             state_dtype=getattr(torch, method.state_dtype),
             backend="torch",
         )
-    if method.kind == "measured":  # a prototype of a measured warmup (bench.adaptive)
+    if method.kind.startswith("measured"):  # a prototype of a measured warmup (bench.adaptive)
         from bench.adaptive import make_measured
 
         return make_measured(method, params, lr, cell, betas=betas, weight_decay=WEIGHT_DECAY)

@@ -10,9 +10,9 @@ import math
 import pytest
 import torch
 
-from adawarm import AdaWarm
+from adawarm import AdaWarm, AdaWarmScheduleFree
 from bench import adaptive
-from bench.adaptive import MeasuredWarmup, Rule
+from bench.adaptive import MeasuredScheduleFree, MeasuredWarmup, Rule
 from bench.grid import DEFAULT_NAME, quick_grid
 from bench.training import Run
 
@@ -70,6 +70,31 @@ def test_a_step_applies_the_factor_to_the_rate_and_leaves_the_groups_rate_as_it_
     assert optimizer.param_groups[0]["lr"] == LR  # a scheduler's rate is not overwritten
 
 
+def test_the_schedule_free_form_measures_z_and_feeds_the_average_the_rate_it_applied():
+    params = model_and_gradients()
+    optimizer = MeasuredScheduleFree(params, Rule(0.01), lr=LR, weight_decay=0.0)
+    optimizer.train()
+    optimizer.step()
+    (factor,) = optimizer.factors
+    assert 0.0 < factor < 1.0
+    twin = copy.deepcopy(optimizer)  # stepped at lr * factor by the plain optimizer
+    plain = AdaWarmScheduleFree(twin.param_groups[0]["params"], lr=LR * factor, weight_decay=0.0)
+    plain.param_groups[0].update(warmup_steps=0, rectify=False, train_mode=True)
+    plain.state = twin.state
+    z = [optimizer.state[p]["z"].clone() for p in params]
+    optimizer.step()
+    plain.step()
+    for mine, theirs in zip(params, plain.param_groups[0]["params"], strict=True):
+        torch.testing.assert_close(mine.detach(), theirs.detach())
+        for key in ("z", "weight_sum", "lr_max"):  # the average's weights: the applied rate
+            torch.testing.assert_close(optimizer.state[mine][key], plain.state[theirs][key])
+    moved = sum(
+        float((optimizer.state[p]["z"] - b).square().sum()) for p, b in zip(params, z, strict=True)
+    )
+    rho = math.sqrt(moved / sum(float(b.square().sum()) for b in z)) / factor
+    assert optimizer.factors[0] == pytest.approx(min(1.0, 0.01 / rho), rel=1e-12)
+
+
 def test_a_monotone_rule_never_lowers_its_factor():
     optimizer = MeasuredWarmup(model_and_gradients(), Rule(0.01, monotone=True), lr=LR)
     assert optimizer.next_factor(None, 0.02) == 0.5
@@ -102,21 +127,26 @@ def test_a_rule_is_compared_seed_by_seed_with_the_default_and_the_best_fixed_ram
         },
     )
     mine = saved_runs(cell, 0.01, {"measured: x": [2.49, 2.59, 3.2]})
-    (row,) = adaptive.compare(mine, saved, {cell: 3.1})
+    family = adaptive.FAMILIES["AdaWarm"]
+    (row,) = adaptive.compare(mine, saved, {cell: 3.1}, family)
     assert row.best_fixed == "AdamW warmup 5%" and row.collapsed == 1 and row.seeds == 3
     assert row.against_default.mean == pytest.approx((-0.01 - 0.01 + 0.5) / 3)
     assert row.against_best_fixed.mean == pytest.approx((0.04 + 0.04 + 0.55) / 3)
-    lines = adaptive.report("x", [row], {cell: 0.01})
+    lines = adaptive.report("x", [row], {cell: 0.01}, family)
     assert "- within 0.03 nats" in lines[-2] and lines[-2].endswith("undecided 1 (of 1)")
     assert lines[-1].endswith("undecided 1 (of 1)")
     # a rate beyond 3x the best AdamW rate is shown, and not counted
-    assert adaptive.report("x", [row], {cell: 0.001})[-1].endswith("nothing to compare")
+    assert adaptive.report("x", [row], {cell: 0.001}, family)[-1].endswith("nothing to compare")
 
 
 def test_the_command_trains_each_rule_on_the_cells_and_writes_its_report(tmp_path):
     pytest.importorskip("tqdm", reason="the bench extra: pip install -e '.[bench]'")
     cell = quick_grid()[0]
-    fixed = {name: [2.5] for name in (*adaptive.FIXED_RAMPS, DEFAULT_NAME)}
+    fixed = {
+        name: [2.5]
+        for family in adaptive.FAMILIES.values()
+        for name in (*family.references, family.default, family.without_length)
+    }
     saved = [run for lr in cell.lrs for run in saved_runs(cell.name, lr, fixed)]
     baseline = tmp_path / "quality.json"
     baseline.write_text(
@@ -131,10 +161,14 @@ def test_the_command_trains_each_rule_on_the_cells_and_writes_its_report(tmp_pat
         )
     )
     argv = ["--rules", "group cap 0.003", "--baseline", str(baseline), "--out", str(tmp_path)]
+    argv += ["--optimizers", "AdaWarm", "AdaWarmScheduleFree"]
     text = adaptive.main([*argv, "--quick", "--only", cell.name, "--workers", "1"])
-    assert "### group cap 0.003" in text
+    assert "### AdaWarm, group cap 0.003" in text
+    assert "### AdaWarmScheduleFree, group cap 0.003" in text
     assert (tmp_path / "adaptive.md").read_text() == text + "\n"
     runs = json.loads((tmp_path / "adaptive.json").read_text())["runs"]
     assert {(r["method"], r["lr"]) for r in runs} == {
-        ("measured: group cap 0.003", lr) for lr in cell.lrs
+        (name, lr)
+        for name in ("measured: group cap 0.003", "measured schedule-free: group cap 0.003")
+        for lr in cell.lrs
     }
