@@ -91,7 +91,8 @@ def test_the_schedule_free_form_measures_z_and_feeds_the_average_the_rate_it_app
     moved = sum(
         float((optimizer.state[p]["z"] - b).square().sum()) for p, b in zip(params, z, strict=True)
     )
-    rho = math.sqrt(moved / sum(float(b.square().sum()) for b in z)) / factor
+    beta1 = optimizer.param_groups[0]["betas"][0]  # y takes 1 - beta1 of z's move
+    rho = (1 - beta1) * math.sqrt(moved / sum(float(b.square().sum()) for b in z)) / factor
     assert optimizer.factors[0] == pytest.approx(min(1.0, 0.01 / rho), rel=1e-12)
 
 
