@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shlex
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -358,30 +359,83 @@ def main(argv: list[str] | None = None) -> str:
         help=f"the saved quality grid whose runs the rules are compared with (default: "
         f"{COMMITTED_GRID})",
     )
+    parser.add_argument(
+        "--report-from",
+        type=Path,
+        metavar="JSON",
+        help="train nothing: rebuild the report from a run's adaptive.json (and its baseline)",
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes, 1 thread each")
     parser.add_argument(
         "--out", type=Path, default=RUNS, help=f"folder for the results (default: {RUNS})"
     )
     args = parser.parse_args(argv)
+    if args.report_from:
+        saved_run = json.loads(args.report_from.read_text())
+        heading, baseline = saved_run["heading"], Path(saved_run["baseline"])
+        methods = [tuple(pair) for pair in saved_run["methods"]]
+        runs = [Run(**run) for run in saved_run["runs"]]
+    else:
+        heading, baseline = None, args.baseline
+        methods = [(optimizer, rule) for optimizer in args.optimizers for rule in args.rules]
     from bench.quality import load_runs
 
-    _, saved, _, _ = load_runs(args.baseline)
-    collapse_at = json.loads(args.baseline.read_text())["collapse_at"]
-    cells = quick_grid() if args.quick else full_grid()
-    if args.only:
-        cells = [cell for cell in cells if any(text in cell.name for text in args.only)]
-    if args.seeds:
-        cells = [replace(cell, seeds=min(cell.seeds, args.seeds)) for cell in cells]
-    if not cells:
-        parser.error("no cell of the grid matches")
-    methods = [
-        (optimizer, rule, measured_method(rule, optimizer == "AdaWarmScheduleFree"))
-        for optimizer in args.optimizers
-        for rule in args.rules
+    _, saved, _, _ = load_runs(baseline)
+    collapse_at = json.loads(baseline.read_text())["collapse_at"]
+    if heading is None:
+        cells = quick_grid() if args.quick else full_grid()
+        if args.only:
+            cells = [cell for cell in cells if any(text in cell.name for text in args.only)]
+        if args.seeds:
+            cells = [replace(cell, seeds=min(cell.seeds, args.seeds)) for cell in cells]
+        if not cells:
+            parser.error("no cell of the grid matches")
+        start = time.perf_counter()
+        runs = train(cells, [method_of(*pair) for pair in methods], args.workers)
+        heading = measured_heading(
+            args.workers,
+            len(runs),
+            time.perf_counter() - start,
+            shlex.join(["python -m bench adaptive", *(argv or [])]),
+        )
+    best_rates = best_adamw_rates(saved)
+    lines = [
+        heading + f" Compared with {_shown(baseline)}, seed by seed: each difference is the "
+        "rule's final validation loss minus the other's, the mean over the seeds with "
+        "Student's t 90 % interval (each bound one-sided 95 %); the best reference is the best "
+        f"mean on the same seeds among AdaWarm's fixed ramps ({', '.join(FIXED_RAMPS)}), or "
+        f"{SCHEDULE_FREE} for AdaWarmScheduleFree.",
     ]
+    for optimizer, rule in methods:
+        name = method_of(optimizer, rule).name
+        family = FAMILIES[optimizer]
+        rows = compare([run for run in runs if run.method == name], saved, collapse_at, family)
+        lines += ["", *report(f"{optimizer}, {rule}", rows, best_rates, family)]
+    text = "\n".join(lines)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.report_from.stem if args.report_from else "adaptive"
+    (args.out / f"{stem}.md").write_text(text + "\n")
+    record = {
+        "heading": heading,
+        "baseline": _shown(baseline),
+        "methods": methods,
+        "runs": [asdict(run) for run in runs],
+    }
+    (args.out / f"{stem}.json").write_text(json.dumps(record) + "\n")
+    return text
+
+
+def method_of(optimizer: str, rule: str) -> Method:
+    """The grid method of ``rule`` in ``optimizer`` (a key of :data:`FAMILIES`)."""
+    return measured_method(rule, schedule_free=optimizer == "AdaWarmScheduleFree")
+
+
+def train(cells: list[Cell], methods: list[Method], workers: int) -> list[Run]:
+    """Every run of ``methods`` in ``cells``, at each cell's rates and seeds."""
     jobs = [
         (cell, method, lr, seed, RUNS / "cache")
-        for _, _, method in methods
+        for method in methods
         for cell in cells
         for lr in cell.lrs
         for seed in range(cell.seeds)
@@ -391,35 +445,12 @@ def main(argv: list[str] | None = None) -> str:
         from bench.training import pretrain
 
         pretrain(RUNS / "cache")
-    start = time.perf_counter()
-    runs = train_all(jobs, args.workers, "adaptive")
-    best_rates = best_adamw_rates(saved)
-    lines = [
-        measured_heading(
-            args.workers,
-            len(runs),
-            time.perf_counter() - start,
-            " ".join(["python -m bench adaptive", *(argv or [])]),
-        )
-        + f" Compared with {args.baseline}, seed by seed: each difference is the rule's final "
-        "validation loss minus the other's, the mean over the seeds with Student's t 90 % "
-        "interval (each bound one-sided 95 %); the best reference is the best mean on the same "
-        "seeds among AdaWarm's fixed ramps "
-        f"({', '.join(FIXED_RAMPS)}), or {SCHEDULE_FREE} for AdaWarmScheduleFree.",
-    ]
-    for optimizer, rule, method in methods:
-        rows = compare(
-            [run for run in runs if run.method == method.name],
-            saved,
-            collapse_at,
-            FAMILIES[optimizer],
-        )
-        lines += ["", *report(f"{optimizer}, {rule}", rows, best_rates, FAMILIES[optimizer])]
-    text = "\n".join(lines)
-    print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "adaptive.md").write_text(text + "\n")
-    (args.out / "adaptive.json").write_text(
-        json.dumps({"heading": lines[0], "runs": [asdict(run) for run in runs]}) + "\n"
-    )
-    return text
+    return train_all(jobs, workers, "adaptive")
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the report names it: relative to the working directory when inside it."""
+    try:
+        return path.resolve().relative_to(Path.cwd()).as_posix()
+    except ValueError:
+        return str(path)
