@@ -108,6 +108,7 @@ RULES = {
     "group cap 0.002": Rule(0.002),
     "group cap 0.003": Rule(0.003),
     "group cap 0.005": Rule(0.005),
+    "group cap 0.01": Rule(0.01),
     "tensor cap 0.003": Rule(0.003, per_tensor=True),
     "tensor cap 0.01": Rule(0.01, per_tensor=True),
 }
