@@ -3,14 +3,15 @@
 A measured warmup scales each step's rate by a factor computed from what earlier steps did,
 instead of from the step count alone. Before a rule goes into the optimizers (the Triton kernel
 and the torch backend, with its statistic gathered inside the step), it is prototyped here:
-AdaWarm on its torch backend with no ramp of its own, whose group rates are multiplied, step by
-step, by a factor that this module computes in Python from the parameters before and after the
-previous step -- passes over the parameters that a fused form would not make, so nothing here
-is timed. Each rule is trained on cells of the quality grid at the cells' rates and seeds, and
-compared seed by seed (the same initialisation and batches) with the runs of a saved
-``quality.json``: AdaWarm's default, the default without ``total_steps``, and the best fixed
-ramp at the same rate (the best mean of AdamW with none, 5 % and 20 % of the run, and AdaWarm
-with ``2 / (1 - beta2)`` steps).
+AdaWarm or AdaWarmScheduleFree on the torch backend with no ramp of their own, whose group rates
+are multiplied, step by step, by a factor that this module computes in Python from the tensors
+before and after the previous step -- passes over the parameters that a fused form would not
+make, so nothing here is timed. Each rule is trained on cells of the quality grid at the
+cells' rates and seeds, and compared seed by seed (the same initialisation and batches) with
+the runs of a saved ``quality.json``: AdaWarm with its default, the default without
+``total_steps``, and the best fixed ramp at the same rate (the best mean of AdamW with none,
+5 % and 20 % of the run, and AdaWarm with ``2 / (1 - beta2)`` steps); AdaWarmScheduleFree with
+its default and with schedulefree's AdamWScheduleFree and its 5 % warmup.
 
 The rules measure the **relative update** of a step, ``||delta p|| / ||p||``, the size of a step
 against the weights it changes (Kosson et al. 2024, *Analyzing & reducing the need for learning
