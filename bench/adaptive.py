@@ -398,7 +398,7 @@ def main(argv: list[str] | None = None) -> str:
             args.workers,
             len(runs),
             time.perf_counter() - start,
-            shlex.join(["python -m bench adaptive", *(argv or [])]),
+            " ".join(["python -m bench adaptive", shlex.join(argv or [])]).strip(),
         )
     best_rates = best_adamw_rates(saved)
     lines = [

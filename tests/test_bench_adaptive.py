@@ -170,7 +170,7 @@ def test_the_command_trains_each_rule_on_the_cells_and_writes_its_report(tmp_pat
     rebuilt = tmp_path / "rebuilt"
     assert adaptive.main(["--report-from", str(tmp_path / "adaptive.json"), "--out", str(rebuilt)])
     assert (rebuilt / "adaptive.md").read_text() == text + "\n"  # the report from its JSON
-    assert "--rules 'group cap 0.003'" in text  # the command as it can be run again
+    assert "(`python -m bench adaptive --rules 'group cap 0.003' " in text  # as it can be rerun
     runs = json.loads((tmp_path / "adaptive.json").read_text())["runs"]
     assert {(r["method"], r["lr"]) for r in runs} == {
         (name, lr)
