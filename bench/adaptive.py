@@ -340,7 +340,12 @@ def _tally(verdicts: list[str]) -> str:
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m bench adaptive", description=__doc__)
     parser.add_argument(
-        "--rules", nargs="+", default=list(RULES), choices=list(RULES), metavar="RULE"
+        "--rules",
+        nargs="+",
+        default=list(RULES),
+        choices=list(RULES),
+        metavar="RULE",
+        help=f"the rules to train (default: all): {'; '.join(RULES)}",
     )
     parser.add_argument(
         "--only", action="append", help="cells whose name contains this text (repeatable)"
