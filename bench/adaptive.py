@@ -358,7 +358,12 @@ def main(argv: list[str] | None = None) -> str:
         choices=list(FAMILIES),
         help="the optimizers the rules run in (default: AdaWarm)",
     )
-    parser.add_argument("--quick", action="store_true", help="the quick grid's cells")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="the quick grid's cells (compared only with a --baseline that has them: "
+        "python -m bench quality --quick writes one)",
+    )
     parser.add_argument(
         "--baseline",
         type=Path,
