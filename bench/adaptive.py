@@ -41,12 +41,14 @@ from bench.grid import (
     DEFAULT_NAME,
     SCHEDULE_FREE,
     SCHEDULE_FREE_DEFAULT,
+    USER_SCHEDULE,
     Cell,
     Method,
     full_grid,
     quick_grid,
 )
 from bench.paired import PairedDifference, paired_difference
+from bench.quality import Table, best_adamw, load_runs, tabulate
 from bench.training import Run, measured_heading, train_all
 
 # The fixed ramps a measured rule is compared with at each rate: the best of them by mean.
@@ -275,19 +277,20 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values) if all(map(math.isfinite, values)) else math.inf
 
 
-def best_adamw_rates(saved: list[Run]) -> dict[str, float]:
-    """Per cell, the rate at which the better of AdamW without warmup and with 5 % or 20 %
-    ends lowest (by mean over the saved seeds)."""
-    means: dict[tuple[str, float], list[float]] = {}
-    for run in saved:
-        if run.method in FIXED_RAMPS[:3]:
-            means.setdefault((run.cell, run.lr), []).append(run.final_loss)
-    best: dict[str, tuple[float, float]] = {}
-    for (cell, lr), values in means.items():
-        mean = _mean(values)
-        if cell not in best or mean < best[cell][0]:
-            best[cell] = (mean, lr)
-    return {cell: lr for cell, (_, lr) in best.items()}
+def best_adamw_rates(
+    cells: list[Cell], saved: list[Run], collapse_at: dict[str, float]
+) -> dict[str, float]:
+    """Per cell of the saved grid, the rate where the better of AdamW without warmup and with
+    its tuned warmup ends lowest (the quality report's baseline, ``quality.best_adamw``); none
+    for the cells under the user's own schedule, which have no such AdamW."""
+    table = tabulate(saved, collapse_at)
+    return {
+        cell.name: _best_adamw_rate(table, cell) for cell in cells if cell.schedule != USER_SCHEDULE
+    }
+
+
+def _best_adamw_rate(table: Table, cell: Cell) -> float:
+    return min(cell.lrs, key=lambda lr: best_adamw(table, cell, lr).mean)
 
 
 def report(
@@ -390,9 +393,7 @@ def main(argv: list[str] | None = None) -> str:
     else:
         heading, baseline = None, args.baseline
         methods = [(optimizer, rule) for optimizer in args.optimizers for rule in args.rules]
-    from bench.quality import load_runs
-
-    _, saved, _, _ = load_runs(baseline)
+    saved_cells, saved, _, _ = load_runs(baseline)
     collapse_at = json.loads(baseline.read_text())["collapse_at"]
     if heading is None:
         cells = quick_grid() if args.quick else full_grid()
@@ -410,7 +411,7 @@ def main(argv: list[str] | None = None) -> str:
             time.perf_counter() - start,
             " ".join(["python -m bench adaptive", shlex.join(argv or [])]).strip(),
         )
-    best_rates = best_adamw_rates(saved)
+    best_rates = best_adamw_rates(saved_cells, saved, collapse_at)
     lines = [
         heading + f" Compared with {_shown(baseline)}, seed by seed: each difference is the "
         "rule's final validation loss minus the other's, the mean over the seeds with "

@@ -13,7 +13,7 @@ import torch
 from adawarm import AdaWarm, AdaWarmScheduleFree
 from bench import adaptive
 from bench.adaptive import MeasuredScheduleFree, MeasuredWarmup, Rule
-from bench.grid import DEFAULT_NAME, quick_grid
+from bench.grid import DEFAULT_NAME, USER_SCHEDULE, Cell, quick_grid
 from bench.training import Run
 
 LR = 0.1
@@ -138,6 +138,22 @@ def test_a_rule_is_compared_seed_by_seed_with_the_default_and_the_best_fixed_ram
     assert lines[-1].endswith("undecided 1 (of 1)")
     # a rate beyond 3x the best AdamW rate is shown, and not counted
     assert adaptive.report("x", [row], {cell: 0.001}, family)[-1].endswith("nothing to compare")
+
+
+def test_the_best_adamw_rate_is_where_the_better_adamw_ends_lowest():
+    # pooled, the three AdamW rows would be lowest at 0.01 (2.5 against 2.8); the better of them,
+    # AdamW without warmup, is lowest at 0.1 (2.4)
+    cell = Cell("post-LN", 0.999, 100, "cosine", (0.01, 0.1), 1)
+    saved = saved_runs(
+        cell.name, 0.01, {name: [2.5] for name in adaptive.FIXED_RAMPS[:3]}
+    ) + saved_runs(
+        cell.name,
+        0.1,
+        {"AdamW no warmup": [2.4], "AdamW warmup 5%": [3.0], "AdamW warmup 20%": [3.0]},
+    )
+    user = Cell("post-LN", 0.999, 100, USER_SCHEDULE, (0.01,), 1)
+    rates = adaptive.best_adamw_rates([cell, user], saved, {cell.name: 3.1})
+    assert rates == {cell.name: 0.1}  # none under the user's schedule
 
 
 def test_the_command_trains_each_rule_on_the_cells_and_writes_its_report(tmp_path):
