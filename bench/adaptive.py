@@ -97,12 +97,16 @@ class Rule:
     at the full rate, over the whole group (``per_tensor=False``) or each tensor (then a tensor
     of norm 0 takes the full rate, as LAMB's trust ratio); ``monotone``: a factor never falls
     (a ramp that ends), else it follows the measurement; ``rectify``: RAdam's rectification on
-    top (AdaWarm's)."""
+    top (AdaWarm's); ``predict_first``: the first step's factor from the relative update an Adam
+    step makes when nothing has been measured -- every element with a gradient moves by the
+    rate (``m_hat / sqrt(v_hat)`` is ``g / |g|``), so ``rho = lr sqrt(n) / ||p||`` over the
+    group's ``n`` elements (else the first step runs at the full rate)."""
 
     cap: float
     per_tensor: bool = False
     monotone: bool = False
     rectify: bool = False
+    predict_first: bool = False
 
 
 RULES = {
@@ -112,6 +116,7 @@ RULES = {
     "group cap 0.003": Rule(0.003),
     "group cap 0.005": Rule(0.005),
     "group cap 0.01": Rule(0.01),
+    "group cap 0.005, first step predicted": Rule(0.005, predict_first=True),
     "tensor cap 0.003": Rule(0.003, per_tensor=True),
     "tensor cap 0.01": Rule(0.01, per_tensor=True),
 }
@@ -130,6 +135,10 @@ class _MeasuredRate:
 
     def step(self, closure=None):
         rates = [group["lr"] for group in self.param_groups]
+        if self.rule.predict_first:
+            for index, group in enumerate(self.param_groups):
+                if self.factors[index] is None:
+                    self.factors[index] = self.next_factor(None, self.first_rho(group))
         applied = [1.0 if factor is None else factor for factor in self.factors]
         for group, factor in zip(self.param_groups, applied, strict=True):
             group["lr"] = group["lr"] * factor
@@ -149,6 +158,14 @@ class _MeasuredRate:
     def _share(self, group: dict) -> float:
         """The share of the measured tensors' move that the parameters take."""
         return 1.0
+
+    def first_rho(self, group: dict) -> float:
+        """The relative update of a first Adam step at the group's full rate: every element
+        moves by the rate, times the measured tensors' share."""
+        tensors = self._measured(group)
+        norm = math.sqrt(sum(float(t.detach().square().sum()) for t in tensors))
+        count = sum(t.numel() for t in tensors)
+        return group["lr"] * math.sqrt(count) / norm * self._share(group) if norm > 0 else 0.0
 
     def next_factor(self, previous: float | None, rho: float) -> float:
         """The factor of the next step after a step whose relative update at the full rate

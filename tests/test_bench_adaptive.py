@@ -96,6 +96,24 @@ def test_the_schedule_free_form_measures_z_and_feeds_the_average_the_rate_it_app
     assert optimizer.factors[0] == pytest.approx(min(1.0, 0.01 / rho), rel=1e-12)
 
 
+@pytest.mark.parametrize("kind", [MeasuredWarmup, MeasuredScheduleFree], ids=lambda k: k.__name__)
+def test_a_predicted_first_step_is_capped_as_if_it_had_been_measured(kind):
+    # Adam's first step moves every element by the rate (m_hat / sqrt(v_hat) = g / |g|), so the
+    # predicted factor is the one that step, taken at the full rate, would measure
+    options = {"weight_decay": 0.0, "eps": 1e-12}
+    predicted, measured, scaled = (model_and_gradients() for _ in range(3))
+    first = kind(predicted, Rule(0.01, predict_first=True), lr=LR, **options)
+    plain = kind(measured, Rule(0.01), lr=LR, **options)
+    factor = first.next_factor(None, first.first_rho(first.param_groups[0]))
+    plain_at_factor = kind(scaled, Rule(1e9), lr=LR * factor, **options)  # never capped
+    for optimizer in (first, plain, plain_at_factor):
+        if kind is MeasuredScheduleFree:
+            optimizer.train()
+        optimizer.step()
+    assert factor < 1.0 and factor == pytest.approx(plain.factors[0], rel=1e-6)
+    torch.testing.assert_close([p.detach() for p in predicted], [p.detach() for p in scaled])
+
+
 def test_a_monotone_rule_never_lowers_its_factor():
     optimizer = MeasuredWarmup(model_and_gradients(), Rule(0.01, monotone=True), lr=LR)
     assert optimizer.next_factor(None, 0.02) == 0.5
