@@ -16,7 +16,10 @@ A state_dict may come from AdaWarm (this version or an older one), ``torch.optim
   or a Python number (older torch versions saved those).
 - Moments are cast to the loading optimizer's state dtype (rounding to nearest even; bf16 ->
   fp32 is exact). Kahan buffers are kept when both sides have them, created as zeros when only
-  the loader wants them, dropped otherwise. Other state entries are dropped.
+  the loader wants them, dropped otherwise. A measured warmup's ``relative_update`` is kept
+  (on the CPU, in the update's dtype) when the loaded group is ``warmup_steps="measured"``;
+  without one, its
+  first step there measures as a first step does. Other state entries are dropped.
 """
 
 from __future__ import annotations
@@ -28,7 +31,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adawarm.schedule import MEASURED
 from adawarm.state import moment_like, needs_compensation
+from adawarm.torch_backend import compute_dtype
 from adawarm.validation import check_group
 
 # Keys torch.optim.AdamW/RAdam keep in their param groups that mean nothing to AdaWarm.
@@ -82,6 +87,8 @@ def check_saved_state(saved: dict[str, Any] | None, param: Tensor, param_id: Any
         if key not in saved:
             raise ValueError(f"Loaded state of parameter {param_id} lacks {key!r}")
     step_counter(saved["step"], param_id)
+    if "relative_update" in saved:
+        relative_update_entry(saved["relative_update"], param_id)
     for key in MOMENT_KEYS:
         shape = tuple(saved[key].shape)
         if shape != tuple(param.shape):
@@ -118,12 +125,25 @@ def converted_state(
     state = {"step": step_counter(saved["step"], param_id)}
     for key in MOMENT_KEYS:
         state[key] = moment_like(param, group["state_dtype"]).copy_(saved[key])
+    if group["warmup_steps"] == MEASURED and "relative_update" in saved:
+        entry = relative_update_entry(saved["relative_update"], param_id)
+        state["relative_update"] = entry.to(compute_dtype(param.dtype))
     if needs_compensation(param, group["compensation"]):
         buffer = saved.get("compensation")
         state["compensation"] = (
             torch.zeros_like(param) if buffer is None else buffer.to(param).clone()
         )
     return state
+
+
+def relative_update_entry(value: Any, param_id: Any) -> Tensor:
+    """A saved ``relative_update`` as a pair on the CPU (in its dtype)."""
+    if not isinstance(value, Tensor) or value.numel() != 2:
+        raise ValueError(
+            f"Loaded relative_update of parameter {param_id} is {value!r}, expected a tensor "
+            "of two numbers (update_sq, param_sq)"
+        )
+    return value.detach().to("cpu").reshape(2).clone()
 
 
 def with_decoupled_decay_flag(state_dict: dict[str, Any]) -> dict[str, Any]:

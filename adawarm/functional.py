@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from adawarm.schedule import resolve_warmup_steps
+from adawarm.schedule import MEASURED, resolve_warmup_steps
 from adawarm.torch_backend import fused_available, torch_step
 from adawarm.triton_backend import triton_step, unservable_reason
 from adawarm.triton_op import triton_step_op
@@ -171,6 +171,7 @@ def adawarm(
     compensations: Sequence[Tensor | None] | None = None,
     rounding_seed: int | None = 0,
     stochastic_params: bool = False,
+    relative_updates: Sequence[Tensor] | None = None,
 ) -> None:
     """One AdaWarm step over lists of tensors; see [`AdaWarm`][adawarm.AdaWarm] for the algorithm.
 
@@ -180,8 +181,18 @@ def adawarm(
     tensors without one). bf16 moments are stored by stochastic rounding from
     ``rounding_seed``, and so are bf16 parameters with ``stochastic_params``;
     ``rounding_seed=None`` rounds every store to nearest (which biases bf16 moments: small
-    updates are lost).
+    updates are lost). With ``warmup_steps="measured"``, ``relative_updates`` are the tensors'
+    ``relative_update`` entries (``adawarm.state.first_relative_update`` before a first step;
+    pairs in the update's dtype, on the CPU for the torch backend and on the parameters' device
+    for the
+    Triton kernel), which the step reads and replaces.
     """
+    if (warmup_steps == MEASURED) != (relative_updates is not None):
+        raise ValueError(
+            "warmup_steps='measured' needs relative_updates (one entry per tensor), and "
+            f"relative_updates need warmup_steps='measured'; got warmup_steps={warmup_steps!r} "
+            f"and relative_updates={'None' if relative_updates is None else 'given'}"
+        )
     params, grads, exp_avgs, exp_avg_sqs = (
         local_tensors(tensors) for tensors in (params, grads, exp_avgs, exp_avg_sqs)
     )
@@ -211,6 +222,7 @@ def adawarm(
         compensations=compensations,
         rounding_seed=rounding_seed,
         stochastic_params=stochastic_params,
+        relative_updates=relative_updates,
     )
 
 

@@ -18,7 +18,8 @@ from torch.optim import Optimizer
 
 from adawarm.functional import checked_execution, has_dtensors, local_tensors
 from adawarm.rollback import StepSnapshot, failed_step_error
-from adawarm.schedule import AUTO, resolve_warmup_steps, step_schedule
+from adawarm.schedule import AUTO, MEASURED, measured_factor, resolve_warmup_steps, step_schedule
+from adawarm.state import first_relative_update
 from adawarm.tensor_lists import DTYPE, PackedTensors, empty_packed, pack
 from adawarm.validation import group_betas
 
@@ -450,7 +451,9 @@ class WarmupOptimizer(Optimizer):
 
     def warmup_factor(self) -> list[float]:
         """The warmup multiplier ``ramp_t * r_t`` that the next ``step()`` puts on each group's
-        adaptive step (``r_t = 1`` without rectification, 0 on a step without an adaptive one).
+        adaptive step (``r_t = 1`` without rectification, 0 on a step without an adaptive one);
+        with ``warmup_steps="measured"``, the measured factor at the group's ``lr`` in place of
+        ``ramp_t`` (reading it waits for the device).
 
         ``t`` is one more than the largest step count among the group's parameters. Multiply by
         the group's ``lr`` for the effective rate, e.g. to log it next to ``get_last_lr()``.
@@ -476,8 +479,21 @@ class WarmupOptimizer(Optimizer):
                 warmup_steps=self._resolve_warmup_steps(warmup, beta2, group["total_steps"]),
                 rectify=group["rectify"],
             )
-            factors.append(schedule.warmup_factor)
+            factor = schedule.warmup_factor
+            if group["warmup_steps"] == MEASURED:
+                factor *= self._measured_factor(group)
+            factors.append(factor)
         return factors
+
+    def _measured_factor(self, group: dict[str, Any]) -> float:
+        """The measured warmup's factor on the group's next step, from its parameters'
+        ``relative_update`` entries (those that have none yet: as before their first step)."""
+        entries = []
+        for param in group["params"]:
+            entry = self.state.get(param, {}).get("relative_update")
+            entries.append(first_relative_update(param, _CPU) if entry is None else entry.cpu())
+        sums = torch.stack(entries).sum(0).tolist()
+        return measured_factor(float(group["lr"]), *sums)
 
     def effective_lr(self) -> list[float]:
         """Per group, the rate the next ``step()`` applies to the adaptive step: the group's

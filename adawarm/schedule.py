@@ -32,7 +32,15 @@ from dataclasses import dataclass
 UNTUNED = "untuned"
 # AdaWarm's default ramp; see reliable_warmup_steps.
 AUTO = "auto"
-WARMUP_NAMES = (AUTO, UNTUNED)
+# A factor measured from the steps instead of a ramp; see measured_factor.
+MEASURED = "measured"
+WARMUP_NAMES = (AUTO, UNTUNED, MEASURED)
+# The measured warmup's cap on a step's relative update ||delta p|| / ||p|| over a group.
+# Chosen on the quality grid (docs/defaults.md, "Measured warmup: rules tried"; python -m bench
+# adaptive): 0.003 held back 300-step runs that need no warmup (0.04-0.13 nats behind the best
+# fixed ramp at lr 0.01-0.03), 0.01 let post-LN runs at lr 0.1 end 0.3-0.4 nats higher than
+# 0.005, which still trained them (2.43-2.51 nats after 300 steps; the "auto" ramp 3.06-3.23).
+MEASURED_CAP = 0.005
 # torch.optim.RAdam takes the adaptive step only while the variance estimate is tractable.
 RECTIFICATION_THRESHOLD = 5.0
 # The default ramp lasts this many steps, or 2 / (1 - beta2) where that is shorter (see
@@ -74,7 +82,10 @@ def resolve_warmup_steps(
 ) -> int:
     """The warmup length: an int as given, ``"untuned"`` as :func:`untuned_warmup_steps`,
     ``"auto"`` as :func:`reliable_warmup_steps`, or, when ``total_steps`` (the run's length) is
-    known, ``RUN_FRACTION`` of it if that is longer."""
+    known, ``RUN_FRACTION`` of it if that is longer; ``"measured"`` has no ramp (0): its
+    factor (:func:`measured_factor`) multiplies the rate instead."""
+    if warmup_steps == MEASURED:
+        return 0
     if warmup_steps == UNTUNED:
         return untuned_warmup_steps(beta2)
     if warmup_steps == AUTO:
@@ -93,6 +104,24 @@ def resolve_schedule_free_warmup_steps(
     if warmup_steps == AUTO and total_steps is not None:
         return round(SCHEDULE_FREE_RUN_FRACTION * total_steps)
     return resolve_warmup_steps(warmup_steps, beta2, total_steps)
+
+
+def measured_factor(lr: float, update_sq: float, param_sq: float) -> float:
+    """The measured warmup's factor on the rate ``lr`` of a group's next step.
+
+    ``update_sq`` and ``param_sq`` are sums over the group's tensors of the squared last update
+    at rate 1 (the move ``delta p`` divided by the rate that step applied, ``lr_t``) and of the
+    squared parameters before it. At rate ``lr`` the next step would move the group by about
+    ``rho = lr sqrt(update_sq / param_sq)`` of its norm; the factor caps that at
+    ``MEASURED_CAP``: ``min(1, MEASURED_CAP / rho)``, and 1 where nothing moves or the norm is 0
+    (Kosson et al. 2024, *Analyzing & reducing the need for learning rate warmup in GPT
+    training*). Before a tensor's first step its sums are those that step will have: Adam's first
+    update at rate 1 moves every element by 1 (``m_hat / sqrt(v_hat) = g / |g|``; a few ``eps``
+    less, or 0 where the gradient is), so ``update_sq`` is the element count
+    (``adawarm.state.first_relative_update``).
+    """
+    rho = lr * math.sqrt(update_sq / param_sq) if param_sq > 0.0 else 0.0
+    return min(1.0, MEASURED_CAP / rho) if rho > 0.0 else 1.0
 
 
 def ramp(step: int, warmup_steps: int) -> float:

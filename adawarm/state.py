@@ -2,13 +2,17 @@
 
 ``step`` (float32 scalar tensor), ``exp_avg`` and ``exp_avg_sq`` -- torch.optim.AdamW's and
 RAdam's names, so state_dicts interchange -- and, for Kahan-compensated fp16/bf16 parameters,
-``compensation``.
+``compensation``; with ``warmup_steps="measured"``, ``relative_update``: the pair
+``(update_sq, param_sq)`` of the tensor's last step (``adawarm.schedule.measured_factor``), in
+the dtype the update is computed in (fp64 for fp64 parameters, fp32 otherwise).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor
+
+from adawarm.torch_backend import compute_dtype
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -49,3 +53,14 @@ def new_state(
     if needs_compensation(param, compensation):
         state["compensation"] = torch.zeros_like(param)
     return state
+
+
+def first_relative_update(param: Tensor, device: torch.device | str) -> Tensor:
+    """The ``relative_update`` entry of ``param`` before its first step, on ``device``: its
+    element count (a complex element is two reals) and its squared norm (see
+    ``adawarm.schedule.measured_factor``).
+    One pass over the parameter, on its own device: only its squared norm goes to ``device``."""
+    real = torch.view_as_real(param.detach()) if param.is_complex() else param.detach()
+    param_sq = real.to(compute_dtype(real.dtype)).square().sum()
+    count = torch.full((), float(real.numel()), dtype=param_sq.dtype, device=param_sq.device)
+    return torch.stack([count, param_sq]).to(device)

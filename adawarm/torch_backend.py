@@ -33,7 +33,7 @@ from adawarm.rounding import (
     stochastic_round_to_bf16,
     stream_base,
 )
-from adawarm.schedule import StepSchedule, step_schedule
+from adawarm.schedule import StepSchedule, measured_factor, step_schedule
 from adawarm.tensor_lists import (
     DEVICE,
     DTYPE,
@@ -261,6 +261,7 @@ def torch_step(
     compensations: Sequence[Tensor | None] | None = None,
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
+    relative_updates: Sequence[Tensor] | None = None,
 ) -> None:
     """One AdaWarm step over one parameter group's tensors (``warmup_steps`` resolved to an int).
 
@@ -275,6 +276,10 @@ def torch_step(
     ``implementation=None`` picks ``fused`` where torch has the kernel for the device and
     ``foreach`` elsewhere. With ``found_inf`` set (GradScaler), nothing changes, not even the step
     counters; ``grad_scale`` divides the gradients before use.
+
+    ``relative_updates`` (the measured warmup; pairs on the CPU, one per tensor) scale
+    the rate by :func:`~adawarm.schedule.measured_factor` of their sums, and are replaced by
+    the sums of this step (:func:`record_relative_updates`).
     """
     if implementation is None:
         implementation = "fused"
@@ -286,6 +291,8 @@ def torch_step(
         grads = torch._foreach_div(list(grads), grad_scale.to(grads[0].device))
     if isinstance(lr, Tensor):
         lr = float(lr.item())
+    if relative_updates is not None:
+        lr *= measured_factor(lr, *torch.stack(list(relative_updates)).sum(0).tolist())
 
     if compensations is None:
         compensations = [None] * len(params)
@@ -317,6 +324,7 @@ def torch_step(
             )
             computing = compute_dtype(stored[0][0].dtype)
             work = upcast_all(stored, computing)
+            before = None if relative_updates is None else torch._foreach_mul(work[0], 1.0)
             # Counters advance with their bucket (the fused kernel reads them), and go back if
             # the bucket's update fails: each tensor is either stepped or untouched.
             bucket_steps = select(group_steps, indices)
@@ -331,6 +339,10 @@ def torch_step(
                 set_all([bucket_steps], [previous_step])
                 raise
             buffers, positions = select_all((group_buffers, group_positions), indices)
+            if before is not None:
+                record_relative_updates(
+                    [relative_updates[i] for i in positions], work[0], before, schedule.lr
+                )
             store_bucket(
                 stored,
                 work,
@@ -340,6 +352,21 @@ def torch_step(
                 rounding_seed=rounding_seed,
                 stochastic_params=stochastic_params,
             )
+
+
+def record_relative_updates(
+    entries: Sequence[Tensor], params: Sequence[Tensor], before: Sequence[Tensor], rate: float
+) -> None:
+    """Set each tensor's ``relative_update`` entry to ``(||(p - before) / rate||^2,
+    ||before||^2)``: its move at rate 1 and its size before the step (kept as they were at
+    rate 0, where nothing was measured)."""
+    if rate == 0.0:
+        return
+    moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, before))) / rate
+    sizes = torch.stack(torch._foreach_norm(before))
+    sums = torch.stack([moved, sizes], dim=1).square().cpu()
+    for entry, values in zip(entries, sums, strict=True):
+        entry.copy_(values)
 
 
 def store_bucket(

@@ -251,6 +251,7 @@ def triton_step(
     compensations: Sequence[Tensor | None] | None = None,
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
+    relative_updates: Sequence[Tensor] | None = None,
 ) -> None:
     """One AdaWarm step through the Triton kernel (``warmup_steps`` resolved to an int).
 
@@ -259,6 +260,8 @@ def triton_step(
     ``table_cache`` (any dict kept between steps) holds the pointer tables. Stores round as in
     :func:`adawarm.torch_backend.torch_step`, from the same random streams.
     """
+    if relative_updates is not None:
+        raise RuntimeError("warmup_steps='measured' is not in the Triton kernel yet")
     if table_cache is None:
         table_cache = {}
     for device, dtype, indices in _launch_groups(params):

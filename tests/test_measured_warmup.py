@@ -1,0 +1,196 @@
+"""AdaWarm's measured warmup (``warmup_steps="measured"``): the rule, and each execution's step
+against plain AdaWarm stepped at the rate the rule gives."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import ODD_SHAPES, TOLERANCES, assert_close, make_params
+
+from adawarm import AdaWarm, AdaWarmScheduleFree
+from adawarm.schedule import MEASURED_CAP, measured_factor
+
+EXECUTIONS = {
+    "reference": {"backend": "torch", "foreach": False},
+    "foreach": {"backend": "torch", "foreach": True},
+    "fused": {"backend": "torch", "fused": True},
+}
+HYPER = {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+# A rate the cap holds back for several steps, then releases; with a scheduler's changes.
+RATES = (0.05, 0.05, 0.04, 0.05, 0.03, 0.05, 0.02, 0.05, 0.05)
+
+
+def test_the_factor_caps_the_relative_update_at_the_rate_it_is_applied_to():
+    # rho = lr sqrt(update_sq / param_sq) = 0.1 * sqrt(4 / 100) = 0.02
+    assert measured_factor(0.1, 4.0, 100.0) == pytest.approx(MEASURED_CAP / 0.02, rel=1e-15)
+    assert measured_factor(0.1 * MEASURED_CAP / 0.02, 4.0, 100.0) == pytest.approx(1.0)  # at it
+    assert measured_factor(0.001, 4.0, 100.0) == 1.0  # below it
+    assert measured_factor(0.1, 0.0, 100.0) == 1.0  # nothing moved
+    assert measured_factor(0.1, 4.0, 0.0) == 1.0  # a norm of 0: as LAMB, the full rate
+    assert measured_factor(0.0, 4.0, 100.0) == 1.0
+
+
+def gradients(shapes, dtype, steps):
+    generator = torch.Generator().manual_seed(7)
+    return [
+        [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes]
+        for _ in range(steps)
+    ]
+
+
+def measured_by_hand(params, grads, rectify):
+    """Plain AdaWarm (no ramp) at each step's rate times the factor that the relative updates
+    measured here give: the first from Adam's first step (every element moves by the rate),
+    then each from the last step's move divided by the rate it applied."""
+    optimizer = AdaWarm(params, lr=RATES[0], warmup_steps=0, rectify=rectify, **HYPER)
+    update_sq = float(sum(p.numel() for p in params))
+    param_sq = sum(float(p.detach().double().square().sum()) for p in params)
+    for rate, step_grads in zip(RATES, grads, strict=False):
+        applied = rate * measured_factor(rate, update_sq, param_sq)
+        optimizer.param_groups[0]["lr"] = applied
+        before = [p.detach().clone() for p in params]
+        for param, grad in zip(params, step_grads, strict=True):
+            param.grad = grad.clone()
+        optimizer.step()
+        moved = [(p.detach() - b).double() / applied for p, b in zip(params, before, strict=True)]
+        update_sq = sum(float(m.square().sum()) for m in moved)
+        param_sq = sum(float(b.double().square().sum()) for b in before)
+    return optimizer, update_sq, param_sq
+
+
+def measured_steps(params, grads, rectify, execution, after_step=None):
+    optimizer = AdaWarm(
+        params, lr=RATES[0], warmup_steps="measured", rectify=rectify, **HYPER, **execution
+    )
+    for index, (rate, step_grads) in enumerate(zip(RATES, grads, strict=False)):
+        optimizer.param_groups[0]["lr"] = rate
+        for param, grad in zip(params, step_grads, strict=True):
+            param.grad = grad.clone()
+        optimizer.step()
+        if after_step is not None:
+            optimizer = after_step(index, optimizer) or optimizer
+    return optimizer
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rectify", [False, True], ids=["no rectification", "rectify"])
+def test_a_measured_step_is_plain_adawarm_at_the_measured_rate(execution, dtype, rectify):
+    shapes = list(ODD_SHAPES)  # 0, 1, 1023, 1025 elements ...
+    grads = gradients(shapes, dtype, len(RATES))
+    mine, theirs = make_params(shapes, dtype, 3), make_params(shapes, dtype, 3)
+    measured = measured_steps(mine, grads, rectify, EXECUTIONS[execution])
+    plain, update_sq, param_sq = measured_by_hand(theirs, grads, rectify)
+    for index, (param, other) in enumerate(zip(mine, theirs, strict=True)):
+        assert_close(param.detach(), other.detach(), dtype, f"param {index}")
+        state, reference = measured.state[param], plain.state[other]
+        assert set(state) == {"step", "exp_avg", "exp_avg_sq", "relative_update"}
+        assert float(state["step"]) == float(reference["step"]) == len(RATES)
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert_close(state[key], reference[key], dtype, f"{key} of param {index}")
+        entry = state["relative_update"]
+        assert entry.dtype == dtype and entry.shape == (2,) and entry.is_cpu
+    sums = torch.stack([measured.state[p]["relative_update"] for p in mine]).sum(0).double()
+    # a move is a difference of parameters: their relative error over the relative update (at
+    # most the cap)
+    rtol = TOLERANCES[dtype][0] / MEASURED_CAP
+    expected = torch.tensor([update_sq, param_sq], dtype=torch.float64)
+    torch.testing.assert_close(sums, expected, rtol=rtol, atol=0)
+    # the factor the next step applies
+    (factor,) = measured.warmup_factor()
+    expected_factor = measured_factor(RATES[-1], update_sq, param_sq) * _rectification(rectify)
+    assert factor == pytest.approx(expected_factor, rel=rtol)
+
+
+def _rectification(rectify: bool) -> float:
+    from adawarm.schedule import rectification
+
+    return rectification(len(RATES) + 1, HYPER["betas"][1]) if rectify else 1.0
+
+
+def test_the_first_step_is_capped_from_the_parameters_alone():
+    params = make_params([(40, 30)], torch.float64, 0)
+    optimizer = AdaWarm(params, lr=0.1, warmup_steps="measured", weight_decay=0.0, eps=1e-15)
+    rho = 0.1 * math.sqrt(params[0].numel()) / float(params[0].detach().norm())
+    (factor,) = optimizer.warmup_factor()
+    assert factor == pytest.approx(MEASURED_CAP / rho, rel=1e-12) and factor < 0.1
+    before = params[0].detach().clone()
+    params[0].grad = torch.randn_like(before)
+    optimizer.step()  # Adam's first step: every element moves by the rate
+    moved = (params[0].detach() - before).abs()
+    torch.testing.assert_close(moved, torch.full_like(moved, 0.1 * factor), rtol=1e-9, atol=0)
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_a_checkpoint_resumes_the_measurement_bit_for_bit(execution):
+    shapes = [(33,), (7, 5)]
+    grads = gradients(shapes, torch.float32, len(RATES))
+    options = EXECUTIONS[execution]
+    straight = make_params(shapes, torch.float32, 1)
+    resumed = make_params(shapes, torch.float32, 1)
+    measured_steps(straight, grads, False, options)
+
+    def reload(index, optimizer):
+        if index == 3:
+            saved = copy.deepcopy(optimizer.state_dict())
+            assert all("relative_update" in state for state in saved["state"].values())
+            fresh = AdaWarm(resumed, warmup_steps="measured", **HYPER, **options)
+            fresh.load_state_dict(saved)
+            return fresh
+        return None
+
+    measured_steps(resumed, grads, False, options, reload)
+    for mine, theirs in zip(resumed, straight, strict=True):
+        assert torch.equal(mine.detach(), theirs.detach())
+
+
+def test_a_checkpoint_without_measurements_starts_measuring_from_its_parameters():
+    params = make_params([(20, 10)], torch.float32, 2)
+    trained = AdaWarm(params, lr=0.01)
+    params[0].grad = torch.ones_like(params[0])
+    trained.step()
+    measured = AdaWarm(params, lr=0.01, warmup_steps="measured")
+    saved = trained.state_dict()
+    saved["param_groups"][0]["warmup_steps"] = "measured"
+    measured.load_state_dict(saved)
+    assert "relative_update" not in measured.state[params[0]]
+    measured.step()
+    assert "relative_update" in measured.state[params[0]]
+    back = AdaWarm(params, lr=0.01, warmup_steps=0)  # a group that does not measure drops it
+    saved = measured.state_dict()
+    saved["param_groups"][0]["warmup_steps"] = 0
+    back.load_state_dict(saved)
+    assert "relative_update" not in back.state[params[0]]
+
+
+def test_a_malformed_measurement_in_a_checkpoint_is_refused_and_nothing_loads():
+    params = make_params([(5,)], torch.float32, 2)
+    optimizer = AdaWarm(params, warmup_steps="measured")
+    params[0].grad = torch.ones(5)
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["state"][0]["relative_update"] = torch.zeros(3)
+    before = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match="relative_update of parameter 0 is"):
+        optimizer.load_state_dict(saved)
+    after = optimizer.state_dict()
+    assert torch.equal(after["state"][0]["relative_update"], before["state"][0]["relative_update"])
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_a_skipped_step_measures_nothing(execution):
+    params = make_params([(9,)], torch.float32, 4)
+    optimizer = AdaWarm(params, warmup_steps="measured", **EXECUTIONS[execution])
+    params[0].grad = torch.randn(9)
+    optimizer.step()
+    entry = optimizer.state[params[0]]["relative_update"].clone()
+    optimizer.step(found_inf=torch.tensor(1.0))
+    assert torch.equal(optimizer.state[params[0]]["relative_update"], entry)
+
+
+def test_the_schedule_free_optimizer_refuses_it_for_now():
+    with pytest.raises(ValueError, match="'measured' is AdaWarm's only"):
+        AdaWarmScheduleFree(make_params([(3,)], torch.float32, 0), warmup_steps="measured")
