@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from adawarm.rounding import rounds_stochastically
+from adawarm.schedule import MEASURED_CAP
 from adawarm.tensor_lists import DTYPE, IS_CPU, IS_CUDA, select
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -38,6 +39,13 @@ def _kernels():
     from adawarm.kernels import adawarm_step
 
     return adawarm_step
+
+
+@functools.cache
+def _measured_kernels():
+    from adawarm.kernels import measured
+
+    return measured
 
 
 @functools.cache
@@ -207,7 +215,16 @@ def _build_tables(
                     f"The Triton kernel needs {dtype} scalar {name} tensors, got {scalar.dtype} "
                     f"of shape {tuple(scalar.shape)}"
                 )
-    return _common().launch_tables(lists, device, pointers=pointers, stream_ids=stream_ids)
+    for entry in lists.get("relative_update", ()):
+        if entry.dtype != torch.float32 or entry.shape != (2,) or not entry.is_contiguous():
+            raise RuntimeError(
+                "The Triton kernel needs relative_update entries of two contiguous float32 "
+                f"numbers, got {entry.dtype} of shape {tuple(entry.shape)}"
+            )
+    tables = _common().launch_tables(lists, device, pointers=pointers, stream_ids=stream_ids)
+    if "relative_update" in lists:
+        tables.update(_measured_kernels().measured_scratch(tables))
+    return tables
 
 
 def _tables(
@@ -260,10 +277,13 @@ def triton_step(
     ``table_cache`` (any dict kept between steps) holds the pointer tables. Stores round as in
     :func:`adawarm.torch_backend.torch_step`, from the same random streams.
     """
-    if relative_updates is not None:
-        raise RuntimeError("warmup_steps='measured' is not in the Triton kernel yet")
     if table_cache is None:
         table_cache = {}
+    measured_sums = None
+    if relative_updates is not None:
+        # The group's sums before the step, on each launch's device (one device, nearly always)
+        measured_sums = torch.stack([entry.to(params[0].device) for entry in relative_updates])
+        measured_sums = measured_sums.sum(0)
     for device, dtype, indices in _launch_groups(params):
         lists = {
             "param": select(params, indices),
@@ -276,6 +296,8 @@ def triton_step(
         buffers = None if compensations is None else select(compensations, indices)
         if buffers is not None and buffers[0] is not None:
             lists["compensation"] = buffers
+        if relative_updates is not None:
+            lists["relative_update"] = select(relative_updates, indices)
         state_dtype = lists["exp_avg"][0].dtype
         stochastic_state = rounds_stochastically(state_dtype, rounding_seed)
         stochastic_param = rounds_stochastically(dtype, rounding_seed, stochastic_params)
@@ -305,7 +327,15 @@ def triton_step(
             rounding_seed=rounding_seed if stochastic_param or stochastic_state else None,
             stochastic_params=stochastic_param,
             stochastic_state=stochastic_state,
+            group_sums=None if measured_sums is None else measured_sums.to(device),
+            cap=MEASURED_CAP,
         )
+        if measured_sums is not None:
+            _measured_kernels().launch_measured_sums(
+                tables,
+                lr=lr.to(device) if isinstance(lr, Tensor) else lr,
+                found_inf=None if found_inf is None else found_inf.to(device),
+            )
 
 
 def triton_schedule_free_step(

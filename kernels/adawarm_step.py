@@ -40,6 +40,7 @@ from adawarm.kernels.common import (
     store_state,
     stream_bases,
 )
+from adawarm.kernels.measured import measured_factor
 
 
 @triton.jit
@@ -95,12 +96,16 @@ def _update_block(
     STOCHASTIC_STATE: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    MEASURED: tl.constexpr,
     FULL: tl.constexpr,
 ):
     """Update the elements at ``offsets``: load, compute in fp32 (the scalars arrive in fp32),
     store in the tensors' dtypes. ``FULL`` blocks lie wholly inside their tensor and need no
     mask, which lets the loads and stores of an aligned launch be 128-bit (a mask computed from
-    a loaded ``numel`` has no known constancy, so a masked access is split into scalar ones)."""
+    a loaded ``numel`` has no known constancy, so a masked access is split into scalar ones).
+
+    Returns the sums of the squared move (the new fp32 value minus the old, before the store
+    rounds it) and of the squared old values when ``MEASURED``, else zeros."""
     if FULL:
         mask = None
     else:
@@ -132,6 +137,17 @@ def _update_block(
     store_state(
         exp_avg_sq_ptr, offsets, mask, exp_avg_sq, exp_avg_sq_base, STATE_DTYPE, STOCHASTIC_STATE
     )
+    moved_sq = 0.0
+    old_sq = 0.0
+    if MEASURED:
+        moved = param - old_param
+        if FULL:
+            moved_sq = tl.sum(moved * moved, axis=0)
+            old_sq = tl.sum(old_param * old_param, axis=0)
+        else:  # masked lanes hold whatever the load left there
+            moved_sq = tl.sum(tl.where(mask, moved * moved, 0.0), axis=0)
+            old_sq = tl.sum(tl.where(mask, old_param * old_param, 0.0), axis=0)
+    return moved_sq, old_sq
 
 
 # Hyper-parameters, the warmup length and the seed are data, not compile-time choices: without
@@ -145,6 +161,7 @@ def _update_block(
         "weight_decay_bits",
         "warmup_steps",
         "rounding_seed",
+        "cap_bits",
     ]
 )
 def _adawarm_step_kernel(
@@ -169,6 +186,9 @@ def _adawarm_step_kernel(
     rounding_seed,
     grad_scale_ptr,
     found_inf_ptr,
+    group_sums_ptr,
+    partials_ptr,
+    cap_bits,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     KAHAN: tl.constexpr,
@@ -179,6 +199,7 @@ def _adawarm_step_kernel(
     LR_FROM_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    MEASURED: tl.constexpr,
     ALIGNED: tl.constexpr,
     PARAM_ALIGN: tl.constexpr,
     STATE_ALIGN: tl.constexpr,
@@ -198,6 +219,13 @@ def _adawarm_step_kernel(
         rate = tl.load(lr_ptr).to(tl.float64)
     else:
         rate = from_bits(lr_bits)
+    if MEASURED:
+        rate = rate * measured_factor(
+            rate,
+            tl.load(group_sums_ptr).to(tl.float64),
+            tl.load(group_sums_ptr + 1).to(tl.float64),
+            from_bits(cap_bits),
+        )
     decay, step_size, bias_correction2_sqrt, eps_t, adaptive = _schedule(
         step,
         rate,
@@ -247,21 +275,32 @@ def _adawarm_step_kernel(
     )
     bases = (param_base, exp_avg_base, exp_avg_sq_base)
     if start + BLOCK <= numel:
-        _update_block(
+        moved_sq, old_sq = _update_block(
             param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
             *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
-            KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, True,
+            KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, MEASURED, True,
         )  # fmt: skip
     else:
         # The masked tail in two halves, one after the other (4 elements a thread): 8 masked
         # elements a thread made ptxas keep a register on the stack in an sm_80 variant.
+        moved_sq = 0.0
+        old_sq = 0.0
         for half in range(2):
             half_offsets = start + half * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-            _update_block(
+            half_moved_sq, half_old_sq = _update_block(
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, half_offsets,
                 numel, *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
-                KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, False,
+                KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, MEASURED,
+                False,
             )  # fmt: skip
+            moved_sq += half_moved_sq
+            old_sq += half_old_sq
+    if MEASURED:
+        # This block's part of its tensor's relative_update, at rate 1; measured_sums_kernel
+        # adds the parts up after the launch (and writes nothing at rate 0).
+        applied = tl.where(rate > 0.0, rate, 1.0).to(tl.float32)
+        tl.store(partials_ptr + 2 * pid, moved_sq / applied / applied)
+        tl.store(partials_ptr + 2 * pid + 1, old_sq)
 
     # numel loaded again (a cached scalar) rather than kept live across the block update, which
     # made ptxas save it to the stack in some variants.
@@ -329,9 +368,16 @@ def launch_adawarm_step(
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
     stochastic_state: bool = False,
+    group_sums: torch.Tensor | None = None,
+    cap: float = 0.0,
     num_warps: int | None = None,
 ) -> None:
     """Launch one AdaWarm step over the tensors described by ``tables``.
+
+    With ``group_sums`` (the measured warmup: fp32 ``(update_sq, param_sq)`` of the group on
+    the device) the rate is multiplied by the measured factor under ``cap``, and each program
+    writes its block's part of the sums to ``tables["partials"]``
+    (``adawarm.kernels.measured``).
 
     ``stochastic_params`` stores bf16 parameters, ``stochastic_state`` bf16 moments, by
     stochastic rounding from ``rounding_seed`` (with a ``stream_ids`` table).
@@ -367,6 +413,9 @@ def launch_adawarm_step(
         rounding_seed or 0,
         grad_scale if grad_scale is not None else tables["numels"],
         found_inf if found_inf is not None else tables["numels"],
+        group_sums if group_sums is not None else tables["numels"],
+        tables.get("partials", tables["numels"]),
+        float_bits(cap),
         PARAM_DTYPE=TRITON_DTYPES[param_dtype],
         STATE_DTYPE=TRITON_DTYPES[state_dtype],
         KAHAN="compensation_ptrs" in tables,
@@ -377,6 +426,7 @@ def launch_adawarm_step(
         LR_FROM_TENSOR=lr_is_tensor,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
+        MEASURED=group_sums is not None,
         ALIGNED=tables["aligned"],
         PARAM_ALIGN=tables["param_align"],
         STATE_ALIGN=tables["state_align"],

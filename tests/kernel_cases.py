@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 
 import torch
-from helpers import assert_close, gradient_stream, make_params
+from helpers import TOLERANCES, assert_close, gradient_stream, make_params
 from hypothesis import strategies as st
 
 from adawarm import AdaWarm, AdaWarmScheduleFree, adawarm
 from adawarm.kernels.common import BLOCK_SIZE
-from adawarm.state import moment_like, needs_compensation
+from adawarm.schedule import MEASURED, MEASURED_CAP
+from adawarm.state import first_relative_update, moment_like, needs_compensation
 
 GRAD_SCALE = 1024.0  # a power of two: scaling and unscaling are exact
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -27,7 +28,7 @@ kernel_options = st.fixed_dictionaries(
         "betas": st.tuples(st.floats(0.0, 0.99), st.floats(0.8, 0.9999)),
         "eps": st.floats(1e-10, 1e-3),
         "weight_decay": st.floats(0.0, 0.5),
-        "warmup_steps": st.sampled_from([0, 1, 5, "untuned", "auto"]),
+        "warmup_steps": st.sampled_from([0, 1, 5, "untuned", "auto", "measured"]),
         "rectify": st.booleans(),
         "maximize": st.booleans(),
         "state_dtype": st.sampled_from([None, torch.bfloat16]),
@@ -87,6 +88,8 @@ def reference_trajectory(shapes, dtype, options, steps, inf_steps):
     for p, state in zip(params, states, strict=True):
         if needs_compensation(p, options.get("compensation")):
             state["compensation"] = torch.zeros_like(p)
+        if options["warmup_steps"] == MEASURED:
+            state["relative_update"] = first_relative_update(p, "cpu")
     beta1, beta2 = options["betas"]
     for index, grads in enumerate(gradient_stream(shapes, dtype, steps, 41)):
         if index in inf_steps:
@@ -110,6 +113,11 @@ def reference_trajectory(shapes, dtype, options, steps, inf_steps):
             compensations=[s.get("compensation") for s in states],
             rounding_seed=options.get("rounding_seed", 0),
             stochastic_params=options.get("compensation") == "stochastic",
+            relative_updates=(
+                [s["relative_update"] for s in states]
+                if options["warmup_steps"] == MEASURED
+                else None
+            ),
         )
     return params, states
 
@@ -129,6 +137,17 @@ def assert_same_params_and_state(actual, expected, dtype):
         assert state["step"].dtype == torch.float32
         for key in ("exp_avg", "exp_avg_sq"):
             assert_close(state[key].cpu(), ref_state[key].cpu(), loosest, f"{key} {index}")
+        if "relative_update" in state:
+            # A move is a difference of parameters: their relative error over the relative
+            # update (at most the cap).
+            rtol, atol = TOLERANCES[loosest]
+            torch.testing.assert_close(
+                state["relative_update"].cpu(),
+                ref_state["relative_update"].cpu(),
+                rtol=rtol / MEASURED_CAP,
+                atol=atol,
+                msg=lambda m, index=index: f"relative_update {index}: {m}",
+            )
         if "compensation" in state:
             # The buffer holds rounding residues; compare what it stands for, param + buffer.
             total = param.detach().float() + state["compensation"].float()

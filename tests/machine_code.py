@@ -31,6 +31,7 @@ _INT64_ARGS = (
     "r_bits",
     "weight_lr_power_bits",
     "weight_bits",
+    "cap_bits",
 )
 # The kernels, by the name a variant gives.
 KERNELS = {
@@ -53,6 +54,7 @@ class Variant:
     rectify: bool = True
     aligned: bool = True
     flags: bool = False  # maximize, tensor lr, GradScaler's scale and found_inf, all on
+    measured: bool = False  # AdaWarm's measured warmup: its factor, and each block's sums
     arch: int = 90
     kernel: str = "adamw"  # a key of KERNELS
 
@@ -67,7 +69,8 @@ class Variant:
             "rectify" if self.rectify else "no rectify",
             "aligned" if self.aligned else "unaligned",
         ]
-        return ", ".join(parts + (["all flags"] if self.flags else []))
+        extras = (["all flags"] if self.flags else []) + (["measured"] if self.measured else [])
+        return ", ".join(parts + extras)
 
     @property
     def stochastic_state(self) -> bool:
@@ -86,7 +89,7 @@ class Variant:
                 "STATE_ALIGN": state_align,
                 "BLOCK": BLOCK,
             }
-        return {
+        constexprs = {
             "PARAM_DTYPE": common.TRITON_DTYPES[self.param_dtype],
             "STATE_DTYPE": common.TRITON_DTYPES[self.state_dtype],
             "KAHAN": self.kahan,
@@ -102,6 +105,9 @@ class Variant:
             "STATE_ALIGN": state_align,
             "BLOCK": BLOCK,
         }
+        if self.kernel == "adamw":
+            constexprs["MEASURED"] = self.measured
+        return constexprs
 
     def expected_vector_accesses(self) -> Counter:
         """The vector accesses of the full-block path, as PTX names them: per streamed array,

@@ -28,6 +28,9 @@ REPRESENTATIVE = [
     Variant(param_dtype=torch.bfloat16, state_dtype=torch.bfloat16, stochastic=True),
     Variant(aligned=False),
     Variant(arch=80),
+    Variant(measured=True),
+    # the measured warmup with the most else live: every flag, stochastic rounding, sm_80
+    Variant(param_dtype=torch.bfloat16, stochastic=True, flags=True, measured=True, arch=80),
     Variant(kernel="schedule-free"),
     Variant(
         kernel="schedule-free",
@@ -43,8 +46,9 @@ REPRESENTATIVE = [
 
 
 def every_variant() -> list[Variant]:
-    """Every constexpr variant the backends launch, for sm_90 and sm_80: both steps, and the
-    switch (which has no schedule, flags or state stores)."""
+    """Every constexpr variant the backends launch, for sm_90 and sm_80: both steps (AdaWarm's
+    with and without the measured warmup), and the switch (which has no schedule, flags or
+    state stores)."""
     variants = []
     for kernel, param, state, rectify, aligned, flags, arch in itertools.product(
         ("adamw", "schedule-free", "switch"),
@@ -64,9 +68,12 @@ def every_variant() -> list[Variant]:
             modes.append({"kahan": True})
         if param == torch.bfloat16:
             modes.append({"stochastic": True})
-        for mode in modes:
+        for mode, measured in itertools.product(modes, (False, True)):
+            if measured and kernel != "adamw":
+                continue
             variants.append(Variant(param, state, rectify=rectify, aligned=aligned, flags=flags,
-                                    arch=arch, kernel=kernel, **mode))  # fmt: skip
+                                    arch=arch, kernel=kernel, measured=measured,
+                                    **mode))  # fmt: skip
     return variants
 
 

@@ -9,15 +9,20 @@ import math
 import pytest
 import torch
 from helpers import ODD_SHAPES, TOLERANCES, assert_close, make_params
+from kernel_cases import assert_same_params_and_state, optimizer_trajectory, reference_trajectory
+from promises import EXECUTIONS, device_of
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
+from adawarm.kernels.measured import kernel_factors
 from adawarm.schedule import MEASURED_CAP, measured_factor
 
-EXECUTIONS = {
-    "reference": {"backend": "torch", "foreach": False},
-    "foreach": {"backend": "torch", "foreach": True},
-    "fused": {"backend": "torch", "fused": True},
-}
+# The Triton kernel takes fp32, bf16 and fp16 parameters; the torch backend fp64 too.
+CASES = [
+    (execution, dtype)
+    for execution in EXECUTIONS
+    for dtype in (torch.float32, torch.float64)
+    if execution != "Triton" or dtype != torch.float64
+]
 HYPER = {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
 # A rate the cap holds back for several steps, then releases; with a scheduler's changes.
 RATES = (0.05, 0.05, 0.04, 0.05, 0.03, 0.05, 0.02, 0.05, 0.05)
@@ -31,6 +36,16 @@ def test_the_factor_caps_the_relative_update_at_the_rate_it_is_applied_to():
     assert measured_factor(0.1, 0.0, 100.0) == 1.0  # nothing moved
     assert measured_factor(0.1, 4.0, 0.0) == 1.0  # a norm of 0: as LAMB, the full rate
     assert measured_factor(0.0, 4.0, 100.0) == 1.0
+
+
+@pytest.mark.parametrize("lr", [0.0, 1e-4, 0.1, 3.0])
+def test_the_kernels_factor_is_the_schedules(lr):
+    sums = torch.tensor(
+        [[4.0, 100.0], [0.0, 100.0], [4.0, 0.0], [1025.0, 3.5], [1e-12, 1e6]], dtype=torch.float64
+    )
+    factors = kernel_factors(lr, sums.to(device_of("Triton")), MEASURED_CAP).cpu()
+    expected = [measured_factor(lr, *row) for row in sums.tolist()]
+    torch.testing.assert_close(factors, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=0)
 
 
 def gradients(shapes, dtype, steps):
@@ -75,25 +90,30 @@ def measured_steps(params, grads, rectify, execution, after_step=None):
     return optimizer
 
 
-@pytest.mark.parametrize("execution", EXECUTIONS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("execution", "dtype"), CASES, ids=str)
 @pytest.mark.parametrize("rectify", [False, True], ids=["no rectification", "rectify"])
 def test_a_measured_step_is_plain_adawarm_at_the_measured_rate(execution, dtype, rectify):
     shapes = list(ODD_SHAPES)  # 0, 1, 1023, 1025 elements ...
-    grads = gradients(shapes, dtype, len(RATES))
-    mine, theirs = make_params(shapes, dtype, 3), make_params(shapes, dtype, 3)
+    device = device_of(execution)
+    grads = [[g.to(device) for g in step] for step in gradients(shapes, dtype, len(RATES))]
+    mine = [p.detach().to(device).requires_grad_() for p in make_params(shapes, dtype, 3)]
+    theirs = make_params(shapes, dtype, 3)
     measured = measured_steps(mine, grads, rectify, EXECUTIONS[execution])
-    plain, update_sq, param_sq = measured_by_hand(theirs, grads, rectify)
+    plain, update_sq, param_sq = measured_by_hand(
+        theirs, [[g.cpu() for g in s] for s in grads], rectify
+    )
+    # the kernel reads its entries on the parameters' device, the torch backend on the CPU
+    entry_device = device if execution == "Triton" else torch.device("cpu")
     for index, (param, other) in enumerate(zip(mine, theirs, strict=True)):
-        assert_close(param.detach(), other.detach(), dtype, f"param {index}")
+        assert_close(param.detach().cpu(), other.detach(), dtype, f"param {index}")
         state, reference = measured.state[param], plain.state[other]
         assert set(state) == {"step", "exp_avg", "exp_avg_sq", "relative_update"}
         assert float(state["step"]) == float(reference["step"]) == len(RATES)
         for key in ("exp_avg", "exp_avg_sq"):
-            assert_close(state[key], reference[key], dtype, f"{key} of param {index}")
+            assert_close(state[key].cpu(), reference[key], dtype, f"{key} of param {index}")
         entry = state["relative_update"]
-        assert entry.dtype == dtype and entry.shape == (2,) and entry.is_cpu
-    sums = torch.stack([measured.state[p]["relative_update"] for p in mine]).sum(0).double()
+        assert entry.dtype == dtype and entry.shape == (2,) and entry.device == entry_device
+    sums = torch.stack([measured.state[p]["relative_update"].cpu() for p in mine]).sum(0).double()
     # a move is a difference of parameters: their relative error over the relative update (at
     # most the cap)
     rtol = TOLERANCES[dtype][0] / MEASURED_CAP
@@ -127,10 +147,13 @@ def test_the_first_step_is_capped_from_the_parameters_alone():
 @pytest.mark.parametrize("execution", EXECUTIONS)
 def test_a_checkpoint_resumes_the_measurement_bit_for_bit(execution):
     shapes = [(33,), (7, 5)]
-    grads = gradients(shapes, torch.float32, len(RATES))
+    device = device_of(execution)
+    grads = [[g.to(device) for g in step] for step in gradients(shapes, torch.float32, len(RATES))]
     options = EXECUTIONS[execution]
-    straight = make_params(shapes, torch.float32, 1)
-    resumed = make_params(shapes, torch.float32, 1)
+    straight, resumed = (
+        [p.detach().to(device).requires_grad_() for p in make_params(shapes, torch.float32, 1)]
+        for _ in range(2)
+    )
     measured_steps(straight, grads, False, options)
 
     def reload(index, optimizer):
@@ -182,15 +205,65 @@ def test_a_malformed_measurement_in_a_checkpoint_is_refused_and_nothing_loads():
 
 @pytest.mark.parametrize("execution", EXECUTIONS)
 def test_a_skipped_step_measures_nothing(execution):
-    params = make_params([(9,)], torch.float32, 4)
+    device = device_of(execution)
+    params = [torch.randn(9, device=device, requires_grad=True)]
     optimizer = AdaWarm(params, warmup_steps="measured", **EXECUTIONS[execution])
-    params[0].grad = torch.randn(9)
+    params[0].grad = torch.randn(9, device=device)
     optimizer.step()
     entry = optimizer.state[params[0]]["relative_update"].clone()
-    optimizer.step(found_inf=torch.tensor(1.0))
+    before = params[0].detach().clone()
+    optimizer.step(found_inf=torch.tensor(1.0, device=device))
+    assert torch.equal(optimizer.state[params[0]]["relative_update"], entry)
+    assert torch.equal(params[0].detach(), before)
+
+
+@pytest.mark.parametrize("execution", EXECUTIONS)
+def test_a_rate_of_zero_measures_nothing(execution):
+    device = device_of(execution)
+    params = [torch.randn(9, device=device, requires_grad=True)]
+    optimizer = AdaWarm(params, warmup_steps="measured", **EXECUTIONS[execution])
+    params[0].grad = torch.randn(9, device=device)
+    optimizer.step()
+    entry = optimizer.state[params[0]]["relative_update"].clone()
+    optimizer.param_groups[0]["lr"] = 0.0
+    optimizer.step()
     assert torch.equal(optimizer.state[params[0]]["relative_update"], entry)
 
 
 def test_the_schedule_free_optimizer_refuses_it_for_now():
     with pytest.raises(ValueError, match="'measured' is AdaWarm's only"):
         AdaWarmScheduleFree(make_params([(3,)], torch.float32, 0), warmup_steps="measured")
+
+
+@pytest.mark.parametrize(
+    ("dtype", "storage"),
+    [
+        (torch.float32, {}),
+        (torch.float32, {"state_dtype": torch.bfloat16}),
+        (torch.bfloat16, {"compensation": "stochastic"}),
+        (torch.bfloat16, {"compensation": "kahan", "state_dtype": torch.bfloat16}),
+        (torch.float16, {"compensation": "kahan"}),
+    ],
+    ids=str,
+)
+def test_the_kernel_measures_what_the_torch_backend_and_the_reference_do(dtype, storage):
+    shapes = [(0,), (1,), (1023,), (1025,), (3, 5)]
+    options = {
+        "lr": 0.05,
+        "betas": (0.9, 0.99),
+        "eps": 1e-8,
+        "weight_decay": 0.1,
+        "warmup_steps": "measured",
+        "rectify": True,
+        "maximize": False,
+        "rounding_seed": 5,
+        **storage,
+    }
+    device = device_of("Triton")
+    run = (shapes, dtype, options, 9, {4}, 6)  # a skipped step, a reload
+    kernel = optimizer_trajectory("triton", *run, device)
+    backend = optimizer_trajectory("torch", *run, torch.device("cpu"))
+    reference = reference_trajectory(shapes, dtype, options, 9, {4})
+    assert all("relative_update" in state for state in kernel[1])
+    assert_same_params_and_state(kernel, backend, dtype)
+    assert_same_params_and_state(kernel, reference, dtype)
