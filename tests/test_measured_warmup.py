@@ -13,6 +13,7 @@ from kernel_cases import assert_same_params_and_state, optimizer_trajectory, ref
 from promises import EXECUTIONS, device_of
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
+from adawarm.kernels import common, measured
 from adawarm.kernels.measured import kernel_factors
 from adawarm.schedule import MEASURED_CAP, measured_factor
 
@@ -267,3 +268,25 @@ def test_the_kernel_measures_what_the_torch_backend_and_the_reference_do(dtype, 
     assert all("relative_update" in state for state in kernel[1])
     assert_same_params_and_state(kernel, backend, dtype)
     assert_same_params_and_state(kernel, reference, dtype)
+
+
+def test_each_tensors_sums_are_its_blocks_parts_in_order(monkeypatch):
+    # A few parts a chunk, so that a tensor's parts span several chunks (as a tensor of more
+    # than 2^20 elements does with the launcher's chunk), and tensors of one program.
+    monkeypatch.setattr(measured, "SUMS_CHUNK", 2)
+    device = device_of("Triton")
+    numels = [5 * common.BLOCK_SIZE - 3, 1, 0, 3 * common.BLOCK_SIZE]
+    entries = [torch.full((2,), -1.0, device=device) for _ in numels]
+    block_tensors, _ = common.block_tables(numels, device)
+    tables = {
+        "numels": torch.tensor(numels, device=device),
+        "block_tensors": block_tensors,
+        "relative_update_ptrs": torch.tensor([e.data_ptr() for e in entries], device=device),
+        "block_size": common.BLOCK_SIZE,
+    }
+    tables.update(measured.measured_scratch(tables))
+    parts = torch.rand(block_tensors.numel(), 2, generator=torch.Generator().manual_seed(0))
+    tables["partials"].copy_(parts.reshape(-1))
+    measured.launch_measured_sums(tables, lr=0.1, found_inf=None)
+    expected = torch.zeros(len(numels), 2).index_add_(0, block_tensors.cpu().long(), parts)
+    torch.testing.assert_close(torch.stack(entries).cpu(), expected)
