@@ -125,15 +125,27 @@ def converted_state(
     state = {"step": step_counter(saved["step"], param_id)}
     for key in MOMENT_KEYS:
         state[key] = moment_like(param, group["state_dtype"]).copy_(saved[key])
-    if group["warmup_steps"] == MEASURED and "relative_update" in saved:
-        entry = relative_update_entry(saved["relative_update"], param_id)
-        state["relative_update"] = entry.to(compute_dtype(param.dtype))
+    entry = loaded_relative_update(param, saved, group, param_id)
+    if entry is not None:
+        state["relative_update"] = entry
     if needs_compensation(param, group["compensation"]):
         buffer = saved.get("compensation")
         state["compensation"] = (
             torch.zeros_like(param) if buffer is None else buffer.to(param).clone()
         )
     return state
+
+
+def loaded_relative_update(
+    param: Tensor, saved: dict[str, Any], group: dict[str, Any], param_id: Any
+) -> Tensor | None:
+    """The measured warmup's ``relative_update`` entry that ``param`` loads from ``saved``: on
+    the CPU in the update's dtype where the group measures and the checkpoint has one, else
+    None (a group that does not measure drops it)."""
+    if group["warmup_steps"] != MEASURED or "relative_update" not in saved:
+        return None
+    entry = relative_update_entry(saved["relative_update"], param_id)
+    return entry.to(compute_dtype(param.dtype))
 
 
 def relative_update_entry(value: Any, param_id: Any) -> Tensor:

@@ -12,7 +12,7 @@ from adawarm import checkpoint
 from adawarm.functional import run_backend
 from adawarm.optimizer_base import GroupStep, WarmupOptimizer
 from adawarm.schedule import AUTO, MEASURED
-from adawarm.state import first_relative_update, new_state
+from adawarm.state import new_state
 from adawarm.validation import check_group, check_torch_only_options
 
 # Chosen from the quality benchmark (docs/defaults.md): a linear ramp over
@@ -146,7 +146,6 @@ class AdaWarm(WarmupOptimizer):
         super().__init__(params, defaults)
 
     STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
-    OPTIONAL_STATE_KEYS = ("compensation", "relative_update")
     _check_group = staticmethod(check_group)
 
     def _new_state(self, param: Tensor, group: dict[str, Any], counter_device) -> dict:
@@ -156,35 +155,6 @@ class AdaWarm(WarmupOptimizer):
             compensation=group["compensation"],
             counter_device=counter_device,
         )
-
-    def _check(self, index: int, group: dict[str, Any]) -> GroupStep | None:
-        work = super()._check(index, group)
-        if work is not None and work.sharded and group["warmup_steps"] == MEASURED:
-            raise ValueError(
-                f"Invalid warmup_steps={MEASURED!r} for parameter group {index}: its "
-                "parameters are DTensors (FSDP2, tensor parallel), whose measured sums would "
-                "be each rank's own; expected plain tensors (DDP), or an int, 'auto' or "
-                "'untuned'"
-            )
-        return work
-
-    def _attach_states(self, work: GroupStep, created: list[Tensor]) -> None:
-        super()._attach_states(work, created)
-        if work.group["warmup_steps"] != MEASURED:
-            return
-        # Where the backend reads them (the CPU for the torch backend, the parameter's device
-        # for the kernel); made for a parameter whose state has none (its first step, a
-        # checkpoint or a group from before warmup_steps="measured").
-        entries = work.states["relative_update"]
-        for index, (param, entry) in enumerate(zip(work.params, entries, strict=True)):
-            device = param.device if work.backend == "triton" else torch.device("cpu")
-            if entry is None:
-                entry = first_relative_update(work.shards[index], device)
-            elif entry.device != device:
-                entry = entry.to(device)
-            else:
-                continue
-            self.state[param]["relative_update"] = entries[index] = entry
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)

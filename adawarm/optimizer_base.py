@@ -91,7 +91,7 @@ class WarmupOptimizer(Optimizer):
 
     STATE_KEYS: tuple[str, ...]
     COUNTER_KEYS: tuple[str, ...] = ("step",)
-    OPTIONAL_STATE_KEYS: tuple[str, ...] = ("compensation",)
+    OPTIONAL_STATE_KEYS: tuple[str, ...] = ("compensation", "relative_update")
     # State entries that the torch backend keeps end to end in one tensor per small group, for
     # a step that updates them with one op each (see _packed_states).
     PACKED_STATE_KEYS: tuple[str, ...] = ()
@@ -227,6 +227,13 @@ class WarmupOptimizer(Optimizer):
         if not params:
             return None
         sharded = has_dtensors(params)
+        if sharded and group["warmup_steps"] == MEASURED:
+            raise ValueError(
+                f"Invalid warmup_steps={MEASURED!r} for parameter group {index}: its "
+                "parameters are DTensors (FSDP2, tensor parallel), whose measured sums would "
+                "be each rank's own; expected plain tensors (DDP), or an int, 'auto' or "
+                "'untuned'"
+            )
         shards = local_tensors(params) if sharded else params
         backend, implementation = checked_execution(
             group["backend"], shards, foreach=group["foreach"], fused=group["fused"]
@@ -293,6 +300,25 @@ class WarmupOptimizer(Optimizer):
             work.states.update(self._packed_states(work, states, work.states))
         for key in self.OPTIONAL_STATE_KEYS:
             work.states[key] = list(map(dict.get, states, repeat(key)))
+        if work.group["warmup_steps"] == MEASURED:
+            self._attach_relative_updates(work, states)
+
+    def _attach_relative_updates(self, work: GroupStep, states: list[dict]) -> None:
+        """Put the measured warmup's entries where the backend reads them (the CPU for the
+        torch backend, the parameter's device for the kernel), made for a parameter whose state
+        has none: its first step, or a checkpoint or group from before ``"measured"``."""
+        entries = work.states["relative_update"]
+        for index, (param, state, entry) in enumerate(
+            zip(work.params, states, entries, strict=True)
+        ):
+            device = param.device if work.backend == "triton" else _CPU
+            if entry is None:
+                entry = first_relative_update(work.shards[index], device)
+            elif entry.device != device:
+                entry = entry.to(device)
+            else:
+                continue
+            state["relative_update"] = entries[index] = entry
 
     def _packed_states(
         self, work: GroupStep, states: list[dict], current: dict[str, list[Tensor]]
@@ -493,7 +519,13 @@ class WarmupOptimizer(Optimizer):
             entry = self.state.get(param, {}).get("relative_update")
             entries.append(first_relative_update(param, _CPU) if entry is None else entry.cpu())
         sums = torch.stack(entries).sum(0).tolist()
-        return measured_factor(float(group["lr"]), *sums)
+        return measured_factor(float(group["lr"]) * self._measured_share(group), *sums)
+
+    @staticmethod
+    def _measured_share(group: dict[str, Any]) -> float:
+        """The share of the measured tensors' move that the parameters take, per unit of rate
+        (``adawarm.schedule.measured_factor``)."""
+        return 1.0
 
     def effective_lr(self) -> list[float]:
         """Per group, the rate the next ``step()`` applies to the adaptive step: the group's

@@ -107,12 +107,14 @@ def resolve_schedule_free_warmup_steps(
 
 
 def measured_factor(lr: float, update_sq: float, param_sq: float) -> float:
-    """The measured warmup's factor on the rate ``lr`` of a group's next step.
+    """The measured warmup's factor on the rate of a group's next step.
 
-    ``update_sq`` and ``param_sq`` are sums over the group's tensors of the squared last update
-    at rate 1 (the move ``delta p`` divided by the rate that step applied, ``lr_t``) and of the
-    squared parameters before it. At rate ``lr`` the next step would move the group by about
-    ``rho = lr sqrt(update_sq / param_sq)`` of its norm; the factor caps that at
+    ``update_sq`` and ``param_sq`` are sums over the group's tensors of the squared last move
+    at rate 1 of what the step measures (the move divided by the rate that step applied,
+    ``lr_t``) and of its squared values before it: AdaWarm measures the parameters;
+    AdaWarmScheduleFree ``z``, of whose move the parameters ``y`` take ``1 - beta1``, so there
+    ``lr`` is the rate times ``1 - beta1``. At ``lr`` the next step would move the group by
+    about ``rho = lr sqrt(update_sq / param_sq)`` of its norm; the factor caps that at
     ``MEASURED_CAP``: ``min(1, MEASURED_CAP / rho)``, and 1 where nothing moves or the norm is 0
     (Kosson et al. 2024, *Analyzing & reducing the need for learning rate warmup in GPT
     training*). Before a tensor's first step its sums are those that step will have: Adam's first

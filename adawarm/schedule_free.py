@@ -12,7 +12,7 @@ from torch import Tensor
 from adawarm import schedule_free_checkpoint
 from adawarm.functional import local_tensors, select_execution
 from adawarm.optimizer_base import GroupStep, WarmupOptimizer
-from adawarm.schedule import AUTO, resolve_schedule_free_warmup_steps
+from adawarm.schedule import AUTO, MEASURED, resolve_schedule_free_warmup_steps
 from adawarm.schedule_free_functional import run_schedule_free, switch
 from adawarm.state import moment_like, needs_compensation
 from adawarm.validation import check_schedule_free_group, group_betas
@@ -208,7 +208,16 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             compensations=work.local(states["compensation"]),
             rounding_seed=group["rounding_seed"],
             stochastic_params=group["compensation"] == "stochastic",
+            relative_updates=(
+                states["relative_update"] if group["warmup_steps"] == MEASURED else None
+            ),
         )
+
+    @staticmethod
+    def _measured_share(group: dict[str, Any]) -> float:
+        """The parameters ``y`` take ``1 - beta1`` of ``z``'s move, which the measured warmup
+        measures."""
+        return 1.0 - group_betas(group)[0]
 
     @torch.no_grad()
     def train(self) -> None:

@@ -14,7 +14,8 @@ group's ``train_mode``:
 - Otherwise as ``adawarm.checkpoint``: hyper-parameters come from the checkpoint, those it lacks
   (``warmup_steps`` of RAdamScheduleFree, ``rectify``, ``total_steps``) keep the loading
   optimizer's values; execution and storage choices stay the loading optimizer's; ``z`` and
-  ``exp_avg_sq`` are cast to its state dtype; Kahan buffers kept, created or dropped.
+  ``exp_avg_sq`` are cast to its state dtype; Kahan buffers kept, created or dropped; a
+  measured warmup's ``relative_update`` kept where the loaded group measures.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adawarm.checkpoint import EXECUTION_KEYS, STORAGE_KEYS, step_counter
+from adawarm.checkpoint import EXECUTION_KEYS, STORAGE_KEYS, loaded_relative_update, step_counter
 from adawarm.state import moment_like, needs_compensation
 from adawarm.validation import check_schedule_free_group
 
@@ -113,6 +114,9 @@ def _converted_state(
     }
     for key in STATE_TENSORS:
         state[key] = moment_like(param, group["state_dtype"]).copy_(saved[key])
+    entry = loaded_relative_update(param, saved, group, param_id)
+    if entry is not None:
+        state["relative_update"] = entry
     if needs_compensation(param, group["compensation"]):
         buffer = saved.get("compensation")
         state["compensation"] = (

@@ -35,7 +35,9 @@ from adawarm.tensor_lists import (
 from adawarm.torch_backend import (
     compute_dtype,
     group_by_device_and_dtype,
+    measured_factor_of,
     real_views,
+    record_relative_updates,
     store,
     store_bucket,
     store_compensated,
@@ -178,6 +180,7 @@ def schedule_free_torch_step(
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
     gradient_scratch: PackedTensors | None = None,
+    relative_updates: Sequence[Tensor] | None = None,
 ) -> None:
     """One schedule-free step over one parameter group's tensors, in train mode (``params``
     hold ``y``; ``warmup_steps`` resolved to an int).
@@ -190,7 +193,9 @@ def schedule_free_torch_step(
     ``state_steps`` (fp32), ``weight_sums`` and ``lr_maxes`` (fp64) are scalar CPU tensors,
     advanced here. Stores round as in :func:`adawarm.torch_backend.torch_step`. With
     ``found_inf`` set (GradScaler) nothing changes; ``grad_scale`` divides the gradients.
-    ``implementation=None`` is ``foreach``.
+    ``implementation=None`` is ``foreach``. ``relative_updates`` (the measured warmup) scale the
+    rate as in :func:`adawarm.torch_backend.torch_step`, measured on ``z``, of whose move ``y``
+    takes ``1 - beta1``; the averaging weights take the rate applied.
     """
     if found_inf is not None and bool(found_inf.item()):
         return
@@ -200,6 +205,8 @@ def schedule_free_torch_step(
         grads = torch._foreach_div(list(grads), grad_scale.to(grads[0].device))
     if isinstance(lr, Tensor):
         lr = float(lr.item())
+    if relative_updates is not None:
+        lr *= measured_factor_of(relative_updates, lr * (1.0 - beta1))
     if compensations is None:
         compensations = [None] * len(params)
     lists = [params, grads, zs, exp_avg_sqs, state_steps, weight_sums, lr_maxes, compensations]
@@ -229,8 +236,13 @@ def schedule_free_torch_step(
             options = {"beta2": beta2, "weight_decay": weight_decay, "maximize": maximize}
             if _takes_packed_step(work, gradient_scratch, implementation):
                 options["scratch"] = gradient_scratch
+            before = None if relative_updates is None else torch._foreach_mul(work[2], 1.0)
             _BUCKET_STEPS[implementation or "foreach"](*work, schedule, **options)
             buffers, positions = select_all((group_buffers, group_positions), indices)
+            if before is not None:
+                record_relative_updates(
+                    [relative_updates[i] for i in positions], work[2], before, schedule.lr
+                )
             store_bucket(
                 stored,
                 work,

@@ -292,7 +292,7 @@ def torch_step(
     if isinstance(lr, Tensor):
         lr = float(lr.item())
     if relative_updates is not None:
-        lr *= measured_factor(lr, *torch.stack(list(relative_updates)).sum(0).tolist())
+        lr *= measured_factor_of(relative_updates, lr)
 
     if compensations is None:
         compensations = [None] * len(params)
@@ -354,12 +354,17 @@ def torch_step(
             )
 
 
+def measured_factor_of(relative_updates: Sequence[Tensor], lr: float) -> float:
+    """:func:`~adawarm.schedule.measured_factor` at ``lr`` of the sums of these entries."""
+    return measured_factor(lr, *torch.stack(list(relative_updates)).sum(0).tolist())
+
+
 def record_relative_updates(
     entries: Sequence[Tensor], params: Sequence[Tensor], before: Sequence[Tensor], rate: float
 ) -> None:
     """Set each tensor's ``relative_update`` entry to ``(||(p - before) / rate||^2,
-    ||before||^2)``: its move at rate 1 and its size before the step (kept as they were at
-    rate 0, where nothing was measured)."""
+    ||before||^2)``: the measured tensor's move at rate 1 and its size before the step (kept as
+    they were at rate 0, where nothing was measured)."""
     if rate == 0.0:
         return
     moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, before))) / rate

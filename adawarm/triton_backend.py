@@ -247,6 +247,16 @@ def _tables(
     return tables.tensors
 
 
+def _group_sums(
+    params: Sequence[Tensor], relative_updates: Sequence[Tensor] | None
+) -> Tensor | None:
+    """The measured warmup's sums over the group's entries before the step, on the first
+    parameter's device (each launch moves them to its own: one device, nearly always)."""
+    if relative_updates is None:
+        return None
+    return torch.stack([entry.to(params[0].device) for entry in relative_updates]).sum(0)
+
+
 def triton_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -279,11 +289,7 @@ def triton_step(
     """
     if table_cache is None:
         table_cache = {}
-    measured_sums = None
-    if relative_updates is not None:
-        # The group's sums before the step, on each launch's device (one device, nearly always)
-        measured_sums = torch.stack([entry.to(params[0].device) for entry in relative_updates])
-        measured_sums = measured_sums.sum(0)
+    measured_sums = _group_sums(params, relative_updates)
     for device, dtype, indices in _launch_groups(params):
         lists = {
             "param": select(params, indices),
@@ -332,9 +338,7 @@ def triton_step(
         )
         if measured_sums is not None:
             _measured_kernels().launch_measured_sums(
-                tables,
-                lr=lr.to(device) if isinstance(lr, Tensor) else lr,
-                found_inf=None if found_inf is None else found_inf.to(device),
+                tables, found_inf=None if found_inf is None else found_inf.to(device)
             )
 
 
@@ -363,6 +367,7 @@ def triton_schedule_free_step(
     compensations: Sequence[Tensor | None] | None = None,
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
+    relative_updates: Sequence[Tensor] | None = None,
 ) -> None:
     """One AdaWarmScheduleFree step through its Triton kernel, one launch per (device, dtype)
     group, as :func:`triton_step`; ``state_steps`` (fp32), ``weight_sums`` and ``lr_maxes``
@@ -370,6 +375,7 @@ def triton_schedule_free_step(
     :func:`adawarm.schedule_free_torch.schedule_free_torch_step`."""
     if table_cache is None:
         table_cache = {}
+    measured_sums = _group_sums(params, relative_updates)
     for device, dtype, indices in _launch_groups(params):
         lists = {
             "param": select(params, indices),
@@ -383,6 +389,8 @@ def triton_schedule_free_step(
         buffers = None if compensations is None else select(compensations, indices)
         if buffers is not None and buffers[0] is not None:
             lists["compensation"] = buffers
+        if relative_updates is not None:
+            lists["relative_update"] = select(relative_updates, indices)
         state_dtype = lists["z"][0].dtype
         stochastic_state = rounds_stochastically(state_dtype, rounding_seed)
         stochastic_param = rounds_stochastically(dtype, rounding_seed, stochastic_params)
@@ -408,7 +416,13 @@ def triton_schedule_free_step(
             rounding_seed=rounding_seed if stochastic else None,
             stochastic_params=stochastic_param,
             stochastic_state=stochastic_state,
+            group_sums=None if measured_sums is None else measured_sums.to(device),
+            cap=MEASURED_CAP,
         )
+        if measured_sums is not None:
+            _measured_kernels().launch_measured_sums(
+                tables, found_inf=None if found_inf is None else found_inf.to(device)
+            )
 
 
 def triton_switch(

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from adawarm.schedule import MEASURED, WARMUP_NAMES, can_rectify, rho_inf
+from adawarm.schedule import WARMUP_NAMES, can_rectify, rho_inf
 
 BACKENDS = (None, "torch", "triton")
 COMPENSATIONS = (None, "kahan", "stochastic")
@@ -197,11 +197,6 @@ def check_schedule_free_group(group: dict[str, Any]) -> None:
     """Raise if any hyper-parameter of one AdaWarmScheduleFree group is out of its domain: those
     it shares with AdaWarm, and the averaging's ``r`` and ``weight_lr_power``."""
     check_group(group)
-    if group["warmup_steps"] == MEASURED:
-        raise ValueError(
-            f"Invalid warmup_steps for AdaWarmScheduleFree: {MEASURED!r} is AdaWarm's only "
-            "for now; expected an int >= 0, 'auto' or 'untuned'"
-        )
     beta1 = group_betas(group)[0]
     if beta1 == 0.0:
         raise ValueError(

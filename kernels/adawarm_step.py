@@ -40,7 +40,7 @@ from adawarm.kernels.common import (
     store_state,
     stream_bases,
 )
-from adawarm.kernels.measured import measured_factor
+from adawarm.kernels.measured import block_sums, measured_factor, store_part
 
 
 @triton.jit
@@ -140,13 +140,7 @@ def _update_block(
     moved_sq = 0.0
     old_sq = 0.0
     if MEASURED:
-        moved = param - old_param
-        if FULL:
-            moved_sq = tl.sum(moved * moved, axis=0)
-            old_sq = tl.sum(old_param * old_param, axis=0)
-        else:  # masked lanes hold whatever the load left there
-            moved_sq = tl.sum(tl.where(mask, moved * moved, 0.0), axis=0)
-            old_sq = tl.sum(tl.where(mask, old_param * old_param, 0.0), axis=0)
+        moved_sq, old_sq = block_sums(param, old_param, mask, FULL)
     return moved_sq, old_sq
 
 
@@ -296,11 +290,8 @@ def _adawarm_step_kernel(
             moved_sq += half_moved_sq
             old_sq += half_old_sq
     if MEASURED:
-        # This block's part of its tensor's relative_update, at rate 1; measured_sums_kernel
-        # adds the parts up after the launch (and writes nothing at rate 0).
-        applied = tl.where(rate > 0.0, rate, 1.0).to(tl.float32)
-        tl.store(partials_ptr + 2 * pid, moved_sq / applied / applied)
-        tl.store(partials_ptr + 2 * pid + 1, old_sq)
+        # This block's part of its tensor's relative_update; the sums kernel adds them up.
+        store_part(partials_ptr, pid, moved_sq, old_sq, rate)
 
     # numel loaded again (a cached scalar) rather than kept live across the block update, which
     # made ptxas save it to the stack in some variants.

@@ -29,34 +29,52 @@ def measured_factor(rate, update_sq, param_sq, cap):
     return tl.where(rho > 0.0, tl.minimum(1.0, cap / safe_rho), 1.0)
 
 
-@triton.jit(do_not_specialize=["lr_bits"])
+@triton.jit
+def block_sums(new, old, mask, FULL: tl.constexpr):
+    """A block's sums of the squared move ``new - old`` (fp32, before the store rounds
+    ``new``) and of the squared old values; a ``FULL`` block has no masked lanes, others hold
+    whatever the masked load left there."""
+    moved = new - old
+    if FULL:
+        moved_sq = tl.sum(moved * moved, axis=0)
+        old_sq = tl.sum(old * old, axis=0)
+    else:
+        moved_sq = tl.sum(tl.where(mask, moved * moved, 0.0), axis=0)
+        old_sq = tl.sum(tl.where(mask, old * old, 0.0), axis=0)
+    return moved_sq, old_sq
+
+
+@triton.jit
+def store_part(partials_ptr, pid, moved_sq, old_sq, rate):
+    """Program ``pid``'s part of its tensor's sums: the move at rate 1 (fp64 ``rate``, the rate
+    the step applied to the tensor) and the old values. At rate 0 nothing was measured: the
+    move's part is -1, on which the sums kernel leaves the tensor's entry as it was."""
+    applied = tl.where(rate > 0.0, rate, 1.0).to(tl.float32)
+    tl.store(partials_ptr + 2 * pid, tl.where(rate > 0.0, moved_sq / applied / applied, -1.0))
+    tl.store(partials_ptr + 2 * pid + 1, old_sq)
+
+
+@triton.jit
 def _measured_sums_kernel(
     relative_update_ptrs,
     numels,
     block_starts_of_tensors,
     partials_ptr,
-    lr_bits,
-    lr_ptr,
     found_inf_ptr,
-    LR_FROM_TENSOR: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
     BLOCK: tl.constexpr,
     CHUNK: tl.constexpr,
 ):
     """Program ``i`` sums the parts of tensor ``i`` (its blocks' two floats, from its first
     block on) into its ``relative_update`` entry. Nothing is written after a skipped step, or
-    at rate 0, where the step measured nothing."""
+    where the step applied rate 0 (every block of a tensor applies the same rate)."""
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
-    if LR_FROM_TENSOR:
-        rate = tl.load(lr_ptr).to(tl.float64)
-    else:
-        rate = from_bits(lr_bits)
-    if rate == 0.0:
-        return
     tensor = tl.program_id(0)
     first = tl.load(block_starts_of_tensors + tensor)
+    if tl.load(partials_ptr + 2 * first) < 0.0:
+        return
     blocks = tl.maximum(tl.cdiv(tl.load(numels + tensor), BLOCK), 1)
     moved_sq = tl.zeros((CHUNK,), dtype=tl.float32)
     old_sq = tl.zeros((CHUNK,), dtype=tl.float32)
@@ -90,23 +108,16 @@ def measured_scratch(tables: dict[str, torch.Tensor | int]) -> dict[str, torch.T
 
 
 def launch_measured_sums(
-    tables: dict[str, torch.Tensor | int],
-    *,
-    lr: float | torch.Tensor,
-    found_inf: torch.Tensor | None,
+    tables: dict[str, torch.Tensor | int], *, found_inf: torch.Tensor | None
 ) -> None:
     """Write each tensor's ``relative_update`` entry from the parts its blocks left in
     ``tables["partials"]`` (after a measured step launch on the same stream)."""
-    lr_is_tensor = isinstance(lr, torch.Tensor)
     _measured_sums_kernel[(tables["numels"].numel(),)](
         tables["relative_update_ptrs"],
         tables["numels"],
         tables["first_blocks"],
         tables["partials"],
-        0 if lr_is_tensor else float_bits(lr),
-        lr if lr_is_tensor else tables["numels"],
         found_inf if found_inf is not None else tables["numels"],
-        LR_FROM_TENSOR=lr_is_tensor,
         HAS_FOUND_INF=found_inf is not None,
         BLOCK=tables["block_size"],
         CHUNK=SUMS_CHUNK,

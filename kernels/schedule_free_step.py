@@ -45,6 +45,7 @@ from adawarm.kernels.common import (
     stream_bases,
     switch_stream_base,
 )
+from adawarm.kernels.measured import block_sums, measured_factor, store_part
 
 
 @triton.jit
@@ -117,10 +118,12 @@ def _update_block(
     STOCHASTIC_STATE: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
+    MEASURED: tl.constexpr,
     FULL: tl.constexpr,
 ):
     """Update the elements at ``offsets``: load, compute in fp32, store in the tensors' dtypes
-    (``FULL`` blocks need no mask, as in ``adawarm_step``)."""
+    (``FULL`` blocks need no mask, as in ``adawarm_step``). Returns ``z``'s sums of the
+    measured warmup (``adawarm.kernels.measured.block_sums``) when ``MEASURED``, else zeros."""
     if FULL:
         mask = None
     else:
@@ -137,6 +140,7 @@ def _update_block(
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
     normalized = grad / (tl.sqrt(exp_avg_sq / bias_correction2) + eps) + weight_decay * y
     new_y = y + average * (z - y) + y_coefficient * normalized
+    old_z = z
     z = z - lr_t * normalized
 
     carried = y * 0.0
@@ -150,6 +154,11 @@ def _update_block(
     store_state(
         exp_avg_sq_ptr, offsets, mask, exp_avg_sq, exp_avg_sq_base, STATE_DTYPE, STOCHASTIC_STATE
     )
+    moved_sq = 0.0
+    old_sq = 0.0
+    if MEASURED:
+        moved_sq, old_sq = block_sums(z, old_z, mask, FULL)
+    return moved_sq, old_sq
 
 
 # Hyper-parameters, the warmup length and the seed are data, not compile-time choices.
@@ -164,6 +173,7 @@ def _update_block(
         "weight_lr_power_bits",
         "warmup_steps",
         "rounding_seed",
+        "cap_bits",
     ]
 )
 def _schedule_free_step_kernel(
@@ -192,6 +202,9 @@ def _schedule_free_step_kernel(
     rounding_seed,
     grad_scale_ptr,
     found_inf_ptr,
+    group_sums_ptr,
+    partials_ptr,
+    cap_bits,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
     KAHAN: tl.constexpr,
@@ -202,6 +215,7 @@ def _schedule_free_step_kernel(
     LR_FROM_TENSOR: tl.constexpr,
     HAS_GRAD_SCALE: tl.constexpr,
     HAS_FOUND_INF: tl.constexpr,
+    MEASURED: tl.constexpr,
     ALIGNED: tl.constexpr,
     PARAM_ALIGN: tl.constexpr,
     STATE_ALIGN: tl.constexpr,
@@ -220,6 +234,15 @@ def _schedule_free_step_kernel(
         rate = tl.load(lr_ptr).to(tl.float64)
     else:
         rate = from_bits(lr_bits)
+    if MEASURED:
+        # y takes 1 - beta1 of z's move, which the sums measure; the averaging weights below
+        # follow the rate applied.
+        rate = rate * measured_factor(
+            rate * (1.0 - from_bits(beta1_bits)),
+            tl.load(group_sums_ptr).to(tl.float64),
+            tl.load(group_sums_ptr + 1).to(tl.float64),
+            from_bits(cap_bits),
+        )
     beta2 = from_bits(beta2_bits)
     lr_t, lr_max, weight_sum, average, y_coefficient, bias_correction2 = _schedule(
         step,
@@ -267,20 +290,28 @@ def _schedule_free_step_kernel(
     )
     bases = (param_base, z_base, exp_avg_sq_base)
     if start + BLOCK <= numel:
-        _update_block(
+        moved_sq, old_sq = _update_block(
             param_ptr, grad_ptr, z_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
             *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
-            KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, True,
+            KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, MEASURED, True,
         )  # fmt: skip
     else:
         # The masked tail in two halves (4 elements a thread), as in adawarm_step.
+        moved_sq = 0.0
+        old_sq = 0.0
         for half in range(2):
             half_offsets = start + half * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-            _update_block(
+            half_moved_sq, half_old_sq = _update_block(
                 param_ptr, grad_ptr, z_ptr, exp_avg_sq_ptr, compensation_ptr, half_offsets,
                 numel, *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
-                KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, False,
+                KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, MEASURED,
+                False,
             )  # fmt: skip
+            moved_sq += half_moved_sq
+            old_sq += half_old_sq
+    if MEASURED:
+        # This block's part of its tensor's relative_update; the sums kernel adds them up.
+        store_part(partials_ptr, pid, moved_sq, old_sq, lr_t)
 
     blocks_of_tensor = tl.maximum(tl.cdiv(tl.load(numels + tensor), BLOCK), 1)
     if tl.atomic_add(done_counters + tensor, 1) == blocks_of_tensor - 1:
@@ -401,11 +432,15 @@ def launch_schedule_free_step(
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
     stochastic_state: bool = False,
+    group_sums: torch.Tensor | None = None,
+    cap: float = 0.0,
     num_warps: int | None = None,
 ) -> None:
     """Launch one schedule-free step over the tensors of ``tables``
     (``adawarm.kernels.common.launch_tables`` of the lists "param", "z", "exp_avg_sq", "grad",
-    "step", "weight_sum", "lr_max" and, for Kahan-compensated parameters, "compensation")."""
+    "step", "weight_sum", "lr_max" and, for Kahan-compensated parameters, "compensation").
+    ``group_sums`` and ``cap``: the measured warmup, measured on ``z``, as in
+    ``adawarm_step.launch_adawarm_step``."""
     lr_is_tensor = isinstance(lr, torch.Tensor)
     grid = (tables["block_tensors"].numel(),)
     _schedule_free_step_kernel[grid](
@@ -434,6 +469,9 @@ def launch_schedule_free_step(
         rounding_seed or 0,
         grad_scale if grad_scale is not None else tables["numels"],
         found_inf if found_inf is not None else tables["numels"],
+        group_sums if group_sums is not None else tables["numels"],
+        tables.get("partials", tables["numels"]),
+        float_bits(cap),
         PARAM_DTYPE=TRITON_DTYPES[param_dtype],
         STATE_DTYPE=TRITON_DTYPES[state_dtype],
         KAHAN="compensation_ptrs" in tables,
@@ -444,6 +482,7 @@ def launch_schedule_free_step(
         LR_FROM_TENSOR=lr_is_tensor,
         HAS_GRAD_SCALE=grad_scale is not None,
         HAS_FOUND_INF=found_inf is not None,
+        MEASURED=group_sums is not None,
         ALIGNED=tables["aligned"],
         PARAM_ALIGN=tables["param_align"],
         STATE_ALIGN=tables["state_align"],

@@ -142,6 +142,7 @@ PROMISES: dict[str, dict[str, tuple[str, ...]]] = {
     "per-group hyper-parameters": ALL,
     "LR schedulers compose with the ramp": ALL,
     "the warmup's length": ALL,
+    "the measured warmup": ALL,
     "closures": ALL,
     "foreach and fused choose the implementation": ALL,
     "GradScaler": ALL,

@@ -9,21 +9,22 @@ import math
 import pytest
 import torch
 from helpers import ODD_SHAPES, TOLERANCES, assert_close, make_params
-from kernel_cases import assert_same_params_and_state, optimizer_trajectory, reference_trajectory
+from kernel_cases import (
+    assert_same_params_and_state,
+    optimizer_trajectory,
+    reference_trajectory,
+    schedule_free_trajectory,
+)
 from promises import EXECUTIONS, device_of
 
-from adawarm import AdaWarm, AdaWarmScheduleFree
+from adawarm import AdaWarm
 from adawarm.kernels import common, measured
 from adawarm.kernels.measured import kernel_factors
 from adawarm.schedule import MEASURED_CAP, measured_factor
 
-# The Triton kernel takes fp32, bf16 and fp16 parameters; the torch backend fp64 too.
-CASES = [
-    (execution, dtype)
-    for execution in EXECUTIONS
-    for dtype in (torch.float32, torch.float64)
-    if execution != "Triton" or dtype != torch.float64
-]
+# fp64 parameters, which only the torch backend takes, keep fp64 sums (the promise matrix,
+# tests/test_promises.py, runs the measured warmup in fp32 on every execution).
+CASES = [(execution, torch.float64) for execution in ("reference", "foreach", "fused")]
 HYPER = {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
 # A rate the cap holds back for several steps, then releases; with a scheduler's changes.
 RATES = (0.05, 0.05, 0.04, 0.05, 0.03, 0.05, 0.02, 0.05, 0.05)
@@ -145,32 +146,6 @@ def test_the_first_step_is_capped_from_the_parameters_alone():
     torch.testing.assert_close(moved, torch.full_like(moved, 0.1 * factor), rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("execution", EXECUTIONS)
-def test_a_checkpoint_resumes_the_measurement_bit_for_bit(execution):
-    shapes = [(33,), (7, 5)]
-    device = device_of(execution)
-    grads = [[g.to(device) for g in step] for step in gradients(shapes, torch.float32, len(RATES))]
-    options = EXECUTIONS[execution]
-    straight, resumed = (
-        [p.detach().to(device).requires_grad_() for p in make_params(shapes, torch.float32, 1)]
-        for _ in range(2)
-    )
-    measured_steps(straight, grads, False, options)
-
-    def reload(index, optimizer):
-        if index == 3:
-            saved = copy.deepcopy(optimizer.state_dict())
-            assert all("relative_update" in state for state in saved["state"].values())
-            fresh = AdaWarm(resumed, warmup_steps="measured", **HYPER, **options)
-            fresh.load_state_dict(saved)
-            return fresh
-        return None
-
-    measured_steps(resumed, grads, False, options, reload)
-    for mine, theirs in zip(resumed, straight, strict=True):
-        assert torch.equal(mine.detach(), theirs.detach())
-
-
 def test_a_checkpoint_without_measurements_starts_measuring_from_its_parameters():
     params = make_params([(20, 10)], torch.float32, 2)
     trained = AdaWarm(params, lr=0.01)
@@ -204,49 +179,16 @@ def test_a_malformed_measurement_in_a_checkpoint_is_refused_and_nothing_loads():
     assert torch.equal(after["state"][0]["relative_update"], before["state"][0]["relative_update"])
 
 
-@pytest.mark.parametrize("execution", EXECUTIONS)
-def test_a_skipped_step_measures_nothing(execution):
-    device = device_of(execution)
-    params = [torch.randn(9, device=device, requires_grad=True)]
-    optimizer = AdaWarm(params, warmup_steps="measured", **EXECUTIONS[execution])
-    params[0].grad = torch.randn(9, device=device)
-    optimizer.step()
-    entry = optimizer.state[params[0]]["relative_update"].clone()
-    before = params[0].detach().clone()
-    optimizer.step(found_inf=torch.tensor(1.0, device=device))
-    assert torch.equal(optimizer.state[params[0]]["relative_update"], entry)
-    assert torch.equal(params[0].detach(), before)
+STORAGES = [
+    (torch.float32, {}),
+    (torch.float32, {"state_dtype": torch.bfloat16}),
+    (torch.bfloat16, {"compensation": "stochastic"}),
+    (torch.bfloat16, {"compensation": "kahan", "state_dtype": torch.bfloat16}),
+    (torch.float16, {"compensation": "kahan"}),
+]
 
 
-@pytest.mark.parametrize("execution", EXECUTIONS)
-def test_a_rate_of_zero_measures_nothing(execution):
-    device = device_of(execution)
-    params = [torch.randn(9, device=device, requires_grad=True)]
-    optimizer = AdaWarm(params, warmup_steps="measured", **EXECUTIONS[execution])
-    params[0].grad = torch.randn(9, device=device)
-    optimizer.step()
-    entry = optimizer.state[params[0]]["relative_update"].clone()
-    optimizer.param_groups[0]["lr"] = 0.0
-    optimizer.step()
-    assert torch.equal(optimizer.state[params[0]]["relative_update"], entry)
-
-
-def test_the_schedule_free_optimizer_refuses_it_for_now():
-    with pytest.raises(ValueError, match="'measured' is AdaWarm's only"):
-        AdaWarmScheduleFree(make_params([(3,)], torch.float32, 0), warmup_steps="measured")
-
-
-@pytest.mark.parametrize(
-    ("dtype", "storage"),
-    [
-        (torch.float32, {}),
-        (torch.float32, {"state_dtype": torch.bfloat16}),
-        (torch.bfloat16, {"compensation": "stochastic"}),
-        (torch.bfloat16, {"compensation": "kahan", "state_dtype": torch.bfloat16}),
-        (torch.float16, {"compensation": "kahan"}),
-    ],
-    ids=str,
-)
+@pytest.mark.parametrize(("dtype", "storage"), STORAGES, ids=str)
 def test_the_kernel_measures_what_the_torch_backend_and_the_reference_do(dtype, storage):
     shapes = [(0,), (1,), (1023,), (1025,), (3, 5)]
     options = {
@@ -270,6 +212,31 @@ def test_the_kernel_measures_what_the_torch_backend_and_the_reference_do(dtype, 
     assert_same_params_and_state(kernel, reference, dtype)
 
 
+@pytest.mark.parametrize(("dtype", "storage"), STORAGES, ids=str)
+def test_the_schedule_free_kernel_measures_what_the_torch_backend_does(dtype, storage):
+    shapes = [(0,), (1,), (1023,), (1025,), (3, 5)]
+    options = {
+        "lr": 0.05,
+        "betas": (0.9, 0.99),
+        "eps": 1e-8,
+        "weight_decay": 0.1,
+        "warmup_steps": "measured",
+        "rectify": True,
+        "maximize": False,
+        "rounding_seed": 5,
+        **storage,
+    }
+    run = {"inf_steps": {4}, "reload_at": 6, "evaluate_at": 2}  # a skipped step, a reload
+    kernel = schedule_free_trajectory({"backend": "triton"}, shapes, dtype, options, 9, **run)
+    backend = schedule_free_trajectory({"backend": "torch"}, shapes, dtype, options, 9, **run)
+    reference = schedule_free_trajectory(
+        {"backend": "torch", "foreach": False}, shapes, dtype, options, 9, **run
+    )
+    assert all("relative_update" in state for state in kernel[1])
+    assert_same_params_and_state(kernel, backend, dtype)
+    assert_same_params_and_state(kernel, reference, dtype)
+
+
 def test_each_tensors_sums_are_its_blocks_parts_in_order(monkeypatch):
     # A few parts a chunk, so that a tensor's parts span several chunks (as a tensor of more
     # than 2^20 elements does with the launcher's chunk), and tensors of one program.
@@ -287,6 +254,6 @@ def test_each_tensors_sums_are_its_blocks_parts_in_order(monkeypatch):
     tables.update(measured.measured_scratch(tables))
     parts = torch.rand(block_tensors.numel(), 2, generator=torch.Generator().manual_seed(0))
     tables["partials"].copy_(parts.reshape(-1))
-    measured.launch_measured_sums(tables, lr=0.1, found_inf=None)
+    measured.launch_measured_sums(tables, found_inf=None)
     expected = torch.zeros(len(numels), 2).index_add_(0, block_tensors.cpu().long(), parts)
     torch.testing.assert_close(torch.stack(entries).cpu(), expected)

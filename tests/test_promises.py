@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import gradient_stream, make_params
+from helpers import TOLERANCES, gradient_stream, make_params
 from promises import (
     KINDS,
     PROMISES,
@@ -30,6 +30,8 @@ from promises import (
     used_promises,
 )
 from torch import Tensor
+
+from adawarm.schedule import MEASURED_CAP, measured_factor, rectification
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -605,6 +607,112 @@ def test_total_steps_sets_each_groups_default_ramp_and_late_groups_ramp_from_the
     assert optimizer.effective_lr()[2] == pytest.approx(lr / DEFAULT_RAMP)
     run(optimizer, params, gradient_stream([(3,), (4,), (5,)], torch.float32, 1, 16))
     assert [float(optimizer.state[p]["step"]) for p in params] == [7.0, 7.0, 1.0]
+
+
+# -- the measured warmup ----------------------------------------------------------------------
+
+# A rate the measured warmup holds back for some steps and then releases, changed by a
+# scheduler between steps (the factor reads the rate it is applied to).
+MEASURED_RATES = (0.05, 0.05, 0.04, 0.05, 0.03, 0.05, 0.02, 0.05, 0.05)
+
+
+def measured_by_hand(kind, params, grads, rectify):
+    """The plain optimizer (no ramp) at each step's rate times the factor of the relative
+    updates measured here -- on the parameters (AdaWarm) or on ``z``, of whose move the
+    parameters take ``1 - beta1`` (AdaWarmScheduleFree): the first from Adam's first step
+    (every element moves by the rate), then each from the last step's move divided by the rate
+    that step applied to it (none measured at rate 0: a silent rectified step)."""
+    options = {**SETTINGS, "warmup_steps": 0, "rectify": rectify}
+    optimizer = optimizer_for(kind, params, "reference", **options)
+    beta1, beta2 = options["betas"]
+    share = 1.0 - beta1 if kind.schedule_free else 1.0
+
+    def measured() -> list[Tensor]:
+        states = [optimizer.state.get(p, {}) for p in params]
+        return [state.get("z", p).detach().clone() for state, p in zip(states, params, strict=True)]
+
+    update_sq = float(sum(p.numel() for p in params))
+    param_sq = sum(float(t.double().square().sum()) for t in measured())
+    for step, (rate, step_grads) in enumerate(zip(MEASURED_RATES, grads, strict=True), 1):
+        applied = rate * measured_factor(rate * share, update_sq, param_sq)
+        optimizer.param_groups[0]["lr"] = applied
+        before = measured()
+        run(optimizer, params, [step_grads])
+        moving = applied
+        if kind.schedule_free and rectify:  # z moves at the rectified rate
+            moving *= rectification(step, beta2)
+        if moving > 0.0:
+            moves = [(a - b).double() / moving for a, b in zip(measured(), before, strict=True)]
+            update_sq = sum(float(m.square().sum()) for m in moves)
+            param_sq = sum(float(b.double().square().sum()) for b in before)
+    return optimizer, (update_sq, param_sq)
+
+
+@pytest.mark.parametrize("rectify", [False, True], ids=["no rectification", "rectify"])
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("the measured warmup"))
+def test_the_measured_warmup_is_the_plain_step_at_the_rate_it_measures(
+    kind, execution, holds, rectify
+):
+    device = device_of(execution)
+    grads = gradient_stream(SHAPES, torch.float32, len(MEASURED_RATES), 21)
+    params = on_device(make_params(SHAPES, torch.float32, 21), device)
+    options = {**SETTINGS, "warmup_steps": "measured", "rectify": rectify}
+    optimizer = optimizer_for(kind, params, execution, **options)
+    factors = []
+
+    def set_rate(index):
+        optimizer.param_groups[0]["lr"] = MEASURED_RATES[index]
+        factors.append(optimizer.warmup_factor()[0])
+
+    run(optimizer, params, grads, before_step=set_rate)
+    reference_params = make_params(SHAPES, torch.float32, 21)
+    plain, sums = measured_by_hand(kind, reference_params, grads, rectify)
+    seen = observe(optimizer, params, evaluated=False)
+    entries = {name: seen.pop(name) for name in list(seen) if name.startswith("relative_update")}
+    assert_matches(seen, observe(plain, reference_params, evaluated=False), torch.float32)
+    # a move is a difference of parameters: their relative error over the relative update
+    rtol = TOLERANCES[torch.float32][0] / MEASURED_CAP
+    measured = torch.stack(list(entries.values())).sum(0).double()
+    torch.testing.assert_close(measured, torch.tensor(sums, dtype=torch.float64), rtol=rtol, atol=0)
+    assert len(entries) == len(params) and factors[0] < 1.0  # the first step was held back
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("the measured warmup"))
+def test_the_measured_warmup_resumes_bit_for_bit(kind, execution, holds):
+    device = device_of(execution)
+    grads = gradient_stream(SHAPES, torch.float32, len(MEASURED_RATES), 22)
+    options = {**SETTINGS, "warmup_steps": "measured"}
+    straight, resumed = (on_device(make_params(SHAPES, torch.float32, 22), device) for _ in "ab")
+    uninterrupted = optimizer_for(kind, straight, execution, **options)
+    run(uninterrupted, straight, grads)
+    first = optimizer_for(kind, resumed, execution, **options)
+    run(first, resumed, grads[:4])
+    second = optimizer_for(kind, resumed, execution, **options)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    run(second, resumed, grads[4:])
+    assert_identical(
+        observe(second, resumed, evaluated=False),
+        observe(uninterrupted, straight, evaluated=False),
+    )
+
+
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("the measured warmup"))
+def test_the_measured_warmup_measures_nothing_of_a_skipped_step_or_at_rate_0(
+    kind, execution, holds
+):
+    device = device_of(execution)
+    grads = gradient_stream(SHAPES, torch.float32, 3, 23)
+    params = on_device(make_params(SHAPES, torch.float32, 23), device)
+    optimizer = optimizer_for(kind, params, execution, **{**SETTINGS, "warmup_steps": "measured"})
+    run(optimizer, params, grads[:2])
+    before = {k: v for k, v in observe(optimizer, params).items() if "relative_update" in k}
+    optimizer.step(found_inf=torch.tensor(1.0, device=device))  # GradScaler skips it
+    optimizer.param_groups[0]["lr"] = 0.0
+    run(optimizer, params, grads[2:])
+    after = observe(optimizer, params)
+    assert len(before) == len(params)
+    for name, value in before.items():
+        assert torch.equal(after[name], value), name
 
 
 # -- execution choices -------------------------------------------------------------------------

@@ -29,7 +29,7 @@ schedule_free_options = st.fixed_dictionaries(
         "betas": st.tuples(st.floats(0.5, 0.99), st.floats(0.8, 0.9999)),
         "eps": st.floats(1e-10, 1e-3),
         "weight_decay": st.floats(0.0, 0.5),
-        "warmup_steps": st.sampled_from([0, 1, 5, "untuned", "auto"]),
+        "warmup_steps": st.sampled_from([0, 1, 5, "untuned", "auto", "measured"]),
         "rectify": st.booleans(),
         "r": st.sampled_from([0.0, 0.5, 2.0]),
         "weight_lr_power": st.sampled_from([0.0, 1.0, 2.0]),
