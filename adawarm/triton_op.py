@@ -45,7 +45,14 @@ def _table_cache_for(params: Sequence[Tensor]) -> dict:
 # inference has listed since custom_op appeared (torch 2.4); checked on torch 2.11 and 2.13.
 @torch.library.custom_op(
     "adawarm::triton_step_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "state_steps", "compensations"),
+    mutates_args=(
+        "params",
+        "exp_avgs",
+        "exp_avg_sqs",
+        "state_steps",
+        "compensations",
+        "relative_updates",
+    ),
 )
 def _triton_step_(
     params: list[Tensor],
@@ -64,6 +71,7 @@ def _triton_step_(
     warmup_steps: int,
     rectify: bool,
     maximize: bool,
+    relative_updates: list[Tensor],  # the measured warmup's entries; empty without it
     grad_scale: Optional[Tensor] = None,  # noqa: UP045
     found_inf: Optional[Tensor] = None,  # noqa: UP045
     rounding_seed: Optional[int] = None,  # noqa: UP045
@@ -92,6 +100,7 @@ def _triton_step_(
         compensations=aligned,
         rounding_seed=rounding_seed,
         stochastic_params=stochastic_params,
+        relative_updates=relative_updates or None,
     )
 
 
@@ -119,9 +128,11 @@ def triton_step_op(
 
     ``table_cache`` is not used: a compiled graph cannot pass a dict into an op, so the op keeps
     its own caches. Kahan buffers travel as the present ones and their positions, because
-    torch.compile cannot functionalize a mutated list with ``None`` entries.
+    torch.compile cannot functionalize a mutated list with ``None`` entries. The measured
+    warmup's ``relative_updates`` (in ``options``) travel as a list, empty without it.
     """
     del table_cache
+    options["relative_updates"] = list(options.get("relative_updates") or ())
     positions = [i for i, buffer in enumerate(compensations or ()) if buffer is not None]
     torch.ops.adawarm.triton_step_(
         list(params),

@@ -12,24 +12,29 @@ import torch
 from helpers import assert_bit_identical, count_calls
 
 from adawarm import adawarm, triton_backend
+from adawarm.state import first_relative_update
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = (0, 1, 1023, 1025)
 STEPS = 8  # past RAdam's rectification threshold (step 6)
 
 
-def functional_state(seed: int) -> dict[str, list]:
-    """fp32 tensors of odd sizes and one bf16 tensor with a Kahan buffer, and their states."""
+def functional_state(seed: int, measured: bool = False) -> dict[str, list]:
+    """fp32 tensors of odd sizes and one bf16 tensor with a Kahan buffer, and their states
+    (with ``measured``, the measured warmup's entries)."""
     generator = torch.Generator().manual_seed(seed)
     params = [torch.randn(n, generator=generator).to(DEVICE) for n in SIZES]
     params.append(torch.randn(5, generator=generator).to(DEVICE, torch.bfloat16))
-    return {
+    state = {
         "params": params,
         "exp_avgs": [torch.zeros_like(p, dtype=torch.float32) for p in params],
         "exp_avg_sqs": [torch.zeros_like(p, dtype=torch.float32) for p in params],
         "state_steps": [torch.zeros((), device=DEVICE) for _ in params],
         "compensations": [None] * len(SIZES) + [torch.zeros_like(params[-1])],
     }
+    if measured:
+        state["relative_updates"] = [first_relative_update(p, DEVICE) for p in params]
+    return state
 
 
 def gradients(step: int, params: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -49,10 +54,11 @@ def functional_step(state: dict[str, list], grads: list[torch.Tensor], lr: torch
         beta2=0.99,
         eps=1e-8,
         weight_decay=0.1,
-        warmup_steps="auto",
+        warmup_steps="measured" if "relative_updates" in state else "auto",
         rectify=True,
         backend="triton",
         compensations=state["compensations"],
+        relative_updates=state.get("relative_updates"),
     )
 
 
@@ -60,14 +66,15 @@ def every_tensor(state: dict[str, list]) -> list[torch.Tensor]:
     return [t for tensors in state.values() for t in tensors if t is not None]
 
 
+@pytest.mark.parametrize("measured", [False, True], ids=["ramp", "measured"])
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compiled_functional_step_is_one_op_and_updates_like_eager(compiler):
+def test_compiled_functional_step_is_one_op_and_updates_like_eager(compiler, measured):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend(compiler)
     compiled_step = torch.compile(functional_step, backend=counter, fullgraph=True)
-    eager, compiled = functional_state(seed=3), functional_state(seed=3)
+    eager, compiled = functional_state(3, measured), functional_state(3, measured)
     for step in range(STEPS):
         lr = torch.tensor(1e-2 / (step + 1), device=DEVICE)  # a new rate every step
         functional_step(eager, gradients(step, eager["params"]), lr)
@@ -85,8 +92,9 @@ def test_compiled_functional_step_is_one_op_and_updates_like_eager(compiler):
     assert all(float(step) == STEPS for step in compiled["state_steps"])
 
 
-def test_custom_op_declares_exactly_what_it_mutates():
-    args = op_arguments(functional_state(seed=4))
+@pytest.mark.parametrize("measured", [False, True], ids=["ramp", "measured"])
+def test_custom_op_declares_exactly_what_it_mutates(measured):
+    args = op_arguments(functional_state(4, measured))
     # Checks the schema against the op's real mutations, its fake kernel, and AOT dispatch.
     results = torch.library.opcheck(torch.ops.adawarm.triton_step_.default, args)
     assert set(results.values()) == {"SUCCESS"}, results
@@ -121,6 +129,7 @@ def op_arguments(state: dict[str, list]) -> tuple:
         3,
         True,
         False,
+        state.get("relative_updates", []),
         None,
         None,
         None,
