@@ -35,6 +35,7 @@ from pathlib import Path
 from torch import Tensor
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
+from adawarm.schedule import MEASURED
 from bench import RUNS
 from bench.grid import (
     ADAMW_NO_WARMUP,
@@ -120,6 +121,12 @@ RULES = {
     "tensor cap 0.003": Rule(0.003, per_tensor=True),
     "tensor cap 0.01": Rule(0.01, per_tensor=True),
 }
+
+
+# The rule as the optimizers ship it (warmup_steps="measured": the group cap 0.005 with its
+# first step predicted, computed inside the step), run by the optimizers themselves.
+SHIPPED = "warmup_steps='measured'"
+CHOICES = (SHIPPED, *RULES)
 
 
 class _MeasuredRate:
@@ -363,9 +370,10 @@ def main(argv: list[str] | None = None) -> str:
         "--rules",
         nargs="+",
         default=list(RULES),
-        choices=list(RULES),
+        choices=list(CHOICES),
         metavar="RULE",
-        help=f"the rules to train (default: all): {'; '.join(RULES)}",
+        help=f"the rules to train (default: every prototype): {'; '.join(CHOICES)} (the first "
+        "is the optimizers' own, the others prototypes)",
     )
     parser.add_argument(
         "--only", action="append", help="cells whose name contains this text (repeatable)"
@@ -457,7 +465,11 @@ def main(argv: list[str] | None = None) -> str:
 
 
 def method_of(optimizer: str, rule: str) -> Method:
-    """The grid method of ``rule`` in ``optimizer`` (a key of :data:`FAMILIES`)."""
+    """The grid method of ``rule`` in ``optimizer`` (a key of :data:`FAMILIES`): the optimizer
+    itself with ``warmup_steps="measured"`` for :data:`SHIPPED`, else a prototype."""
+    if rule == SHIPPED:
+        kind = "adawarm-schedulefree" if optimizer == "AdaWarmScheduleFree" else "adawarm"
+        return Method(f"{optimizer} {SHIPPED}", kind, warmup=MEASURED)
     return measured_method(rule, schedule_free=optimizer == "AdaWarmScheduleFree")
 
 
