@@ -68,9 +68,11 @@ def assert_matches_single_process(params, kind):
 KINDS = list(workers.OPTIMIZERS)
 
 
-@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("kind", KINDS + list(workers.MEASURED_OPTIMIZERS))
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_ddp_on_two_ranks_matches_one_rank_on_the_whole_batch(tmp_path, kind, backend):
+    # DDP's ranks hold the same parameters and all-reduced gradients, so each measures what one
+    # rank on the whole batch does: the measured warmup needs no reduction of its own.
     assert_matches_single_process(spawn(workers.ddp_worker, tmp_path, kind, backend), kind)
 
 
@@ -78,6 +80,14 @@ def test_ddp_on_two_ranks_matches_one_rank_on_the_whole_batch(tmp_path, kind, ba
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fsdp2_sharded_training_matches_one_rank(tmp_path, kind, backend):
     assert_matches_single_process(spawn(workers.fsdp_worker, tmp_path, kind, backend), kind)
+
+
+@pytest.mark.parametrize("kind", list(workers.MEASURED_OPTIMIZERS))
+def test_fsdp2_refuses_the_measured_warmup_before_anything_changes(tmp_path, kind):
+    # Each rank would measure its own shards; the factor needs the whole tensors' sums.
+    result = spawn(workers.fsdp_measured_worker, tmp_path, kind)
+    assert "warmup_steps='measured'" in result["message"] and "DTensors" in result["message"]
+    assert result["unchanged"] and result["states"] == 0
 
 
 @pytest.mark.parametrize("kind", KINDS)
