@@ -240,14 +240,14 @@ def run_backend(
     total_steps: int | None = None,
     table_cache: dict | None,
     **options,
-) -> None:
-    """Run the step on a backend :func:`select_backend` has already approved for these tensors."""
+) -> Tensor | None:
+    """Run the step on a backend :func:`select_backend` has already approved for these tensors;
+    with the measured warmup, return the factor it applied (a tensor)."""
     tensors = (params, grads, exp_avgs, exp_avg_sqs, state_steps)
     options.update(beta2=beta2, warmup_steps=resolve_warmup_steps(warmup_steps, beta2, total_steps))
     if backend == "triton":
         # Under torch.compile the step is one custom op; eagerly the op's dispatch would only
         # add host time.
         step = triton_step_op if torch.compiler.is_compiling() else triton_step
-        step(*tensors, **options, table_cache=table_cache)
-    else:
-        torch_step(*tensors, **options, implementation=torch_implementation)
+        return step(*tensors, **options, table_cache=table_cache)
+    return torch_step(*tensors, **options, implementation=torch_implementation)

@@ -164,10 +164,12 @@ class AdaWarm(WarmupOptimizer):
             if saved and not isinstance(saved["step"], Tensor):
                 saved["step"] = checkpoint.step_counter(saved["step"], index)
 
-    def _run(self, work: GroupStep, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    def _run(
+        self, work: GroupStep, grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> Tensor | None:
         group, states = work.group, work.states
         beta1, beta2 = work.betas
-        run_backend(
+        return run_backend(
             work.backend,
             work.shards,
             work.local(work.grads),

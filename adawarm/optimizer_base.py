@@ -109,6 +109,8 @@ class WarmupOptimizer(Optimizer):
         # Per group index: its packed state entries as the torch backend last stepped them, and
         # the gradients' scratch that goes with them (see _packed_states).
         self._packs: dict[int, tuple[dict[str, list[Tensor]], PackedTensors | None]] = {}
+        # Per group index: the measured warmup's factor its last step applied (a tensor).
+        self._measured_factors: dict[int, Tensor] = {}
         super().__init__(params, defaults)
 
     # -- what a subclass defines --------------------------------------------------------------
@@ -120,7 +122,11 @@ class WarmupOptimizer(Optimizer):
     def _new_state(self, param: Tensor, group: dict[str, Any], counter_device) -> dict:
         raise NotImplementedError
 
-    def _run(self, work: GroupStep, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    def _run(
+        self, work: GroupStep, grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> Tensor | None:
+        """Run one group's step; return the measured warmup's factor it applied (a tensor), or
+        None."""
         raise NotImplementedError
 
     def _table_cache(self, work: GroupStep) -> dict | None:
@@ -154,6 +160,7 @@ class WarmupOptimizer(Optimizer):
         self._completed = set()
         self._checked = {}
         self._packs = {}
+        self._measured_factors = {}
         for group in self.param_groups:
             for key, value in self.defaults.items():  # groups pickled by older versions
                 group.setdefault(key, value)
@@ -447,8 +454,7 @@ class WarmupOptimizer(Optimizer):
             completed = configurations <= self._completed
             if created or not completed:
                 snapshot = StepSnapshot(work, created)
-            for item in work:
-                self._run(item, grad_scale, found_inf)
+            factors = [(item.index, self._run(item, grad_scale, found_inf)) for item in work]
         except BaseException as error:
             for param in created:
                 del self.state[param]
@@ -463,6 +469,9 @@ class WarmupOptimizer(Optimizer):
             raise replacement from error
         if not completed:
             self._completed |= configurations
+        self._measured_factors.update(
+            (index, factor) for index, factor in factors if factor is not None
+        )
         for item in work:
             if item.scheduler_warms_up:
                 item.group["warmup_steps"] = 0
@@ -526,6 +535,14 @@ class WarmupOptimizer(Optimizer):
         """The share of the measured tensors' move that the parameters take, per unit of rate
         (``adawarm.schedule.measured_factor``)."""
         return 1.0
+
+    def measured_factors(self) -> list[Tensor | None]:
+        """Per group, the factor that ``warmup_steps="measured"`` put on the rate at the group's
+        last step that ran (a 0-dim float32 tensor; None for a group that does not measure, or
+        before its first step). The Triton kernel writes it on the parameters' device during the
+        step, so logging it costs no host sync until its value is read (the torch backend's is
+        on the CPU). Later steps may overwrite the tensor in place: copy it to keep a value."""
+        return [self._measured_factors.get(index) for index in range(len(self.param_groups))]
 
     def effective_lr(self) -> list[float]:
         """Per group, the rate the next ``step()`` applies to the adaptive step: the group's

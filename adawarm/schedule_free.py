@@ -177,10 +177,12 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             )
         return work
 
-    def _run(self, work: GroupStep, grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+    def _run(
+        self, work: GroupStep, grad_scale: Tensor | None, found_inf: Tensor | None
+    ) -> Tensor | None:
         group, states = work.group, work.states
         beta1, beta2 = work.betas
-        run_schedule_free(
+        return run_schedule_free(
             work.backend,
             work.shards,
             work.local(work.grads),

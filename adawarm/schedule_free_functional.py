@@ -26,18 +26,18 @@ def run_schedule_free(
     table_cache: dict | None,
     gradient_scratch: PackedTensors | None = None,
     **options,
-) -> None:
-    """One schedule-free step (``warmup_steps`` resolved to an int) on ``backend``."""
+) -> Tensor | None:
+    """One schedule-free step (``warmup_steps`` resolved to an int) on ``backend``; with the
+    measured warmup, returns the factor it applied (a tensor)."""
     tensors = (params, grads, zs, exp_avg_sqs, state_steps, weight_sums, lr_maxes)
     if backend == "triton":
-        triton_schedule_free_step(*tensors, **options, table_cache=table_cache)
-    else:
-        schedule_free_torch_step(
-            *tensors,
-            **options,
-            implementation=torch_implementation,
-            gradient_scratch=gradient_scratch,
-        )
+        return triton_schedule_free_step(*tensors, **options, table_cache=table_cache)
+    return schedule_free_torch_step(
+        *tensors,
+        **options,
+        implementation=torch_implementation,
+        gradient_scratch=gradient_scratch,
+    )
 
 
 def switch(

@@ -181,7 +181,7 @@ def schedule_free_torch_step(
     stochastic_params: bool = False,
     gradient_scratch: PackedTensors | None = None,
     relative_updates: Sequence[Tensor] | None = None,
-) -> None:
+) -> Tensor | None:
     """One schedule-free step over one parameter group's tensors, in train mode (``params``
     hold ``y``; ``warmup_steps`` resolved to an int).
 
@@ -195,18 +195,21 @@ def schedule_free_torch_step(
     ``found_inf`` set (GradScaler) nothing changes; ``grad_scale`` divides the gradients.
     ``implementation=None`` is ``foreach``. ``relative_updates`` (the measured warmup) scale the
     rate as in :func:`adawarm.torch_backend.torch_step`, measured on ``z``, of whose move ``y``
-    takes ``1 - beta1``; the averaging weights take the rate applied.
+    takes ``1 - beta1``; the averaging weights take the rate applied. Returns the factor
+    applied, as :func:`adawarm.torch_backend.torch_step` does.
     """
     if found_inf is not None and bool(found_inf.item()):
-        return
+        return None
     if not params:
-        return
+        return None
     if grad_scale is not None:
         grads = torch._foreach_div(list(grads), grad_scale.to(grads[0].device))
     if isinstance(lr, Tensor):
         lr = float(lr.item())
+    factor = None
     if relative_updates is not None:
-        lr *= measured_factor_of(relative_updates, lr * (1.0 - beta1))
+        factor = measured_factor_of(relative_updates, lr * (1.0 - beta1))
+        lr *= factor
     if compensations is None:
         compensations = [None] * len(params)
     lists = [params, grads, zs, exp_avg_sqs, state_steps, weight_sums, lr_maxes, compensations]
@@ -259,6 +262,7 @@ def schedule_free_torch_step(
                 select_all(counters[:changed], indices),
                 (schedule.step, schedule.weight_sum, schedule.lr_max)[:changed],
             )
+    return None if factor is None else torch.tensor(factor, dtype=torch.float32)
 
 
 def _takes_packed_step(

@@ -262,7 +262,7 @@ def torch_step(
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
     relative_updates: Sequence[Tensor] | None = None,
-) -> None:
+) -> Tensor | None:
     """One AdaWarm step over one parameter group's tensors (``warmup_steps`` resolved to an int).
 
     The update is computed in fp32 (fp64 for fp64 tensors) and stored in each tensor's dtype.
@@ -279,20 +279,23 @@ def torch_step(
 
     ``relative_updates`` (the measured warmup; pairs on the CPU, one per tensor) scale
     the rate by :func:`~adawarm.schedule.measured_factor` of their sums, and are replaced by
-    the sums of this step (:func:`record_relative_updates`).
+    the sums of this step (:func:`record_relative_updates`); the factor applied is returned
+    (a float32 CPU tensor; None without them, or where nothing stepped).
     """
     if implementation is None:
         implementation = "fused"
     if found_inf is not None and bool(found_inf.item()):
-        return
+        return None
     if not params:
-        return
+        return None
     if grad_scale is not None:
         grads = torch._foreach_div(list(grads), grad_scale.to(grads[0].device))
     if isinstance(lr, Tensor):
         lr = float(lr.item())
+    factor = None
     if relative_updates is not None:
-        lr *= measured_factor_of(relative_updates, lr)
+        factor = measured_factor_of(relative_updates, lr)
+        lr *= factor
 
     if compensations is None:
         compensations = [None] * len(params)
@@ -352,6 +355,8 @@ def torch_step(
                 rounding_seed=rounding_seed,
                 stochastic_params=stochastic_params,
             )
+
+    return None if factor is None else torch.tensor(factor, dtype=torch.float32)
 
 
 def measured_factor_of(relative_updates: Sequence[Tensor], lr: float) -> float:

@@ -279,17 +279,20 @@ def triton_step(
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
     relative_updates: Sequence[Tensor] | None = None,
-) -> None:
+) -> Tensor | None:
     """One AdaWarm step through the Triton kernel (``warmup_steps`` resolved to an int).
 
     The caller has checked the tensors with :func:`unservable_reason`. ``state_steps`` are fp32
     scalars on the parameters' device, advanced by the kernel.
     ``table_cache`` (any dict kept between steps) holds the pointer tables. Stores round as in
-    :func:`adawarm.torch_backend.torch_step`, from the same random streams.
+    :func:`adawarm.torch_backend.torch_step`, from the same random streams. With
+    ``relative_updates`` (the measured warmup), returns the device tensor that the first launch
+    writes the factor it applied to (kept with the tables: later steps overwrite it).
     """
     if table_cache is None:
         table_cache = {}
     measured_sums = _group_sums(params, relative_updates)
+    factor = None
     for device, dtype, indices in _launch_groups(params):
         lists = {
             "param": select(params, indices),
@@ -340,6 +343,8 @@ def triton_step(
             _measured_kernels().launch_measured_sums(
                 tables, found_inf=None if found_inf is None else found_inf.to(device)
             )
+            factor = tables["factor"] if factor is None else factor
+    return factor
 
 
 def triton_schedule_free_step(
@@ -368,7 +373,7 @@ def triton_schedule_free_step(
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
     relative_updates: Sequence[Tensor] | None = None,
-) -> None:
+) -> Tensor | None:
     """One AdaWarmScheduleFree step through its Triton kernel, one launch per (device, dtype)
     group, as :func:`triton_step`; ``state_steps`` (fp32), ``weight_sums`` and ``lr_maxes``
     (fp64) are scalars on the parameters' device, advanced by the kernel. Stores round as in
@@ -376,6 +381,7 @@ def triton_schedule_free_step(
     if table_cache is None:
         table_cache = {}
     measured_sums = _group_sums(params, relative_updates)
+    factor = None
     for device, dtype, indices in _launch_groups(params):
         lists = {
             "param": select(params, indices),
@@ -423,6 +429,8 @@ def triton_schedule_free_step(
             _measured_kernels().launch_measured_sums(
                 tables, found_inf=None if found_inf is None else found_inf.to(device)
             )
+            factor = tables["factor"] if factor is None else factor
+    return factor
 
 
 def triton_switch(

@@ -182,6 +182,7 @@ def _adawarm_step_kernel(
     found_inf_ptr,
     group_sums_ptr,
     partials_ptr,
+    factor_ptr,
     cap_bits,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
@@ -214,12 +215,15 @@ def _adawarm_step_kernel(
     else:
         rate = from_bits(lr_bits)
     if MEASURED:
-        rate = rate * measured_factor(
+        factor = measured_factor(
             rate,
             tl.load(group_sums_ptr).to(tl.float64),
             tl.load(group_sums_ptr + 1).to(tl.float64),
             from_bits(cap_bits),
         )
+        rate = rate * factor
+        if pid == 0:  # for logging, without a host sync
+            tl.store(factor_ptr, factor.to(tl.float32))
     decay, step_size, bias_correction2_sqrt, eps_t, adaptive = _schedule(
         step,
         rate,
@@ -406,6 +410,7 @@ def launch_adawarm_step(
         found_inf if found_inf is not None else tables["numels"],
         group_sums if group_sums is not None else tables["numels"],
         tables.get("partials", tables["numels"]),
+        tables.get("factor", tables["numels"]),
         float_bits(cap),
         PARAM_DTYPE=TRITON_DTYPES[param_dtype],
         STATE_DTYPE=TRITON_DTYPES[state_dtype],

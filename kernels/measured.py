@@ -95,8 +95,8 @@ SUMS_CHUNK = 1024
 
 
 def measured_scratch(tables: dict[str, torch.Tensor | int]) -> dict[str, torch.Tensor]:
-    """What a measured launch adds to its tables: two floats per program for the parts, and
-    each tensor's first program."""
+    """What a measured launch adds to its tables: two floats per program for the parts, each
+    tensor's first program, and the factor the launch applied (written by its first program)."""
     block_tensors = tables["block_tensors"]
     device = block_tensors.device
     counts = torch.bincount(block_tensors.long(), minlength=tables["numels"].numel())
@@ -104,6 +104,7 @@ def measured_scratch(tables: dict[str, torch.Tensor | int]) -> dict[str, torch.T
     return {
         "partials": torch.zeros(2 * block_tensors.numel(), dtype=torch.float32, device=device),
         "first_blocks": first.to(torch.int64),
+        "factor": torch.ones((), dtype=torch.float32, device=device),
     }
 
 

@@ -204,6 +204,7 @@ def _schedule_free_step_kernel(
     found_inf_ptr,
     group_sums_ptr,
     partials_ptr,
+    factor_ptr,
     cap_bits,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
@@ -237,12 +238,15 @@ def _schedule_free_step_kernel(
     if MEASURED:
         # y takes 1 - beta1 of z's move, which the sums measure; the averaging weights below
         # follow the rate applied.
-        rate = rate * measured_factor(
+        factor = measured_factor(
             rate * (1.0 - from_bits(beta1_bits)),
             tl.load(group_sums_ptr).to(tl.float64),
             tl.load(group_sums_ptr + 1).to(tl.float64),
             from_bits(cap_bits),
         )
+        rate = rate * factor
+        if pid == 0:  # for logging, without a host sync
+            tl.store(factor_ptr, factor.to(tl.float32))
     beta2 = from_bits(beta2_bits)
     lr_t, lr_max, weight_sum, average, y_coefficient, bias_correction2 = _schedule(
         step,
@@ -471,6 +475,7 @@ def launch_schedule_free_step(
         found_inf if found_inf is not None else tables["numels"],
         group_sums if group_sums is not None else tables["numels"],
         tables.get("partials", tables["numels"]),
+        tables.get("factor", tables["numels"]),
         float_bits(cap),
         PARAM_DTYPE=TRITON_DTYPES[param_dtype],
         STATE_DTYPE=TRITON_DTYPES[state_dtype],

@@ -54,7 +54,7 @@ class Variant:
     rectify: bool = True
     aligned: bool = True
     flags: bool = False  # maximize, tensor lr, GradScaler's scale and found_inf, all on
-    measured: bool = False  # AdaWarm's measured warmup: its factor, and each block's sums
+    measured: bool = False  # the measured warmup: its factor, and each block's sums
     arch: int = 90
     kernel: str = "adamw"  # a key of KERNELS
 
@@ -105,8 +105,7 @@ class Variant:
             "STATE_ALIGN": state_align,
             "BLOCK": BLOCK,
         }
-        if self.kernel == "adamw":
-            constexprs["MEASURED"] = self.measured
+        constexprs["MEASURED"] = self.measured  # both steps (the switch returned above)
         return constexprs
 
     def expected_vector_accesses(self) -> Counter:

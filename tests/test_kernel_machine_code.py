@@ -40,15 +40,25 @@ REPRESENTATIVE = [
         flags=True,
     ),
     Variant(kernel="schedule-free", param_dtype=torch.float16, kahan=True, arch=80),
+    Variant(kernel="schedule-free", measured=True),
+    Variant(
+        kernel="schedule-free",
+        param_dtype=torch.bfloat16,
+        state_dtype=torch.bfloat16,
+        stochastic=True,
+        flags=True,
+        measured=True,
+        arch=80,
+    ),
     Variant(kernel="switch"),
     Variant(kernel="switch", param_dtype=torch.bfloat16, kahan=True),
 ]
 
 
 def every_variant() -> list[Variant]:
-    """Every constexpr variant the backends launch, for sm_90 and sm_80: both steps (AdaWarm's
-    with and without the measured warmup), and the switch (which has no schedule, flags or
-    state stores)."""
+    """Every constexpr variant the backends launch, for sm_90 and sm_80: both steps (with and
+    without the measured warmup), and the switch (which has no schedule, flags or state
+    stores)."""
     variants = []
     for kernel, param, state, rectify, aligned, flags, arch in itertools.product(
         ("adamw", "schedule-free", "switch"),
@@ -69,7 +79,7 @@ def every_variant() -> list[Variant]:
         if param == torch.bfloat16:
             modes.append({"stochastic": True})
         for mode, measured in itertools.product(modes, (False, True)):
-            if measured and kernel != "adamw":
+            if measured and kernel == "switch":
                 continue
             variants.append(Variant(param, state, rectify=rectify, aligned=aligned, flags=flags,
                                     arch=arch, kernel=kernel, measured=measured,

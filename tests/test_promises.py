@@ -633,8 +633,10 @@ def measured_by_hand(kind, params, grads, rectify):
 
     update_sq = float(sum(p.numel() for p in params))
     param_sq = sum(float(t.double().square().sum()) for t in measured())
+    factors = []
     for step, (rate, step_grads) in enumerate(zip(MEASURED_RATES, grads, strict=True), 1):
-        applied = rate * measured_factor(rate * share, update_sq, param_sq)
+        factors.append(measured_factor(rate * share, update_sq, param_sq))
+        applied = rate * factors[-1]
         optimizer.param_groups[0]["lr"] = applied
         before = measured()
         run(optimizer, params, [step_grads])
@@ -645,7 +647,7 @@ def measured_by_hand(kind, params, grads, rectify):
             moves = [(a - b).double() / moving for a, b in zip(measured(), before, strict=True)]
             update_sq = sum(float(m.square().sum()) for m in moves)
             param_sq = sum(float(b.double().square().sum()) for b in before)
-    return optimizer, (update_sq, param_sq)
+    return optimizer, (update_sq, param_sq), factors
 
 
 @pytest.mark.parametrize("rectify", [False, True], ids=["no rectification", "rectify"])
@@ -658,15 +660,21 @@ def test_the_measured_warmup_is_the_plain_step_at_the_rate_it_measures(
     params = on_device(make_params(SHAPES, torch.float32, 21), device)
     options = {**SETTINGS, "warmup_steps": "measured", "rectify": rectify}
     optimizer = optimizer_for(kind, params, execution, **options)
-    factors = []
+    assert optimizer.measured_factors() == [None]
+    announced, applied = [], []  # warmup_factor() before each step; the factor it applied
 
     def set_rate(index):
         optimizer.param_groups[0]["lr"] = MEASURED_RATES[index]
-        factors.append(optimizer.warmup_factor()[0])
+        announced.append(optimizer.warmup_factor()[0])
+        if index:
+            applied.append(float(optimizer.measured_factors()[0]))
 
     run(optimizer, params, grads, before_step=set_rate)
+    (factor,) = optimizer.measured_factors()
+    assert factor.dtype == torch.float32 and factor.device.type == device.type
+    applied.append(float(factor))
     reference_params = make_params(SHAPES, torch.float32, 21)
-    plain, sums = measured_by_hand(kind, reference_params, grads, rectify)
+    plain, sums, factors = measured_by_hand(kind, reference_params, grads, rectify)
     seen = observe(optimizer, params, evaluated=False)
     entries = {name: seen.pop(name) for name in list(seen) if name.startswith("relative_update")}
     assert_matches(seen, observe(plain, reference_params, evaluated=False), torch.float32)
@@ -674,6 +682,11 @@ def test_the_measured_warmup_is_the_plain_step_at_the_rate_it_measures(
     rtol = TOLERANCES[torch.float32][0] / MEASURED_CAP
     measured = torch.stack(list(entries.values())).sum(0).double()
     torch.testing.assert_close(measured, torch.tensor(sums, dtype=torch.float64), rtol=rtol, atol=0)
+    assert applied == pytest.approx(factors, rel=rtol)
+    steps = range(1, len(MEASURED_RATES) + 1)
+    rectified = [rectification(t, SETTINGS["betas"][1]) if rectify else 1.0 for t in steps]
+    expected = [factor * r for factor, r in zip(factors, rectified, strict=True)]
+    assert announced == pytest.approx(expected, rel=rtol)
     assert len(entries) == len(params) and factors[0] < 1.0  # the first step was held back
 
 
