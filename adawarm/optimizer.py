@@ -65,6 +65,10 @@ class AdaWarm(WarmupOptimizer):
             run when that is longer. With ``"auto"``, a group whose LR
             scheduler warms up itself (its rate at the group's first step is below the
             ``initial_lr`` the scheduler recorded) gets no ramp: its ``warmup_steps`` becomes 0.
+            ``"measured"``: no ramp; the rate times ``min(1, 0.005 / rho)``, ``rho`` the
+            relative update ``||delta p|| / ||p||`` of the group that the last step measured
+            (scaled to this step's rate; the first step's from Adam's first update), computed
+            inside the step ([Warmup](warmup.md#measured-warmup)).
         total_steps: the number of steps the run will take, if known (the ``"auto"`` ramp then
             lasts 5 % of it, or longer by the rule above); None: unknown.
         rectify: RAdam's variance rectification of the adaptive step (Liu et al., 2019).
@@ -97,7 +101,9 @@ class AdaWarm(WarmupOptimizer):
             tensors raises.
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg``, ``exp_avg_sq`` (fp32 for
-    fp16/bf16 parameters), the names torch.optim.AdamW and RAdam use, so state_dicts interchange.
+    fp16/bf16 parameters), the names torch.optim.AdamW and RAdam use, so state_dicts interchange;
+    with ``warmup_steps="measured"``, ``relative_update`` (two numbers: the last step's squared
+    move at rate 1 and the squared parameter before it).
     """
 
     # step() takes grad_scale/found_inf from torch.amp.GradScaler and unscales inside the update.

@@ -65,7 +65,10 @@ class AdaWarmScheduleFree(WarmupOptimizer):
         warmup_steps: the ramp's length, ``"untuned"`` (``2 / (1 - beta2)`` steps), or
             ``"auto"`` (the default): 5 % of ``total_steps`` (schedulefree's recommended
             warmup), or without it [`AdaWarm`][adawarm.AdaWarm]'s ``min(50, 2 / (1 - beta2))``
-            steps.
+            steps; or ``"measured"``: no ramp, the rate times a factor that caps the relative
+            move of the parameters (``1 - beta1`` of ``z``'s) at 0.005 of their norm, measured
+            inside each step ([Warmup](warmup.md#measured-warmup)); the averaging weights
+            take the rate applied.
         total_steps: the run's length, if known (the ``"auto"`` ramp then lasts 5 % of it).
         rectify: RAdam's variance rectification of the rate.
         r: the averaging weight's power of ``t`` (schedulefree's ``r``).
@@ -88,7 +91,8 @@ class AdaWarmScheduleFree(WarmupOptimizer):
 
     State per parameter: ``step`` (float32 scalar), ``z``, ``exp_avg_sq`` (fp32 for fp16/bf16
     parameters unless ``state_dtype`` says otherwise), and the average's ``weight_sum`` and
-    ``lr_max`` (float64 scalars); the group's ``train_mode`` says which point the parameters hold.
+    ``lr_max`` (float64 scalars); with ``warmup_steps="measured"``, ``relative_update`` (two
+    numbers); the group's ``train_mode`` says which point the parameters hold.
     """
 
     # step() takes grad_scale/found_inf from torch.amp.GradScaler and unscales inside the update.

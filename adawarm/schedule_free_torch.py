@@ -33,6 +33,7 @@ from adawarm.tensor_lists import (
     set_all,
 )
 from adawarm.torch_backend import (
+    before_the_move,
     compute_dtype,
     group_by_device_and_dtype,
     measured_factor_of,
@@ -239,7 +240,7 @@ def schedule_free_torch_step(
             options = {"beta2": beta2, "weight_decay": weight_decay, "maximize": maximize}
             if _takes_packed_step(work, gradient_scratch, implementation):
                 options["scratch"] = gradient_scratch
-            before = None if relative_updates is None else torch._foreach_mul(work[2], 1.0)
+            before = None if relative_updates is None else before_the_move(work[2])
             _BUCKET_STEPS[implementation or "foreach"](*work, schedule, **options)
             buffers, positions = select_all((group_buffers, group_positions), indices)
             if before is not None:

@@ -327,7 +327,7 @@ def torch_step(
             )
             computing = compute_dtype(stored[0][0].dtype)
             work = upcast_all(stored, computing)
-            before = None if relative_updates is None else torch._foreach_mul(work[0], 1.0)
+            before = None if relative_updates is None else before_the_move(work[0])
             # Counters advance with their bucket (the fused kernel reads them), and go back if
             # the bucket's update fails: each tensor is either stepped or untouched.
             bucket_steps = select(group_steps, indices)
@@ -364,16 +364,29 @@ def measured_factor_of(relative_updates: Sequence[Tensor], lr: float) -> float:
     return measured_factor(lr, *torch.stack(list(relative_updates)).sum(0).tolist())
 
 
+def before_the_move(tensors: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """What :func:`record_relative_updates` needs of the measured tensors before the step:
+    copies of them, and their norms (taken now: no pass over the copies later)."""
+    return [tensor.clone() for tensor in tensors], torch.stack(torch._foreach_norm(tensors))
+
+
 def record_relative_updates(
-    entries: Sequence[Tensor], params: Sequence[Tensor], before: Sequence[Tensor], rate: float
+    entries: Sequence[Tensor],
+    tensors: Sequence[Tensor],
+    before: tuple[list[Tensor], Tensor],
+    rate: float,
 ) -> None:
-    """Set each tensor's ``relative_update`` entry to ``(||(p - before) / rate||^2,
-    ||before||^2)``: the measured tensor's move at rate 1 and its size before the step (kept as
-    they were at rate 0, where nothing was measured)."""
+    """Set each tensor's ``relative_update`` entry to ``(||(t - t_before) / rate||^2,
+    ||t_before||^2)``: the measured tensor's move at rate 1 and its size before the step (kept
+    as they were at rate 0, where nothing was measured). ``before`` is
+    :func:`before_the_move`'s, whose copies this turns into the moves in place (CPU copies
+    are page-faulted in when allocated: one allocation, not three, is ~2x faster on 4M
+    elements)."""
     if rate == 0.0:
         return
-    moved = torch.stack(torch._foreach_norm(torch._foreach_sub(params, before))) / rate
-    sizes = torch.stack(torch._foreach_norm(before))
+    copies, sizes = before
+    torch._foreach_sub_(copies, tensors)  # minus each move
+    moved = torch.stack(torch._foreach_norm(copies)) / rate
     sums = torch.stack([moved, sizes], dim=1).square().cpu()
     for entry, values in zip(entries, sums, strict=True):
         entry.copy_(values)
