@@ -242,7 +242,14 @@ def warmup_factor(
     rectify: bool,
     total_steps: int | None = None,
 ) -> float:
-    """The warmup multiplier ``ramp_t * r_t`` at step ``t`` for plotting and logging."""
+    """The warmup multiplier ``ramp_t * r_t`` at step ``t`` for plotting and logging. The
+    measured warmup's factor depends on the run: an optimizer's ``warmup_factor()`` and
+    ``measured_factors()`` give it."""
+    if warmup_steps == MEASURED:
+        raise ValueError(
+            "Invalid warmup_steps: 'measured' has no factor before the run: it is measured from "
+            "the steps; read optimizer.warmup_factor() or optimizer.measured_factors() instead"
+        )
     if not isinstance(step, numbers.Integral) or step < 1:
         raise ValueError(f"Invalid step: {step!r}, expected an int >= 1")
     resolved = resolve_warmup_steps(warmup_steps, beta2, total_steps)

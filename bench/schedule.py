@@ -10,7 +10,7 @@ from pathlib import Path
 
 from adawarm import warmup_factor
 from adawarm.optimizer import DEFAULT_RECTIFY, DEFAULT_WARMUP_STEPS
-from adawarm.schedule import WARMUP_NAMES, resolve_warmup_steps, untuned_warmup_steps
+from adawarm.schedule import MEASURED, WARMUP_NAMES, resolve_warmup_steps, untuned_warmup_steps
 from adawarm.validation import check_warmup_steps
 from bench import RUNS
 
@@ -25,6 +25,11 @@ def warmup_steps_argument(text: str) -> int | str:
         check_warmup_steps(value)
     except (TypeError, ValueError) as error:
         raise argparse.ArgumentTypeError(str(error)) from None
+    if value == MEASURED:
+        raise argparse.ArgumentTypeError(
+            "Invalid warmup_steps: 'measured' is measured from a run's steps, not a curve of "
+            "the step alone; python -m bench adaptive plots it"
+        )
     return value
 
 

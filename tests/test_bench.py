@@ -105,8 +105,8 @@ def test_schedule_takes_every_form_of_warmup_steps(text, value):
     assert schedule.curves(0.999, value, 60)
 
 
-@pytest.mark.parametrize("text", ["tuned", "-3", "2.5"])
-def test_schedule_refuses_what_the_optimizer_refuses(text):
+@pytest.mark.parametrize("text", ["tuned", "-3", "2.5", "measured"])
+def test_schedule_refuses_what_the_optimizer_refuses_and_what_it_cannot_draw(text):
     with pytest.raises(argparse.ArgumentTypeError, match="Invalid warmup_steps"):
         schedule.warmup_steps_argument(text)
 

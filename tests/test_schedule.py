@@ -121,6 +121,11 @@ def test_step_schedule_composes_ramp_and_rectification(
     assert warmup_factor(step, beta2=beta2, warmup_steps=warmup, rectify=rectify) == s.warmup_factor
 
 
+def test_warmup_factor_has_none_for_the_measured_warmup_before_the_run():
+    with pytest.raises(ValueError, match="has no factor before the run"):
+        warmup_factor(5, beta2=0.999, warmup_steps="measured", rectify=False)
+
+
 def test_warmup_factor_refuses_step_zero():
     with pytest.raises(ValueError, match="Invalid step: 0"):
         warmup_factor(0, beta2=0.999, warmup_steps=0, rectify=True)
