@@ -1,8 +1,9 @@
 """``python -m bench [speed|quality|collapse|schedule|tune|gpu|adaptive]``: AdaWarm against
 AdamW, here.
 
-Without a sub-command: a short tour -- a quick speed table and a quick quality run, a summary,
-and PNG plots in bench/runs/tour/ (or --out).
+Without a sub-command: a short tour -- a quick speed table, a quick quality run and the measured
+warmup on its cells (its factor against the step), a summary, and PNG plots in bench/runs/tour/
+(or --out).
 """
 
 from __future__ import annotations
@@ -30,6 +31,13 @@ def tour(out: Path) -> None:
     print("\n== quality (quick) ==")
     result = quality.main(["--quick", "--out", str(out)])
     schedule.main(["--out", str(out)])
+    print("\n== measured warmup (quick) ==")
+    adaptive.main(
+        [
+            *("--quick", "--rules", adaptive.SHIPPED, "--out", str(out)),
+            *("--optimizers", *adaptive.FAMILIES, "--baseline", str(out / "quality-quick.json")),
+        ]
+    )
     print("\n== summary ==")
     fused = next(r for r in speed_rows if r.optimizer == "torch AdamW fused")
     print("speed: median of 10 steps of one small case, 1 thread (middle half of the steps):")

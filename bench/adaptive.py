@@ -46,6 +46,7 @@ from bench.grid import (
     Cell,
     Method,
     full_grid,
+    methods_for,
     quick_grid,
 )
 from bench.paired import PairedDifference, paired_difference
@@ -461,6 +462,9 @@ def main(argv: list[str] | None = None) -> str:
         "runs": [asdict(run) for run in runs],
     }
     (args.out / f"{stem}.json").write_text(json.dumps(record) + "\n")
+    plotted = plot_factors(runs, saved_cells, args.out / f"{stem}-factors.png")
+    if plotted is not None:
+        print(f"measured factors against the step: {_shown(plotted)}")
     return text
 
 
@@ -488,6 +492,70 @@ def train(cells: list[Cell], methods: list[Method], workers: int) -> list[Run]:
 
         pretrain(RUNS / "cache")
     return train_all(jobs, workers, "adaptive")
+
+
+# The cells whose measured factors the report plots, where a run has them: a post-LN cell that
+# collapses at high rates without a long ramp, its 3000-step form, and the LSTM, which needs none.
+PLOTTED_CELLS = (
+    "post-LN, beta2 0.999, 300 steps, cosine",
+    "post-LN, beta2 0.999, 3000 steps, cosine",
+    "LSTM, beta2 0.999, 300 steps, cosine",
+)
+
+
+def plot_factors(runs: list[Run], cells: list[Cell], path: Path) -> Path | None:
+    """Plot, per cell of :data:`PLOTTED_CELLS` (or the first cells, where none is among the
+    runs) and optimizer, the measured factor of the first seed at each rate against the step,
+    beside the fixed ramps of that cell (the default told the run's length, AdamW's 5 % and
+    20 %, ``2 / (1 - beta2)``); None where no run recorded its factors."""
+    measured = [run for run in runs if run.factors]
+    if not measured:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_name = {cell.name: cell for cell in cells}
+    names = [name for name in PLOTTED_CELLS if any(r.cell == name for r in measured)]
+    names = names or sorted({run.cell for run in measured})[:3]
+    optimizers = sorted({run.method for run in measured})
+    fig, axes = plt.subplots(
+        len(names), len(optimizers), figsize=(6 * len(optimizers), 3.6 * len(names)), squeeze=False
+    )
+    for row, name in enumerate(names):
+        cell = by_name[name]
+        for column, method in enumerate(optimizers):
+            axis = axes[row][column]
+            shown = [r for r in measured if r.cell == name and r.method == method]
+            first = min((r.seed for r in shown), default=0)
+            for run in sorted((r for r in shown if r.seed == first), key=lambda r: r.lr):
+                steps, factors = zip(*run.factors, strict=True)
+                axis.plot(steps, factors, marker=".", label=f"measured, lr {run.lr:g}")
+            for label, length in fixed_ramps(cell).items():
+                steps = range(1, cell.steps + 1)
+                axis.plot(steps, [min(1.0, t / length) for t in steps], "--", label=label)
+            axis.set(xscale="log", ylim=(0, 1.05), xlabel="step", ylabel="factor on the rate")
+            axis.set_title(f"{method}\n{name}", fontsize=9)
+            axis.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def fixed_ramps(cell: Cell) -> dict[str, int]:
+    """The linear ramps a measured factor is drawn beside in ``cell``, by their lengths (none
+    under the user's own warmup, for which the default's ramp steps aside)."""
+    if cell.schedule == USER_SCHEDULE:
+        return {}
+    methods = {method.name: method for method in methods_for(cell)}
+    lengths = {
+        name: methods[name].warmup_steps(cell)
+        for name in (DEFAULT_NAME, *FIXED_RAMPS)
+        if name in methods  # the cells under the user's own schedule have other rows
+    }
+    return {f"{name} ({length} steps)": length for name, length in lengths.items() if length}
 
 
 def _shown(path: Path) -> str:

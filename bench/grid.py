@@ -13,7 +13,12 @@ from dataclasses import dataclass, replace
 
 from adawarm import schedule_free
 from adawarm.optimizer import DEFAULT_RECTIFY, DEFAULT_WARMUP_STEPS
-from adawarm.schedule import AUTO, resolve_schedule_free_warmup_steps, resolve_warmup_steps
+from adawarm.schedule import (
+    AUTO,
+    MEASURED,
+    resolve_schedule_free_warmup_steps,
+    resolve_warmup_steps,
+)
 
 # Schedules: cosine decay to 0 and a constant rate, each after the optimizer's own warmup (if any);
 # "user warmup + cosine" is the user's linear warmup over USER_WARMUP of the run, then cosine,
@@ -102,7 +107,8 @@ class Method:
         when a default it follows changes)."""
         return {
             "kind": self.kind,
-            "warmup_steps": self.warmup_steps(cell),
+            # the measured warmup has no ramp: its name says what it trained with
+            "warmup_steps": self.warmup if self.warmup == MEASURED else self.warmup_steps(cell),
             "total_steps": self.total_steps(cell),
             "rectify": self.rectify,
             "param_dtype": self.param_dtype,

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
-from adawarm.schedule import WARMUP_NAMES
+from adawarm.schedule import MEASURED, WARMUP_NAMES
 from bench.grid import USER_SCHEDULE, USER_WARMUP, Cell, Method
 from bench.lm import ModelConfig, batches, fine_tuning_corpus, loss_on, make_model, stdlib_corpus
 
@@ -44,7 +44,14 @@ class Run:
     seconds: float
     # Method.settings of what it trained with; None in grids saved before runs recorded them.
     settings: dict | None = None
+    # The measured warmup's factor on the first group's rate, (step, factor) at FACTOR_STEPS;
+    # None for other methods.
+    factors: list[tuple[int, float]] | None = None
 
+
+# The steps a measured warmup's factor is recorded at: every one of the first 10, then about
+# 12 a decade (the factor moves most early on).
+FACTOR_STEPS = frozenset({*range(1, 11), *(round(10 ** (1 + k / 12)) for k in range(1, 37))})
 
 # One run: its cell, method, learning rate, seed and the cache folder of the pre-trained model.
 Job = tuple[Cell, Method, float, int, Path]
@@ -196,11 +203,14 @@ def train_one(job: Job) -> Run:
 
     eval_every = max(1, cell.steps // EVALUATIONS)
     curve = []
+    factors = [] if method.warmup == MEASURED else None
     for step in range(cell.steps):
         loss = loss_on(model, train_batches[step])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if factors is not None and step + 1 in FACTOR_STEPS:
+            factors.append((step + 1, float(optimizer.measured_factors()[0])))
         scheduler.step()
         if (step + 1) % eval_every == 0 or step + 1 == cell.steps:
             curve.append((step + 1, validation_loss()))
@@ -208,7 +218,15 @@ def train_one(job: Job) -> Run:
                 break  # diverged: the remaining steps cannot recover
     elapsed = time.perf_counter() - start
     return Run(
-        cell.name, method.name, lr, seed, curve[-1][1], curve, elapsed, method.settings(cell)
+        cell.name,
+        method.name,
+        lr,
+        seed,
+        curve[-1][1],
+        curve,
+        elapsed,
+        method.settings(cell),
+        factors,
     )
 
 

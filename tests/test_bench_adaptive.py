@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from adawarm import AdaWarm, AdaWarmScheduleFree
 from bench import adaptive
 from bench.adaptive import MeasuredScheduleFree, MeasuredWarmup, Rule
 from bench.grid import DEFAULT_NAME, USER_SCHEDULE, Cell, quick_grid
-from bench.training import Run
+from bench.training import Run, make_optimizer, train_one
 
 LR = 0.1
 
@@ -211,3 +212,33 @@ def test_the_command_trains_each_rule_on_the_cells_and_writes_its_report(tmp_pat
         for name in ("measured: group cap 0.003", "measured schedule-free: group cap 0.003")
         for lr in cell.lrs
     }
+
+
+@pytest.mark.parametrize("optimizer", ["AdaWarm", "AdaWarmScheduleFree"])
+def test_the_shipped_rule_trains_the_optimizers_own_measured_warmup_and_records_its_factor(
+    tmp_path, optimizer
+):
+    method = adaptive.method_of(optimizer, adaptive.SHIPPED)
+    cell = replace(quick_grid()[0], steps=12)
+    run = train_one((cell, method, 0.03, 0, tmp_path))
+    made = make_optimizer(method, [torch.zeros(3, requires_grad=True)], 0.03, cell)
+    assert type(made).__name__ == optimizer and made.param_groups[0]["warmup_steps"] == "measured"
+    assert [step for step, _ in run.factors] == [*range(1, 11), 12]
+    assert all(0.0 < factor <= 1.0 for _, factor in run.factors)
+    assert run.factors[0][1] < 1.0  # lr 0.03 on N(0, 1) embeddings: the first step is held back
+
+
+def test_the_factors_are_plotted_beside_the_cells_fixed_ramps(tmp_path):
+    pytest.importorskip("matplotlib", reason="the bench extra: pip install -e '.[bench]'")
+    cell = Cell("post-LN", 0.999, 300, "cosine", (0.01,), 1)
+    assert adaptive.fixed_ramps(cell) == {
+        "AdaWarm default (50 steps)": 50,  # max(50, 5 % of 300)
+        "AdamW warmup 5% (15 steps)": 15,
+        "AdamW warmup 20% (60 steps)": 60,
+        "AdaWarm ramp 2/(1-beta2) (untuned) (2000 steps)": 2000,
+    }
+    assert adaptive.fixed_ramps(replace(cell, schedule=USER_SCHEDULE)) == {}
+    run = Run(cell.name, "m", 0.01, 0, 2.5, [(300, 2.5)], 0.0, None, [(1, 0.2), (2, 0.3)])
+    path = adaptive.plot_factors([run], [cell], tmp_path / "factors.png")
+    assert path.stat().st_size > 0
+    assert adaptive.plot_factors([replace(run, factors=None)], [cell], tmp_path / "no.png") is None

@@ -79,7 +79,8 @@ def test_the_readmes_tour_runs_in_ci_which_checks_its_plots_and_the_checkout():
     assert "run_block README.md tour" in ci
     assert "bench/runs/tour/$plot.png" in ci and "git status --porcelain" in ci
     # the plots CI looks for are those the tour's parts write (bench/__main__.py)
-    for plot in ("speed-cpu-quick", "quality-quick-loss-vs-lr", "quality-quick-curves", "schedule"):
+    plots = ("speed-cpu-quick", "quality-quick-loss-vs-lr", "quality-quick-curves", "schedule")
+    for plot in (*plots, "adaptive-factors"):
         assert plot in ci
 
 
