@@ -103,10 +103,11 @@ def test_misaligned_views_match_the_torch_backend(dtype):
     assert_same_params_and_state(kernel, backend, dtype)
 
 
+@pytest.mark.parametrize("warmup", [4, "measured"], ids=["ramp", "measured"])
 @pytest.mark.parametrize(
     "state_dtype", [None, torch.bfloat16], ids=["fp32 moments", "bf16 moments"]
 )
-def test_captured_capturable_step_replays_like_eager_steps(state_dtype):
+def test_captured_capturable_step_replays_like_eager_steps(state_dtype, warmup):
     # On a GPU the step is replayed from a CUDA graph; on a CPU (CI, the rehearsal) the same
     # capturable step runs eagerly.
     shapes = [(1,), (BLOCK_SIZE + 1,), (33, 17)]
@@ -115,7 +116,7 @@ def test_captured_capturable_step_replays_like_eager_steps(state_dtype):
     captured_params = [p.clone().to(DEVICE).requires_grad_() for p in start]
     eager_params = [p.clone().to(DEVICE).requires_grad_() for p in start]
     lr = torch.tensor(1e-2, device=DEVICE)
-    options = {**BASE, "state_dtype": state_dtype}
+    options = {**BASE, "state_dtype": state_dtype, "warmup_steps": warmup}
     del options["lr"]
     captured = AdaWarm(captured_params, lr=lr, backend="triton", capturable=True, **options)
     eager = AdaWarm(eager_params, lr=1e-2, backend="torch", **options)
@@ -176,13 +177,14 @@ def test_schedule_free_kernel_matches_the_torch_backend(case):
     )
 
 
-def test_captured_schedule_free_step_replays_like_eager_steps():
+@pytest.mark.parametrize("warmup", [4, "measured"], ids=["ramp", "measured"])
+def test_captured_schedule_free_step_replays_like_eager_steps(warmup):
     shapes = [(1,), (BLOCK_SIZE + 1,), (33, 17)]
     generator = torch.Generator().manual_seed(4)
     start = [torch.randn(shape, generator=generator) for shape in shapes]
     captured_params = [p.clone().to(DEVICE).requires_grad_() for p in start]
     eager_params = [p.clone().to(DEVICE).requires_grad_() for p in start]
-    options = {"warmup_steps": 4, "weight_decay": 0.1}
+    options = {"warmup_steps": warmup, "weight_decay": 0.1}
     lr = torch.tensor(1e-2, device=DEVICE)
     captured = AdaWarmScheduleFree(
         captured_params, lr=lr, backend="triton", capturable=True, **options

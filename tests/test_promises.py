@@ -864,8 +864,9 @@ def test_a_grad_scaler_loop_skips_its_inf_steps(kind, execution, holds):
         assert torch.isfinite(param).all()
 
 
+@pytest.mark.parametrize("warmup", [3, "measured"])
 @pytest.mark.parametrize(("kind", "execution", "holds"), cases("capturable"))
-def test_a_capturable_step_is_the_plain_one(kind, execution, holds):
+def test_a_capturable_step_is_the_plain_one(kind, execution, holds, warmup):
     # Under a CUDA graph (tests/test_gpu.py, tests/test_kernel_smoke.py) the rate is a tensor on
     # the device and nothing is read on the host; here, the same step outside one.
     if not holds:
@@ -874,10 +875,14 @@ def test_a_capturable_step_is_the_plain_one(kind, execution, holds):
     device = device_of(execution)
     grads = gradient_stream(SHAPES, torch.float32, STEPS, 7)
     params, optimizer = start(
-        kind, execution, capturable=True, lr=torch.tensor(0.02, device=device)
+        kind,
+        execution,
+        capturable=True,
+        lr=torch.tensor(0.02, device=device),
+        warmup_steps=warmup,
     )
     run(optimizer, params, grads, evaluate_after=EVALUATE_AFTER)
-    plain_params, plain = start(kind, execution, lr=float(torch.tensor(0.02)))
+    plain_params, plain = start(kind, execution, lr=float(torch.tensor(0.02)), warmup_steps=warmup)
     run(plain, plain_params, grads, evaluate_after=EVALUATE_AFTER)
     assert_matches(observe(optimizer, params), observe(plain, plain_params), torch.float32)
 
