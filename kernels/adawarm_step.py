@@ -40,7 +40,7 @@ from adawarm.kernels.common import (
     store_state,
     stream_bases,
 )
-from adawarm.kernels.measured import block_sums, measured_factor, store_part
+from adawarm.kernels.measured import measured_factor, store_part, sum_of_squares
 
 
 @triton.jit
@@ -139,8 +139,9 @@ def _update_block(
     )
     moved_sq = 0.0
     old_sq = 0.0
-    if MEASURED:
-        moved_sq, old_sq = block_sums(param, old_param, mask, FULL)
+    if MEASURED:  # the move as stored (before rounding), and the old values
+        moved_sq = sum_of_squares(param - old_param, mask, FULL)
+        old_sq = sum_of_squares(old_param, mask, FULL)
     return moved_sq, old_sq
 
 
@@ -203,18 +204,13 @@ def _adawarm_step_kernel(
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
-    pid = tl.program_id(0)
-    tensor = tl.load(block_tensors + pid)
-    step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))
-    step = tl.load(step_ptr).to(tl.int64) + 1
-
-    beta1 = from_bits(beta1_bits)
-    beta2 = from_bits(beta2_bits)
     if LR_FROM_TENSOR:
         rate = tl.load(lr_ptr).to(tl.float64)
     else:
         rate = from_bits(lr_bits)
     if MEASURED:
+        # First: values loaded before its fp64 division and square root, whose subroutine
+        # calls ptxas saves live registers around, were spilled in sm_90 variants.
         factor = measured_factor(
             rate,
             tl.load(group_sums_ptr).to(tl.float64),
@@ -222,8 +218,15 @@ def _adawarm_step_kernel(
             from_bits(cap_bits),
         )
         rate = rate * factor
-        if pid == 0:  # for logging, without a host sync
+        if tl.program_id(0) == 0:  # for logging, without a host sync
             tl.store(factor_ptr, factor.to(tl.float32))
+    pid = tl.program_id(0)
+    tensor = tl.load(block_tensors + pid)
+    step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))
+    step = tl.load(step_ptr).to(tl.int64) + 1
+
+    beta1 = from_bits(beta1_bits)
+    beta2 = from_bits(beta2_bits)
     decay, step_size, bias_correction2_sqrt, eps_t, adaptive = _schedule(
         step,
         rate,
@@ -272,6 +275,9 @@ def _adawarm_step_kernel(
         (1.0 - beta2).to(tl.float32),
     )
     bases = (param_base, exp_avg_base, exp_avg_sq_base)
+    # fp32 before the block: an fp64 rate kept live across it took two registers, which ptxas
+    # spilled in sm_90 variants.
+    applied = rate.to(tl.float32)
     if start + BLOCK <= numel:
         moved_sq, old_sq = _update_block(
             param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
@@ -294,8 +300,10 @@ def _adawarm_step_kernel(
             moved_sq += half_moved_sq
             old_sq += half_old_sq
     if MEASURED:
-        # This block's part of its tensor's relative_update; the sums kernel adds them up.
-        store_part(partials_ptr, pid, moved_sq, old_sq, rate)
+        # This block's part of its tensor's relative_update, the move at rate 1; the sums
+        # kernel adds them up.
+        at_rate_1 = tl.where(applied > 0.0, applied, 1.0)
+        store_part(partials_ptr, pid, moved_sq / at_rate_1 / at_rate_1, old_sq, applied)
 
     # numel loaded again (a cached scalar) rather than kept live across the block update, which
     # made ptxas save it to the stack in some variants.

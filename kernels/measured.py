@@ -30,27 +30,23 @@ def measured_factor(rate, update_sq, param_sq, cap):
 
 
 @triton.jit
-def block_sums(new, old, mask, FULL: tl.constexpr):
-    """A block's sums of the squared move ``new - old`` (fp32, before the store rounds
-    ``new``) and of the squared old values; a ``FULL`` block has no masked lanes, others hold
-    whatever the masked load left there."""
-    moved = new - old
+def sum_of_squares(values, mask, FULL: tl.constexpr):
+    """A block's sum of squares of ``values`` (fp32); a ``FULL`` block has no masked lanes,
+    others hold whatever the masked load left there."""
     if FULL:
-        moved_sq = tl.sum(moved * moved, axis=0)
-        old_sq = tl.sum(old * old, axis=0)
+        total = tl.sum(values * values, axis=0)
     else:
-        moved_sq = tl.sum(tl.where(mask, moved * moved, 0.0), axis=0)
-        old_sq = tl.sum(tl.where(mask, old * old, 0.0), axis=0)
-    return moved_sq, old_sq
+        total = tl.sum(tl.where(mask, values * values, 0.0), axis=0)
+    return total
 
 
 @triton.jit
 def store_part(partials_ptr, pid, moved_sq, old_sq, rate):
-    """Program ``pid``'s part of its tensor's sums: the move at rate 1 (fp64 ``rate``, the rate
-    the step applied to the tensor) and the old values. At rate 0 nothing was measured: the
-    move's part is -1, on which the sums kernel leaves the tensor's entry as it was."""
-    applied = tl.where(rate > 0.0, rate, 1.0).to(tl.float32)
-    tl.store(partials_ptr + 2 * pid, tl.where(rate > 0.0, moved_sq / applied / applied, -1.0))
+    """Program ``pid``'s part of its tensor's sums: ``moved_sq``, the squared move at rate 1,
+    and ``old_sq``, of the old values. At ``rate`` 0 (fp32, the rate the step applied to the
+    tensor) nothing was measured: the move's part is -1, on which the sums kernel leaves the
+    tensor's entry as it was."""
+    tl.store(partials_ptr + 2 * pid, tl.where(rate > 0.0, moved_sq, -1.0))
     tl.store(partials_ptr + 2 * pid + 1, old_sq)
 
 

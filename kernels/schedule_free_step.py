@@ -45,7 +45,7 @@ from adawarm.kernels.common import (
     stream_bases,
     switch_stream_base,
 )
-from adawarm.kernels.measured import block_sums, measured_factor, store_part
+from adawarm.kernels.measured import measured_factor, store_part, sum_of_squares
 
 
 @triton.jit
@@ -139,8 +139,15 @@ def _update_block(
 
     exp_avg_sq = exp_avg_sq * beta2 + one_minus_beta2 * grad * grad
     normalized = grad / (tl.sqrt(exp_avg_sq / bias_correction2) + eps) + weight_decay * y
+    moved_sq = 0.0
+    old_sq = 0.0
+    if MEASURED:
+        # z moves by lr_t times the normalized gradient: at rate 1, by that gradient itself
+        # (summed here, z's old values need not stay live across the stores, where ptxas
+        # spilled a register in sm_80 and sm_90 fp16 variants)
+        moved_sq = sum_of_squares(normalized, mask, FULL)
+        old_sq = sum_of_squares(z, mask, FULL)
     new_y = y + average * (z - y) + y_coefficient * normalized
-    old_z = z
     z = z - lr_t * normalized
 
     carried = y * 0.0
@@ -154,10 +161,6 @@ def _update_block(
     store_state(
         exp_avg_sq_ptr, offsets, mask, exp_avg_sq, exp_avg_sq_base, STATE_DTYPE, STOCHASTIC_STATE
     )
-    moved_sq = 0.0
-    old_sq = 0.0
-    if MEASURED:
-        moved_sq, old_sq = block_sums(z, old_z, mask, FULL)
     return moved_sq, old_sq
 
 
@@ -225,19 +228,14 @@ def _schedule_free_step_kernel(
     if HAS_FOUND_INF:
         if tl.load(found_inf_ptr) != 0:
             return
-    pid = tl.program_id(0)
-    tensor = tl.load(block_tensors + pid)
-    step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))
-    weight_sum_ptr = tl.load(weight_sum_ptrs + tensor).to(tl.pointer_type(tl.float64))
-    lr_max_ptr = tl.load(lr_max_ptrs + tensor).to(tl.pointer_type(tl.float64))
-    step = tl.load(step_ptr).to(tl.int64) + 1
     if LR_FROM_TENSOR:
         rate = tl.load(lr_ptr).to(tl.float64)
     else:
         rate = from_bits(lr_bits)
     if MEASURED:
         # y takes 1 - beta1 of z's move, which the sums measure; the averaging weights below
-        # follow the rate applied.
+        # follow the rate applied. First, as in adawarm_step (values loaded before its fp64
+        # subroutine calls were spilled).
         factor = measured_factor(
             rate * (1.0 - from_bits(beta1_bits)),
             tl.load(group_sums_ptr).to(tl.float64),
@@ -245,8 +243,14 @@ def _schedule_free_step_kernel(
             from_bits(cap_bits),
         )
         rate = rate * factor
-        if pid == 0:  # for logging, without a host sync
+        if tl.program_id(0) == 0:  # for logging, without a host sync
             tl.store(factor_ptr, factor.to(tl.float32))
+    pid = tl.program_id(0)
+    tensor = tl.load(block_tensors + pid)
+    step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))
+    weight_sum_ptr = tl.load(weight_sum_ptrs + tensor).to(tl.pointer_type(tl.float64))
+    lr_max_ptr = tl.load(lr_max_ptrs + tensor).to(tl.pointer_type(tl.float64))
+    step = tl.load(step_ptr).to(tl.int64) + 1
     beta2 = from_bits(beta2_bits)
     lr_t, lr_max, weight_sum, average, y_coefficient, bias_correction2 = _schedule(
         step,
@@ -293,7 +297,10 @@ def _schedule_free_step_kernel(
         (1.0 - beta2).to(tl.float32),
     )
     bases = (param_base, z_base, exp_avg_sq_base)
-    if start + BLOCK <= numel:
+    # An unaligned measured launch takes every block in halves: a whole block's per-element
+    # addresses and the measured sums left ptxas one register short (a spill) on sm_80 with
+    # fp16 parameters, Kahan compensation and every flag.
+    if start + BLOCK <= numel and (ALIGNED or not MEASURED):
         moved_sq, old_sq = _update_block(
             param_ptr, grad_ptr, z_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
             *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
@@ -315,7 +322,7 @@ def _schedule_free_step_kernel(
             old_sq += half_old_sq
     if MEASURED:
         # This block's part of its tensor's relative_update; the sums kernel adds them up.
-        store_part(partials_ptr, pid, moved_sq, old_sq, lr_t)
+        store_part(partials_ptr, pid, moved_sq, old_sq, scalars[0])  # lr_t in fp32
 
     blocks_of_tensor = tl.maximum(tl.cdiv(tl.load(numels + tensor), BLOCK), 1)
     if tl.atomic_add(done_counters + tensor, 1) == blocks_of_tensor - 1:
