@@ -537,7 +537,7 @@ def plot_factors(runs: list[Run], cells: list[Cell], path: Path) -> Path | None:
                 axis.plot(steps, [min(1.0, t / length) for t in steps], "--", label=label)
             axis.set(xscale="log", ylim=(0, 1.05), xlabel="step", ylabel="factor on the rate")
             axis.set_title(f"{method}\n{name}", fontsize=9)
-            axis.legend(fontsize=7)
+            axis.legend(fontsize=6, loc="best", framealpha=0.6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
