@@ -201,6 +201,7 @@ class AdaWarm(WarmupOptimizer):
             relative_updates=(
                 states["relative_update"] if group["warmup_steps"] == MEASURED else None
             ),
+            relative_update_out=work.relative_update_out,
         )
 
     def state_dict(self) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from torch.optim import Optimizer
 from adawarm.functional import checked_execution, has_dtensors, local_tensors
 from adawarm.rollback import StepSnapshot, failed_step_error
 from adawarm.schedule import AUTO, MEASURED, measured_factor, resolve_warmup_steps, step_schedule
+from adawarm.shards import measured_sums_of_shards, not_measured_like, sum_over_shards
 from adawarm.state import first_relative_update
 from adawarm.tensor_lists import DTYPE, PackedTensors, empty_packed, pack
 from adawarm.validation import group_betas
@@ -55,6 +56,8 @@ class GroupStep:
     # Where the torch backend packs the group's states, a scratch of their shapes for the
     # gradients (see WarmupOptimizer._packed_states).
     gradient_scratch: PackedTensors | None = None
+    # Where a measured step over sharded parameters writes its shards' sums (adawarm.shards).
+    relative_update_out: list[Tensor] | None = None
 
     def local(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
         """The local shards of these per-parameter tensors (they are themselves when no
@@ -234,13 +237,6 @@ class WarmupOptimizer(Optimizer):
         if not params:
             return None
         sharded = has_dtensors(params)
-        if sharded and group["warmup_steps"] == MEASURED:
-            raise ValueError(
-                f"Invalid warmup_steps={MEASURED!r} for parameter group {index}: its "
-                "parameters are DTensors (FSDP2, tensor parallel), whose measured sums would "
-                "be each rank's own; expected plain tensors (DDP), or an int, 'auto' or "
-                "'untuned'"
-            )
         shards = local_tensors(params) if sharded else params
         backend, implementation = checked_execution(
             group["backend"], shards, foreach=group["foreach"], fused=group["fused"]
@@ -313,19 +309,29 @@ class WarmupOptimizer(Optimizer):
     def _attach_relative_updates(self, work: GroupStep, states: list[dict]) -> None:
         """Put the measured warmup's entries where the backend reads them (the CPU for the
         torch backend, the parameter's device for the kernel), made for a parameter whose state
-        has none: its first step, or a checkpoint or group from before ``"measured"``."""
+        has none: its first step, or a checkpoint or group from before ``"measured"``. Over
+        sharded parameters an entry holds the whole tensor's sums (``adawarm.shards``), and
+        the step writes its shards' to a scratch."""
         entries = work.states["relative_update"]
-        for index, (param, state, entry) in enumerate(
-            zip(work.params, states, entries, strict=True)
-        ):
+        made = []
+        pairs = zip(work.params, states, entries, strict=True)
+        for index, (param, state, entry) in enumerate(pairs):
             device = param.device if work.backend == "triton" else _CPU
             if entry is None:
                 entry = first_relative_update(work.shards[index], device)
+                made.append(index)
             elif entry.device != device:
                 entry = entry.to(device)
             else:
                 continue
             state["relative_update"] = entries[index] = entry
+        if work.sharded:
+            if made:
+                params = [work.params[index] for index in made]
+                summed = sum_over_shards(torch.stack([entries[i] for i in made]), params)
+                for row, index in enumerate(made):
+                    entries[index].copy_(summed[row])
+            work.relative_update_out = not_measured_like(entries)
 
     def _packed_states(
         self, work: GroupStep, states: list[dict], current: dict[str, list[Tensor]]
@@ -454,7 +460,13 @@ class WarmupOptimizer(Optimizer):
             completed = configurations <= self._completed
             if created or not completed:
                 snapshot = StepSnapshot(work, created)
-            factors = [(item.index, self._run(item, grad_scale, found_inf)) for item in work]
+            factors = []
+            for item in work:
+                factors.append((item.index, self._run(item, grad_scale, found_inf)))
+                if item.relative_update_out is not None:  # sharded: add the shards' sums up
+                    measured_sums_of_shards(
+                        item.states["relative_update"], item.relative_update_out, item.params
+                    )
         except BaseException as error:
             for param in created:
                 del self.state[param]

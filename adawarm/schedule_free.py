@@ -217,6 +217,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             relative_updates=(
                 states["relative_update"] if group["warmup_steps"] == MEASURED else None
             ),
+            relative_update_out=work.relative_update_out,
         )
 
     @staticmethod

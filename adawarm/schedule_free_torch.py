@@ -182,6 +182,7 @@ def schedule_free_torch_step(
     stochastic_params: bool = False,
     gradient_scratch: PackedTensors | None = None,
     relative_updates: Sequence[Tensor] | None = None,
+    relative_update_out: Sequence[Tensor] | None = None,
 ) -> Tensor | None:
     """One schedule-free step over one parameter group's tensors, in train mode (``params``
     hold ``y``; ``warmup_steps`` resolved to an int).
@@ -244,8 +245,9 @@ def schedule_free_torch_step(
             _BUCKET_STEPS[implementation or "foreach"](*work, schedule, **options)
             buffers, positions = select_all((group_buffers, group_positions), indices)
             if before is not None:
+                written = relative_update_out or relative_updates
                 record_relative_updates(
-                    [relative_updates[i] for i in positions], work[2], before, schedule.lr
+                    [written[i] for i in positions], work[2], before, schedule.lr
                 )
             store_bucket(
                 stored,

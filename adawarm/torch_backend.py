@@ -262,6 +262,7 @@ def torch_step(
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
     relative_updates: Sequence[Tensor] | None = None,
+    relative_update_out: Sequence[Tensor] | None = None,
 ) -> Tensor | None:
     """One AdaWarm step over one parameter group's tensors (``warmup_steps`` resolved to an int).
 
@@ -279,8 +280,10 @@ def torch_step(
 
     ``relative_updates`` (the measured warmup; pairs on the CPU, one per tensor) scale
     the rate by :func:`~adawarm.schedule.measured_factor` of their sums, and are replaced by
-    the sums of this step (:func:`record_relative_updates`); the factor applied is returned
-    (a float32 CPU tensor; None without them, or where nothing stepped).
+    the sums of this step (:func:`record_relative_updates`) -- or those go to
+    ``relative_update_out`` where given (shards' sums, for the optimizer to add up over
+    ranks); the factor applied is returned (a float32 CPU tensor; None without them, or where
+    nothing stepped).
     """
     if implementation is None:
         implementation = "fused"
@@ -343,8 +346,9 @@ def torch_step(
                 raise
             buffers, positions = select_all((group_buffers, group_positions), indices)
             if before is not None:
+                written = relative_update_out or relative_updates
                 record_relative_updates(
-                    [relative_updates[i] for i in positions], work[0], before, schedule.lr
+                    [written[i] for i in positions], work[0], before, schedule.lr
                 )
             store_bucket(
                 stored,

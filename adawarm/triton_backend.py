@@ -279,6 +279,7 @@ def triton_step(
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
     relative_updates: Sequence[Tensor] | None = None,
+    relative_update_out: Sequence[Tensor] | None = None,
 ) -> Tensor | None:
     """One AdaWarm step through the Triton kernel (``warmup_steps`` resolved to an int).
 
@@ -287,7 +288,8 @@ def triton_step(
     ``table_cache`` (any dict kept between steps) holds the pointer tables. Stores round as in
     :func:`adawarm.torch_backend.torch_step`, from the same random streams. With
     ``relative_updates`` (the measured warmup), returns the device tensor that the first launch
-    writes the factor it applied to (kept with the tables: later steps overwrite it).
+    writes the factor it applied to (kept with the tables: later steps overwrite it); this
+    step's sums go to ``relative_update_out`` where given, as in the torch backend.
     """
     if table_cache is None:
         table_cache = {}
@@ -306,7 +308,8 @@ def triton_step(
         if buffers is not None and buffers[0] is not None:
             lists["compensation"] = buffers
         if relative_updates is not None:
-            lists["relative_update"] = select(relative_updates, indices)
+            # where the sums kernel writes: the entries, or the shards' scratch
+            lists["relative_update"] = select(relative_update_out or relative_updates, indices)
         state_dtype = lists["exp_avg"][0].dtype
         stochastic_state = rounds_stochastically(state_dtype, rounding_seed)
         stochastic_param = rounds_stochastically(dtype, rounding_seed, stochastic_params)
@@ -373,6 +376,7 @@ def triton_schedule_free_step(
     rounding_seed: int | None = None,
     stochastic_params: bool = False,
     relative_updates: Sequence[Tensor] | None = None,
+    relative_update_out: Sequence[Tensor] | None = None,
 ) -> Tensor | None:
     """One AdaWarmScheduleFree step through its Triton kernel, one launch per (device, dtype)
     group, as :func:`triton_step`; ``state_steps`` (fp32), ``weight_sums`` and ``lr_maxes``
@@ -396,7 +400,8 @@ def triton_schedule_free_step(
         if buffers is not None and buffers[0] is not None:
             lists["compensation"] = buffers
         if relative_updates is not None:
-            lists["relative_update"] = select(relative_updates, indices)
+            # where the sums kernel writes: the entries, or the shards' scratch
+            lists["relative_update"] = select(relative_update_out or relative_updates, indices)
         state_dtype = lists["z"][0].dtype
         stochastic_state = rounds_stochastically(state_dtype, rounding_seed)
         stochastic_param = rounds_stochastically(dtype, rounding_seed, stochastic_params)

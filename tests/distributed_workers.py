@@ -19,7 +19,7 @@ OPTIMIZERS = {
     "adawarm": (AdaWarm, {"lr": 1e-2, "warmup_steps": 4, "rectify": True, "weight_decay": 0.05}),
     "schedule-free": (AdaWarmScheduleFree, {"lr": 1e-2, "warmup_steps": 4, "weight_decay": 0.05}),
 }
-# The measured warmup, at a rate it holds back (DDP only: sharded parameters refuse it).
+# The measured warmup, at a rate it holds back.
 MEASURED_OPTIMIZERS = {
     "adawarm measured": (AdaWarm, {"lr": 0.1, "warmup_steps": "measured", "weight_decay": 0.05}),
     "schedule-free measured": (
@@ -129,28 +129,6 @@ def fsdp_worker(rank: int, world: int, port: int, out: str, kind: str, backend: 
     full = [p.full_tensor().detach() for p in model.parameters()]
     if rank == 0:
         torch.save(full, out)
-    _finish()
-
-
-def fsdp_measured_worker(rank: int, world: int, port: int, out: str, kind: str) -> None:
-    """A measured warmup over sharded parameters: the step's error and whether anything
-    changed."""
-    _init(rank, world, port)
-    model = _fully_sharded(world)
-    optimizer = make_optimizer(kind, model.parameters())
-    before = [p.full_tensor().detach().clone() for p in model.parameters()]
-    inputs, targets = local_batch(0, rank, world)
-    nn.functional.mse_loss(model(inputs), targets).backward()
-    try:
-        optimizer.step()
-        message = None
-    except ValueError as error:
-        message = str(error)
-    after = [p.full_tensor().detach() for p in model.parameters()]
-    unchanged = all(torch.equal(a, b) for a, b in zip(after, before, strict=True))
-    if rank == 0:
-        result = {"message": message, "unchanged": unchanged, "states": len(optimizer.state)}
-        torch.save(result, out)
     _finish()
 
 
