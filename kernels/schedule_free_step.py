@@ -297,10 +297,11 @@ def _schedule_free_step_kernel(
         (1.0 - beta2).to(tl.float32),
     )
     bases = (param_base, z_base, exp_avg_sq_base)
-    # An unaligned measured launch takes every block in halves: a whole block's per-element
-    # addresses and the measured sums left ptxas one register short (a spill) on sm_80 with
-    # fp16 parameters, Kahan compensation and every flag.
-    if start + BLOCK <= numel and (ALIGNED or not MEASURED):
+    # An unaligned measured launch with Kahan buffers takes every block in halves: a whole
+    # block's per-element addresses and the measured sums left ptxas one register short (a
+    # spill) on sm_80 with fp16 parameters and every flag; without Kahan buffers, halves spilled
+    # instead (sm_80, bf16 parameters and moments). MACHINE_CODE_VARIANTS=all checks each.
+    if start + BLOCK <= numel and (ALIGNED or not MEASURED or not KAHAN):
         moved_sq, old_sq = _update_block(
             param_ptr, grad_ptr, z_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
             *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
