@@ -23,8 +23,15 @@ from pathlib import Path
 
 import torch
 
+from adawarm.schedule import MEASURED as MEASURED_WARMUP
 from bench import gpt2, speed, tune
-from bench.gpu_report import SCHEDULE_FREE, SCHEDULE_FREE_CASES, SCHEDULEFREE
+from bench.gpu_report import (
+    MEASURED,
+    MEASURED_CASES,
+    SCHEDULE_FREE,
+    SCHEDULE_FREE_CASES,
+    SCHEDULEFREE,
+)
 from bench.speed import Case, gpt2_small_shapes
 
 # The headline rows of stage 2; each against torch.optim.AdamW(fused=True) in the same process.
@@ -54,8 +61,10 @@ HEADLINE_OPTIMIZERS = {
 def headline_optimizers(case: speed.Case) -> dict[str, speed.OptimizerFactory]:
     """The headline rows of ``case``; the report's schedule-free cases also time the
     schedule-free kernel, and schedulefree's foreach step where that package is installed (the
-    GPU image lacks it)."""
+    GPU image lacks it); its measured-warmup cases AdaWarm with ``warmup_steps="measured"``."""
     table = dict(HEADLINE_OPTIMIZERS)
+    if case.name.startswith(MEASURED_CASES):
+        table[MEASURED] = speed.adawarm_factory("triton", MEASURED_WARMUP)
     if case.name.startswith(SCHEDULE_FREE_CASES):
         table[SCHEDULE_FREE] = speed.schedule_free_factory("triton")
         reference = speed.schedulefree_factory()

@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
+from adawarm.schedule import MEASURED
 from bench import RUNS
 from bench.paired import median_interval
 
@@ -151,9 +152,10 @@ GPU_CASES = (
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
-def adawarm_factory(backend: str) -> OptimizerFactory:
-    """AdaWarm on ``backend``, rectified and mid-ramp: every step computes the whole schedule."""
-    return lambda ps: AdaWarm(ps, rectify=True, warmup_steps=100, backend=backend)
+def adawarm_factory(backend: str, warmup_steps: int | str = 100) -> OptimizerFactory:
+    """AdaWarm on ``backend``, rectified and mid-ramp (every step computes the whole schedule),
+    or with ``warmup_steps="measured"`` (every step measures its relative update)."""
+    return lambda ps: AdaWarm(ps, rectify=True, warmup_steps=warmup_steps, backend=backend)
 
 
 def _training(optimizer):
@@ -166,11 +168,11 @@ def _training(optimizer):
 SCHEDULE_FREE_WEIGHT_DECAY = 0.01
 
 
-def schedule_free_factory(backend: str) -> OptimizerFactory:
-    """AdaWarmScheduleFree on ``backend``, mid-ramp."""
+def schedule_free_factory(backend: str, warmup_steps: int | str = 100) -> OptimizerFactory:
+    """AdaWarmScheduleFree on ``backend``, mid-ramp, or with ``warmup_steps="measured"``."""
     return lambda ps: _training(
         AdaWarmScheduleFree(
-            ps, warmup_steps=100, weight_decay=SCHEDULE_FREE_WEIGHT_DECAY, backend=backend
+            ps, warmup_steps=warmup_steps, weight_decay=SCHEDULE_FREE_WEIGHT_DECAY, backend=backend
         )
     )
 
@@ -197,15 +199,23 @@ def optimizers(device: torch.device) -> dict[str, OptimizerFactory]:
             ps, foreach=True, decoupled_weight_decay=True
         ),
         "AdaWarm torch backend": adawarm_factory("torch"),
+        "AdaWarm torch backend, measured warmup": adawarm_factory("torch", MEASURED),
     }
     if device.type == "cuda":
         table["AdaWarm triton"] = adawarm_factory("triton")
+        table["AdaWarm triton, measured warmup"] = adawarm_factory("triton", MEASURED)
     reference = schedulefree_factory()
     if reference is not None:
         table["schedulefree AdamWScheduleFree foreach"] = reference
     table["AdaWarmScheduleFree torch backend"] = schedule_free_factory("torch")
+    table["AdaWarmScheduleFree torch backend, measured warmup"] = schedule_free_factory(
+        "torch", MEASURED
+    )
     if device.type == "cuda":
         table["AdaWarmScheduleFree triton"] = schedule_free_factory("triton")
+        table["AdaWarmScheduleFree triton, measured warmup"] = schedule_free_factory(
+            "triton", MEASURED
+        )
     return table
 
 
@@ -604,8 +614,9 @@ def run(device, cases, threads_list, steps, progress=None) -> list[Row]:
 
 def format_table(rows: list[Row]) -> str:
     fused = {(r.case, r.threads): r.median_ms for r in rows if r.optimizer == "torch AdamW fused"}
+    width = max([34, *(len(r.optimizer) for r in rows)])
     lines = [
-        f"{'case':36} {'optimizer':34} {'thr':>3} {'ms':>9} {'B/par':>5} {'state B':>7} "
+        f"{'case':36} {'optimizer':{width}} {'thr':>3} {'ms':>9} {'B/par':>5} {'state B':>7} "
         f"{'GB/s':>8} {'%copy':>6} {'vs fused':>8} {'launch':>6} {'host us':>8}"
     ]
     lines.append("-" * len(lines[0]))
@@ -615,7 +626,7 @@ def format_table(rows: list[Row]) -> str:
         launches = "-" if r.launches_per_step is None else str(r.launches_per_step)
         host = "-" if r.host_us is None else f"{r.host_us:.0f}"
         lines.append(
-            f"{r.case:36} {r.optimizer:34} {threads:>3} {r.median_ms:9.3f} "
+            f"{r.case:36} {r.optimizer:{width}} {threads:>3} {r.median_ms:9.3f} "
             f"{r.bytes_per_param:5d} {r.state_bytes_per_param:7d} {r.gb_per_s:8.1f} "
             f"{r.percent_of_copy:6.1f} {ratio:7.2f}x {launches:>6} {host:>8}"
         )

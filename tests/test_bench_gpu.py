@@ -61,13 +61,16 @@ def test_the_rehearsal_runs_every_stage_with_only_the_gpu_images_packages(tmp_pa
     assert any("captured_capturable" in test["test"] for test in smoke)
     assert stages["tests"]["result"]["tests"]
     rows = stages["speed"]["result"]["rows"]
-    # (b) and (c) time the schedule-free step too; schedulefree is not on the GPU image
+    # (b) and (c) time the schedule-free step too, (a) and (b) the measured warmup; schedulefree
+    # is not on the GPU image
     assert [row["case"][:3] for row in rows] == [
-        "(a)", "(a)", "(b)", "(b)", "(b)", "(d)", "(d)", "(c)", "(c)", "(c)", "(e)", "(e)"
+        "(a)", "(a)", "(a)", "(b)", "(b)", "(b)", "(b)", "(d)", "(d)", "(c)", "(c)", "(c)", "(e)",
+        "(e)",
     ]  # fmt: skip
     assert {row["optimizer"] for row in rows} == {
         *gpu_stages.HEADLINE_OPTIMIZERS,
         "AdaWarmScheduleFree",
+        "AdaWarm, measured warmup",
     }
     assert all(row["host_us"] > 0 for row in rows)
     training = stages["training"]["result"]["rows"]
@@ -79,13 +82,13 @@ def test_the_rehearsal_runs_every_stage_with_only_the_gpu_images_packages(tmp_pa
     ]
     assert len(stages["tune"]["result"]["rows"]) == 2
     # Every target has its figure, and none is judged from a CPU's.
-    assert len(report["targets"]) == 12
+    assert len(report["targets"]) == 14
     measured = [t for t in report["targets"] if t["measured"] != "not measured"]
     assert [t["target"] for t in report["targets"] if t not in measured] == [
         "one launch per step per dtype group (each case is one group)",  # counted on a GPU only
         *(  # schedulefree is not installed there
             f"AdaWarmScheduleFree >= 3x faster than schedulefree's foreach step: {case}"
-            for case in (rows[2]["case"], rows[7]["case"])
+            for case in (rows[3]["case"], rows[9]["case"])
         ),
     ]
     assert all(target["met"] is None for target in report["targets"])
@@ -214,6 +217,7 @@ def test_targets_are_judged_from_the_rows():
         speed_row("(c) many", "AdaWarmScheduleFree", median_ms=1.04),
         speed_row("(c) many", "schedulefree AdamWScheduleFree foreach", median_ms=2.6),
         speed_row("(b) gpt", "AdaWarmScheduleFree", median_ms=1.2),
+        speed_row("(a) one", "AdaWarm, measured warmup", median_ms=1.06),
         speed_row("(e) host", "torch AdamW fused", host_us=30.0),
         speed_row("(e) host", "AdaWarm", host_us=30.0),
     ]
@@ -234,6 +238,8 @@ def test_targets_are_judged_from_the_rows():
         "AdaWarmScheduleFree >= 3x faster than schedulefree's foreach step: (b) gpt": None,
         "AdaWarmScheduleFree's step <= 1.05x AdaWarm's: (c) many": True,
         "AdaWarmScheduleFree >= 3x faster than schedulefree's foreach step: (c) many": False,
+        "warmup_steps='measured' <= 1.05x AdaWarm's step: (a) one": False,  # 1.06 against 1.0
+        "warmup_steps='measured' <= 1.05x AdaWarm's step: (b)": None,
         "GPT-2 training tokens/s no worse than fused AdamW's, eager": False,
         "GPT-2 training tokens/s no worse than fused AdamW's, replayed from a CUDA graph": None,
     }
