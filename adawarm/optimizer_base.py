@@ -534,11 +534,15 @@ class WarmupOptimizer(Optimizer):
 
     def _measured_factor(self, group: dict[str, Any]) -> float:
         """The measured warmup's factor on the group's next step, from its parameters'
-        ``relative_update`` entries (those that have none yet: as before their first step)."""
+        ``relative_update`` entries (those that have none yet: as before their first step --
+        from this rank's shard of a sharded parameter, which only the step adds up over the
+        ranks, so that reading this never waits for other ranks)."""
         entries = []
         for param in group["params"]:
             entry = self.state.get(param, {}).get("relative_update")
-            entries.append(first_relative_update(param, _CPU) if entry is None else entry.cpu())
+            if entry is None:
+                entry = first_relative_update(local_tensors([param])[0], _CPU)
+            entries.append(entry.cpu())
         sums = torch.stack(entries).sum(0).tolist()
         return measured_factor(float(group["lr"]) * self._measured_share(group), *sums)
 

@@ -124,6 +124,7 @@ def fsdp_worker(rank: int, world: int, port: int, out: str, kind: str, backend: 
     model = _fully_sharded(world)
     assert all(isinstance(p, DTensor) for p in model.parameters())
     optimizer = make_optimizer(kind, model.parameters(), backend=backend)
+    assert 0.0 < optimizer.effective_lr()[0]  # read on each rank alone, before any step
     train(model, optimizer, range(STEPS), rank, world)
     final_point(optimizer)
     full = [p.full_tensor().detach() for p in model.parameters()]
