@@ -1,4 +1,5 @@
-"""``python -m bench adaptive``: candidate measured warmup rules, prototyped before any kernel.
+"""``python -m bench adaptive``: measured warmup rules -- the optimizers' own
+(``warmup_steps="measured"``, :data:`SHIPPED`) and the prototypes tried before it.
 
 A measured warmup scales each step's rate by a factor computed from what earlier steps did,
 instead of from the step count alone. Before a rule goes into the optimizers (the Triton kernel
