@@ -257,6 +257,24 @@ def _group_sums(
     return torch.stack([entry.to(params[0].device) for entry in relative_updates]).sum(0)
 
 
+def _sum_measurements(
+    tables: dict[str, Tensor | int],
+    measured_sums: Tensor | None,
+    found_inf: Tensor | None,
+    device: torch.device,
+    factor: Tensor | None,
+) -> Tensor | None:
+    """After a measured launch (``measured_sums`` not None), the launch that sums each tensor's
+    parts into its entry; the factor tensor of the group's first launch (``factor``, None
+    before it)."""
+    if measured_sums is None:
+        return factor
+    _measured_kernels().launch_measured_sums(
+        tables, found_inf=None if found_inf is None else found_inf.to(device)
+    )
+    return tables["factor"] if factor is None else factor
+
+
 def triton_step(
     params: Sequence[Tensor],
     grads: Sequence[Tensor],
@@ -342,11 +360,7 @@ def triton_step(
             group_sums=None if measured_sums is None else measured_sums.to(device),
             cap=MEASURED_CAP,
         )
-        if measured_sums is not None:
-            _measured_kernels().launch_measured_sums(
-                tables, found_inf=None if found_inf is None else found_inf.to(device)
-            )
-            factor = tables["factor"] if factor is None else factor
+        factor = _sum_measurements(tables, measured_sums, found_inf, device, factor)
     return factor
 
 
@@ -430,11 +444,7 @@ def triton_schedule_free_step(
             group_sums=None if measured_sums is None else measured_sums.to(device),
             cap=MEASURED_CAP,
         )
-        if measured_sums is not None:
-            _measured_kernels().launch_measured_sums(
-                tables, found_inf=None if found_inf is None else found_inf.to(device)
-            )
-            factor = tables["factor"] if factor is None else factor
+        factor = _sum_measurements(tables, measured_sums, found_inf, device, factor)
     return factor
 
 

@@ -57,6 +57,20 @@ def targets(report: dict) -> list[dict]:
     return found
 
 
+def _against_adawarm(
+    speed: list[dict], case: str, optimizer: str, target: str, limit: float
+) -> dict:
+    """The target ``target`` (followed by the case's name): ``optimizer``'s step at most
+    ``limit`` times AdaWarm's in ``case``."""
+    mine, adawarm = _speed_row(speed, case, optimizer), _speed_row(speed, case, ADAWARM)
+    measurement = None
+    if mine and adawarm:
+        ratio = mine["median_ms"] / adawarm["median_ms"]
+        measurement = (f"{ratio:.2f}x", ratio <= limit)
+    name = case if mine is None else mine["case"]
+    return _target(f"{target}: {name}", measurement)
+
+
 def _judged_targets(report: dict) -> list[dict]:
     speed, training = _rows(report, "speed"), _rows(report, "training")
     found = []
@@ -115,16 +129,15 @@ def _judged_targets(report: dict) -> list[dict]:
         )
     )
     for case in SCHEDULE_FREE_CASES:
-        mine, adawarm = _speed_row(speed, case, SCHEDULE_FREE), _speed_row(speed, case, ADAWARM)
-        measurement = None
-        if mine and adawarm:
-            ratio = mine["median_ms"] / adawarm["median_ms"]
-            measurement = (f"{ratio:.2f}x", ratio <= SCHEDULE_FREE_RATIO_TARGET)
+        mine = _speed_row(speed, case, SCHEDULE_FREE)
         name = case if mine is None else mine["case"]
         found.append(
-            _target(
-                f"AdaWarmScheduleFree's step <= {SCHEDULE_FREE_RATIO_TARGET}x AdaWarm's: {name}",
-                measurement,
+            _against_adawarm(
+                speed,
+                case,
+                SCHEDULE_FREE,
+                f"AdaWarmScheduleFree's step <= {SCHEDULE_FREE_RATIO_TARGET}x AdaWarm's",
+                SCHEDULE_FREE_RATIO_TARGET,
             )
         )
         reference = _speed_row(speed, case, SCHEDULEFREE)
@@ -140,16 +153,13 @@ def _judged_targets(report: dict) -> list[dict]:
             )
         )
     for case in MEASURED_CASES:
-        mine, adawarm = _speed_row(speed, case, MEASURED), _speed_row(speed, case, ADAWARM)
-        measurement = None
-        if mine and adawarm:
-            ratio = mine["median_ms"] / adawarm["median_ms"]
-            measurement = (f"{ratio:.2f}x", ratio <= MEASURED_RATIO_TARGET)
-        name = case if mine is None else mine["case"]
         found.append(
-            _target(
-                f"warmup_steps='measured' <= {MEASURED_RATIO_TARGET}x AdaWarm's step: {name}",
-                measurement,
+            _against_adawarm(
+                speed,
+                case,
+                MEASURED,
+                f"warmup_steps='measured' <= {MEASURED_RATIO_TARGET}x AdaWarm's step",
+                MEASURED_RATIO_TARGET,
             )
         )
     for graph in (False, True):

@@ -40,7 +40,7 @@ from adawarm.kernels.common import (
     store_state,
     stream_bases,
 )
-from adawarm.kernels.measured import measured_factor, store_part, sum_of_squares
+from adawarm.kernels.measured import apply_measured_factor, store_part, sum_of_squares
 
 
 @triton.jit
@@ -209,17 +209,7 @@ def _adawarm_step_kernel(
     else:
         rate = from_bits(lr_bits)
     if MEASURED:
-        # First: values loaded before its fp64 division and square root, whose subroutine
-        # calls ptxas saves live registers around, were spilled in sm_90 variants.
-        factor = measured_factor(
-            rate,
-            tl.load(group_sums_ptr).to(tl.float64),
-            tl.load(group_sums_ptr + 1).to(tl.float64),
-            from_bits(cap_bits),
-        )
-        rate = rate * factor
-        if tl.program_id(0) == 0:  # for logging, without a host sync
-            tl.store(factor_ptr, factor.to(tl.float32))
+        rate = apply_measured_factor(rate, rate, group_sums_ptr, cap_bits, factor_ptr)
     pid = tl.program_id(0)
     tensor = tl.load(block_tensors + pid)
     step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))

@@ -30,6 +30,24 @@ def measured_factor(rate, update_sq, param_sq, cap):
 
 
 @triton.jit
+def apply_measured_factor(rate, moving_rate, group_sums_ptr, cap_bits, factor_ptr):
+    """``rate`` (fp64) times :func:`measured_factor` of the group's sums at ``moving_rate`` (the
+    rate the measured tensors' share moves at); the launch's first program writes the factor to
+    ``factor_ptr`` (fp32), for logging without a host sync. A step calls this first: values
+    loaded before its fp64 division and square root, whose subroutine calls ptxas saves live
+    registers around, were spilled in sm_90 variants."""
+    factor = measured_factor(
+        moving_rate,
+        tl.load(group_sums_ptr).to(tl.float64),
+        tl.load(group_sums_ptr + 1).to(tl.float64),
+        from_bits(cap_bits),
+    )
+    if tl.program_id(0) == 0:
+        tl.store(factor_ptr, factor.to(tl.float32))
+    return rate * factor
+
+
+@triton.jit
 def sum_of_squares(values, mask, FULL: tl.constexpr):
     """A block's sum of squares of ``values`` (fp32); a ``FULL`` block has no masked lanes,
     others hold whatever the masked load left there."""

@@ -45,7 +45,7 @@ from adawarm.kernels.common import (
     stream_bases,
     switch_stream_base,
 )
-from adawarm.kernels.measured import measured_factor, store_part, sum_of_squares
+from adawarm.kernels.measured import apply_measured_factor, store_part, sum_of_squares
 
 
 @triton.jit
@@ -234,17 +234,9 @@ def _schedule_free_step_kernel(
         rate = from_bits(lr_bits)
     if MEASURED:
         # y takes 1 - beta1 of z's move, which the sums measure; the averaging weights below
-        # follow the rate applied. First, as in adawarm_step (values loaded before its fp64
-        # subroutine calls were spilled).
-        factor = measured_factor(
-            rate * (1.0 - from_bits(beta1_bits)),
-            tl.load(group_sums_ptr).to(tl.float64),
-            tl.load(group_sums_ptr + 1).to(tl.float64),
-            from_bits(cap_bits),
-        )
-        rate = rate * factor
-        if tl.program_id(0) == 0:  # for logging, without a host sync
-            tl.store(factor_ptr, factor.to(tl.float32))
+        # follow the rate applied
+        moving_rate = rate * (1.0 - from_bits(beta1_bits))
+        rate = apply_measured_factor(rate, moving_rate, group_sums_ptr, cap_bits, factor_ptr)
     pid = tl.program_id(0)
     tensor = tl.load(block_tensors + pid)
     step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))

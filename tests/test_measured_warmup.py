@@ -179,6 +179,19 @@ def test_a_malformed_measurement_in_a_checkpoint_is_refused_and_nothing_loads():
     assert torch.equal(after["state"][0]["relative_update"], before["state"][0]["relative_update"])
 
 
+# What the kernels are checked against the torch backend with: odd sizes and block edges, past
+# the rectification threshold.
+KERNEL_SHAPES = [(0,), (1,), (1023,), (1025,), (3, 5)]
+KERNEL_OPTIONS = {
+    "lr": 0.05,
+    "betas": (0.9, 0.99),
+    "eps": 1e-8,
+    "weight_decay": 0.1,
+    "warmup_steps": "measured",
+    "rectify": True,
+    "maximize": False,
+    "rounding_seed": 5,
+}
 STORAGES = [
     (torch.float32, {}),
     (torch.float32, {"state_dtype": torch.bfloat16}),
@@ -190,18 +203,8 @@ STORAGES = [
 
 @pytest.mark.parametrize(("dtype", "storage"), STORAGES, ids=str)
 def test_the_kernel_measures_what_the_torch_backend_and_the_reference_do(dtype, storage):
-    shapes = [(0,), (1,), (1023,), (1025,), (3, 5)]
-    options = {
-        "lr": 0.05,
-        "betas": (0.9, 0.99),
-        "eps": 1e-8,
-        "weight_decay": 0.1,
-        "warmup_steps": "measured",
-        "rectify": True,
-        "maximize": False,
-        "rounding_seed": 5,
-        **storage,
-    }
+    shapes = KERNEL_SHAPES
+    options = {**KERNEL_OPTIONS, **storage}
     device = device_of("Triton")
     run = (shapes, dtype, options, 9, {4}, 6)  # a skipped step, a reload
     kernel = optimizer_trajectory("triton", *run, device)
@@ -214,18 +217,8 @@ def test_the_kernel_measures_what_the_torch_backend_and_the_reference_do(dtype, 
 
 @pytest.mark.parametrize(("dtype", "storage"), STORAGES, ids=str)
 def test_the_schedule_free_kernel_measures_what_the_torch_backend_does(dtype, storage):
-    shapes = [(0,), (1,), (1023,), (1025,), (3, 5)]
-    options = {
-        "lr": 0.05,
-        "betas": (0.9, 0.99),
-        "eps": 1e-8,
-        "weight_decay": 0.1,
-        "warmup_steps": "measured",
-        "rectify": True,
-        "maximize": False,
-        "rounding_seed": 5,
-        **storage,
-    }
+    shapes = KERNEL_SHAPES
+    options = {**KERNEL_OPTIONS, **storage}
     run = {"inf_steps": {4}, "reload_at": 6, "evaluate_at": 2}  # a skipped step, a reload
     kernel = schedule_free_trajectory({"backend": "triton"}, shapes, dtype, options, 9, **run)
     backend = schedule_free_trajectory({"backend": "torch"}, shapes, dtype, options, 9, **run)
