@@ -231,23 +231,32 @@ def keeps_small_updates(method: Method) -> bool:
 
 
 TRANSFORMER_LRS = (3e-3, 1e-2, 3e-2, 1e-1)
+# The LSTM's best AdamW rate is the transformers' highest, 0.1; issue 26's rate-robust goal asks
+# for every rate up to 3x the best, so its cells go on to 0.3.
+LSTM_LRS = (*TRANSFORMER_LRS, 3e-1)
 FINE_TUNING_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
-SHORT, LONG = 300, 3000
+# 1000 steps: between the short runs, where long ramps cost 0.2-0.7 nats, and the long ones,
+# where a 2000-step ramp did best at lr 0.03 (issue 26).
+SHORT, MEDIUM, LONG = 300, 1000, 3000
 # Short post-LN runs at lr 0.1 end near the collapse threshold, and whether a seed crosses it is a
 # coin flip: with 10 seeds the third grid saw AdamW with a 20 % warmup collapse in 0 of 10 runs at
 # beta2 0.95 and 0.98, and seeds 0-19 then gave it 1 and 3 of 20 (`python -m bench collapse`,
 # W=60); the same update through AdaWarm's code, 2 and 5 of 20. These cells take 20 seeds.
 COIN_FLIP_SEEDS = 20
+# Paired differences of 3 seeds left half of the measured warmup's comparisons in the short pre-LN
+# and LSTM cells undecided at their margins (bench/results/adaptive-measured): seeds 0-7 and 0-9.
+PRE_LN_SEEDS = 8
+LSTM_SEEDS = 10
 
 
 def full_grid() -> list[Cell]:
-    """The grid the defaults are chosen on (70 minutes on the 2-core CI machine)."""
+    """The grid the defaults are chosen on (about 2 hours on the 2-core CI machine)."""
     short = [
         Cell(architecture, beta2, SHORT, "cosine", TRANSFORMER_LRS, seeds)
-        for architecture, seeds in (("post-LN", COIN_FLIP_SEEDS), ("pre-LN", 3))
+        for architecture, seeds in (("post-LN", COIN_FLIP_SEEDS), ("pre-LN", PRE_LN_SEEDS))
         for beta2 in (0.95, 0.98, 0.999)
     ]
-    short += [Cell("LSTM", beta2, SHORT, "cosine", TRANSFORMER_LRS, 3) for beta2 in (0.95, 0.999)]
+    short += [Cell("LSTM", beta2, SHORT, "cosine", LSTM_LRS, LSTM_SEEDS) for beta2 in (0.95, 0.999)]
     short += [
         Cell("pre-LN", beta2, SHORT, "cosine", FINE_TUNING_LRS, 3, fine_tune=True)
         for beta2 in (0.95, 0.999)
@@ -258,6 +267,7 @@ def full_grid() -> list[Cell]:
     ]
     user.append(Cell("pre-LN", 0.999, SHORT, USER_SCHEDULE, FINE_TUNING_LRS, 3, fine_tune=True))
     long = [
+        Cell("post-LN", 0.999, MEDIUM, "cosine", TRANSFORMER_LRS, 4),
         Cell("post-LN", 0.95, LONG, "cosine", TRANSFORMER_LRS, 2),
         Cell("post-LN", 0.999, LONG, "cosine", TRANSFORMER_LRS, 2),
         Cell("pre-LN", 0.98, LONG, "cosine", TRANSFORMER_LRS, 2),

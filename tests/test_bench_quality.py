@@ -266,7 +266,9 @@ def test_the_grid_spans_what_the_defaults_must_hold_on():
     cells = grid.full_grid()
     assert {c.beta2 for c in cells} == {0.95, 0.98, 0.999}
     assert {c.architecture for c in cells} == {"post-LN", "pre-LN", "LSTM"}
-    assert min(c.steps for c in cells) <= 300 and max(c.steps for c in cells) >= 3000
+    assert {300, 1000, 3000} <= {c.steps for c in cells}
+    # issue 26: every rate up to 3x a cell's best AdamW rate (the LSTM's is 0.1)
+    assert max(max(c.lrs) for c in cells if c.architecture == "LSTM") >= 0.3
     assert any(c.fine_tune for c in cells) and any(c.schedule == USER_SCHEDULE for c in cells)
     assert all(c.seeds >= 2 for c in cells)
     assert {c.beta2 for c in grid.with_beta2(cells, [0.9])} == {0.9}
