@@ -103,13 +103,21 @@ class Rule:
     top (AdaWarm's); ``predict_first``: the first step's factor from the relative update an Adam
     step makes when nothing has been measured -- every element with a gradient moves by the
     rate (``m_hat / sqrt(v_hat)`` is ``g / |g|``), so ``rho = lr sqrt(n) / ||p||`` over the
-    group's ``n`` elements (else the first step runs at the full rate)."""
+    group's ``n`` elements (else the first step runs at the full rate); ``align_gain``: a release
+    driven by how each gradient lines up with the step before it, ``c = -g . dp / (||g|| ||dp||)``
+    over the group (positive while the gradient still points the way the last step went,
+    negative where that step overshot: the hypergradient of the loss in the rate, Baydin et al.
+    2018, normalized) -- a second factor starts at the first step's and is multiplied by
+    ``exp(align_gain (c - align_target))`` after each step (at most 1), and a step takes the
+    larger of the two."""
 
     cap: float
     per_tensor: bool = False
     monotone: bool = False
     rectify: bool = False
     predict_first: bool = False
+    align_gain: float = 0.0
+    align_target: float = 0.0
 
 
 RULES = {
@@ -120,6 +128,18 @@ RULES = {
     "group cap 0.005": Rule(0.005),
     "group cap 0.01": Rule(0.01),
     "group cap 0.005, first step predicted": Rule(0.005, predict_first=True),
+    "group cap 0.005, first step predicted, released by alignment 2": Rule(
+        0.005, predict_first=True, align_gain=2.0, align_target=0.02
+    ),
+    "group cap 0.005, first step predicted, released by alignment 0.5": Rule(
+        0.005, predict_first=True, align_gain=0.5, align_target=0.02
+    ),
+    "group cap 0.005, first step predicted, released by alignment 1": Rule(
+        0.005, predict_first=True, align_gain=1.0, align_target=0.02
+    ),
+    "group cap 0.005, first step predicted, released by alignment 2 above 0.05": Rule(
+        0.005, predict_first=True, align_gain=2.0, align_target=0.05
+    ),
     "tensor cap 0.003": Rule(0.003, per_tensor=True),
     "tensor cap 0.01": Rule(0.01, per_tensor=True),
 }
@@ -138,6 +158,8 @@ class _MeasuredRate:
     def _init_rule(self, rule: Rule) -> None:
         self.rule = rule
         self.factors: list[float | None] = [None] * len(self.param_groups)  # None: not measured
+        self.released: list[float | None] = [None] * len(self.param_groups)  # align_gain's
+        self.moves: list[list[Tensor] | None] = [None] * len(self.param_groups)
 
     def _measured(self, group: dict) -> list[Tensor]:
         raise NotImplementedError
@@ -148,7 +170,13 @@ class _MeasuredRate:
             for index, group in enumerate(self.param_groups):
                 if self.factors[index] is None:
                     self.factors[index] = self.next_factor(None, self.first_rho(group))
-        applied = [1.0 if factor is None else factor for factor in self.factors]
+        if self.rule.align_gain:
+            for index, group in enumerate(self.param_groups):
+                self._release(index, group)
+        applied = [
+            max(1.0 if factor is None else factor, released or 0.0)
+            for factor, released in zip(self.factors, self.released, strict=True)
+        ]
         for group, factor in zip(self.param_groups, applied, strict=True):
             group["lr"] = group["lr"] * factor
         before = [[t.detach().clone() for t in self._measured(g)] for g in self.param_groups]
@@ -158,11 +186,32 @@ class _MeasuredRate:
             for group, rate in zip(self.param_groups, rates, strict=True):
                 group["lr"] = rate
         for index, group in enumerate(self.param_groups):
-            moved = relative_update(self._measured(group), before[index]) * self._share(group)
+            measured = self._measured(group)
+            if self.rule.align_gain:
+                self.moves[index] = [
+                    t.detach() - b for t, b in zip(measured, before[index], strict=True)
+                ]
+            moved = relative_update(measured, before[index]) * self._share(group)
             self.factors[index] = self.next_factor(
                 self.factors[index], moved / max(applied[index], 1e-12)
             )
         return loss
+
+    def _release(self, index: int, group: dict) -> None:
+        """``align_gain``'s factor for the coming step, from its gradients and the last move."""
+        if self.moves[index] is None:
+            self.released[index] = self.factors[index]
+            return
+        dot = grad_squares = move_squares = 0.0
+        for param, move in zip(group["params"], self.moves[index], strict=True):
+            if param.grad is not None:
+                dot += float((param.grad * move).sum())
+                grad_squares += float(param.grad.square().sum())
+                move_squares += float(move.square().sum())
+        norms = math.sqrt(grad_squares * move_squares)
+        alignment = -dot / norms if norms > 0.0 else 0.0
+        gain = self.rule.align_gain * (alignment - self.rule.align_target)
+        self.released[index] = min(1.0, (self.released[index] or 1.0) * math.exp(gain))
 
     def _share(self, group: dict) -> float:
         """The share of the measured tensors' move that the parameters take."""

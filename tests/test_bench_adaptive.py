@@ -124,6 +124,42 @@ def test_a_monotone_rule_never_lowers_its_factor():
     assert follows.next_factor(0.5, 0.04) == 0.25
 
 
+def test_an_aligned_gradient_releases_the_factor_and_a_step_takes_the_larger():
+    gain, target = 2.0, 0.02
+    params = model_and_gradients()
+    rule = Rule(0.01, predict_first=True, align_gain=gain, align_target=target)
+    optimizer = MeasuredWarmup(params, rule, lr=LR, weight_decay=0.0)
+    first = optimizer.next_factor(None, optimizer.first_rho(optimizer.param_groups[0]))
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    assert optimizer.released[0] == first  # starts at the predicted first factor
+    moves = [p.detach() - b for p, b in zip(params, before, strict=True)]
+    for param, move in zip(params, moves, strict=True):
+        param.grad = -move + 0.1 * torch.randn_like(move)  # on along the last move: aligned
+    dot = sum(float((p.grad * m).sum()) for p, m in zip(params, moves, strict=True))
+    norms = math.sqrt(
+        sum(float(p.grad.square().sum()) for p in params)
+        * sum(float(m.square().sum()) for m in moves)
+    )
+    released = min(1.0, first * math.exp(gain * (-dot / norms - target)))
+    capped = optimizer.factors[0]
+    assert capped < released < 1.0  # this step is released above the cap's factor
+    twin = copy.deepcopy(optimizer)
+    plain = AdaWarm(twin.param_groups[0]["params"], lr=LR * released, weight_decay=0.0)
+    plain.param_groups[0].update(warmup_steps=0, rectify=False)
+    plain.state = twin.state
+    optimizer.step()
+    plain.step()
+    assert optimizer.released[0] == pytest.approx(released, rel=1e-12)
+    torch.testing.assert_close(
+        [p.detach() for p in params], [p.detach() for p in plain.param_groups[0]["params"]]
+    )
+    for param, move in zip(params, optimizer.moves[0], strict=True):
+        param.grad = move.clone()  # against the last move: the release falls back
+    optimizer.step()
+    assert optimizer.released[0] < released
+
+
 def saved_runs(cell: str, lr: float, losses: dict[str, list[float]]) -> list[Run]:
     return [
         Run(cell, method, lr, seed, loss, [(1, loss)], 0.0)
