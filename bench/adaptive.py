@@ -330,7 +330,8 @@ def compare(
                 cell=cell,
                 lr=lr,
                 mean=_mean(list(mine.values())),
-                collapsed=sum(not (x < collapse_at[cell]) for x in mine.values()),
+                # a cell the saved grid lacks has no threshold: only a diverged run counts
+                collapsed=sum(not (x < collapse_at.get(cell, math.inf)) for x in mine.values()),
                 seeds=len(mine),
                 against_default=paired_difference(mine, others[family.default]),
                 against_no_length=paired_difference(mine, others[family.without_length]),
@@ -446,9 +447,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument(
         "--baseline",
         type=Path,
-        default=COMMITTED_GRID,
         help=f"the saved quality grid whose runs the rules are compared with (default: "
-        f"{COMMITTED_GRID})",
+        f"{COMMITTED_GRID}, or with --report-from the run's own)",
     )
     parser.add_argument(
         "--report-from",
@@ -463,11 +463,12 @@ def main(argv: list[str] | None = None) -> str:
     args = parser.parse_args(argv)
     if args.report_from:
         saved_run = json.loads(args.report_from.read_text())
-        heading, baseline = saved_run["heading"], Path(saved_run["baseline"])
+        heading = saved_run["heading"]
+        baseline = args.baseline or Path(saved_run["baseline"])
         methods = [tuple(pair) for pair in saved_run["methods"]]
         runs = [Run(**run) for run in saved_run["runs"]]
     else:
-        heading, baseline = None, args.baseline
+        heading, baseline = None, args.baseline or COMMITTED_GRID
         methods = [(optimizer, rule) for optimizer in args.optimizers for rule in args.rules]
     saved_cells, saved, _, _ = load_runs(baseline)
     collapse_at = json.loads(baseline.read_text())["collapse_at"]
@@ -487,6 +488,16 @@ def main(argv: list[str] | None = None) -> str:
             time.perf_counter() - start,
             " ".join(["python -m bench adaptive", shlex.join(argv or [])]).strip(),
         )
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.report_from.stem if args.report_from else "adaptive"
+    record = {
+        "heading": heading,
+        "baseline": _shown(baseline),
+        "methods": methods,
+        "runs": [asdict(run) for run in runs],
+    }
+    # saved before the report is built: the runs are the expensive part
+    (args.out / f"{stem}.json").write_text(json.dumps(record) + "\n")
     best_rates = best_adamw_rates(saved_cells, saved, collapse_at)
     lines = [
         heading + f" Compared with {_shown(baseline)}, seed by seed: each difference is the "
@@ -502,16 +513,7 @@ def main(argv: list[str] | None = None) -> str:
         lines += ["", *report(f"{optimizer}, {rule}", rows, best_rates, family)]
     text = "\n".join(lines)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.report_from.stem if args.report_from else "adaptive"
     (args.out / f"{stem}.md").write_text(text + "\n")
-    record = {
-        "heading": heading,
-        "baseline": _shown(baseline),
-        "methods": methods,
-        "runs": [asdict(run) for run in runs],
-    }
-    (args.out / f"{stem}.json").write_text(json.dumps(record) + "\n")
     plotted = plot_factors(runs, saved_cells, args.out / f"{stem}-factors.png")
     if plotted is not None:
         print(f"measured factors against the step: {_shown(plotted)}")

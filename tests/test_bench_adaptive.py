@@ -242,6 +242,17 @@ def test_the_command_trains_each_rule_on_the_cells_and_writes_its_report(tmp_pat
     assert adaptive.main(["--report-from", str(tmp_path / "adaptive.json"), "--out", str(rebuilt)])
     assert (rebuilt / "adaptive.md").read_text() == text + "\n"  # the report from its JSON
     assert "(`python -m bench adaptive --rules 'group cap 0.003' " in text  # as it can be rerun
+    # against a saved grid without the cell: rows without comparisons, collapses only if diverged
+    other = json.loads(baseline.read_text())
+    other.update(cells=[], collapse_at={}, runs=[])
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    against_other = tmp_path / "against-other"
+    saved_run = str(tmp_path / "adaptive.json")
+    argv = ["--report-from", saved_run, "--baseline", str(tmp_path / "other.json")]
+    text = adaptive.main([*argv, "--out", str(against_other)])
+    rows = [line for line in text.splitlines() if line.startswith(f"| {cell.name} |")]
+    assert len(rows) == 2 * len(cell.lrs)
+    assert all(row.endswith("| - | - | - | - |") and "coll." not in row for row in rows)
     runs = json.loads((tmp_path / "adaptive.json").read_text())["runs"]
     assert {(r["method"], r["lr"]) for r in runs} == {
         (name, lr)
