@@ -250,7 +250,7 @@ LSTM_SEEDS = 10
 
 
 def full_grid() -> list[Cell]:
-    """The grid the defaults are chosen on (about 2 hours on the 2-core CI machine)."""
+    """The grid the defaults are chosen on (about 4 hours on the 2-core CI machine)."""
     short = [
         Cell(architecture, beta2, SHORT, "cosine", TRANSFORMER_LRS, seeds)
         for architecture, seeds in (("post-LN", COIN_FLIP_SEEDS), ("pre-LN", PRE_LN_SEEDS))
