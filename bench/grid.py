@@ -2,7 +2,7 @@
 
 A cell is one architecture, beta2, run length and learning-rate schedule, trained at several
 learning rates and seeds. The grid spans what AdaWarm's defaults must hold on: beta2 0.95 (LLM
-recipes), 0.98 and 0.999 (torch's default); runs of 300 and 3000 steps; post-LN and pre-LN
+recipes), 0.98 and 0.999 (torch's default); runs of 300, 1000 and 3000 steps; post-LN and pre-LN
 transformers and an LSTM; fine-tuning a pre-trained model for a short run; and cells where every
 optimizer runs under the user's own linear warmup and cosine decay, as Hugging Face scripts do.
 """
