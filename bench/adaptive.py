@@ -140,6 +140,12 @@ RULES = {
     "group cap 0.005, first step predicted, released by alignment 2 above 0.05": Rule(
         0.005, predict_first=True, align_gain=2.0, align_target=0.05
     ),
+    "group cap 0.005, first step predicted, released by alignment 3 above 0.05": Rule(
+        0.005, predict_first=True, align_gain=3.0, align_target=0.05
+    ),
+    "group cap 0.005, first step predicted, released by alignment 2 above 0.03": Rule(
+        0.005, predict_first=True, align_gain=2.0, align_target=0.03
+    ),
     "tensor cap 0.003": Rule(0.003, per_tensor=True),
     "tensor cap 0.01": Rule(0.01, per_tensor=True),
 }
