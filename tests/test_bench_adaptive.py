@@ -134,8 +134,13 @@ def test_an_aligned_gradient_releases_the_factor_and_a_step_takes_the_larger():
     optimizer.step()
     assert optimizer.released[0] == first  # starts at the predicted first factor
     moves = [p.detach() - b for p, b in zip(params, before, strict=True)]
-    for param, move in zip(params, moves, strict=True):
-        param.grad = -move + 0.1 * torch.randn_like(move)  # on along the last move: aligned
+    # on along the last move, plus as much noise: a cosine near 0.7, aligned
+    generator = torch.Generator().manual_seed(1)
+    noises = [torch.randn(move.shape, generator=generator) for move in moves]
+    move_norm = math.sqrt(sum(float(m.square().sum()) for m in moves))
+    noise_norm = math.sqrt(sum(float(n.square().sum()) for n in noises))
+    for param, move, noise in zip(params, moves, noises, strict=True):
+        param.grad = -move / move_norm + noise / noise_norm
     dot = sum(float((p.grad * m).sum()) for p, m in zip(params, moves, strict=True))
     norms = math.sqrt(
         sum(float(p.grad.square().sum()) for p in params)
