@@ -120,6 +120,13 @@ class Rule:
     align_target: float = 0.0
 
 
+def _released_by_alignment(gain: float, target: float) -> str:
+    """The name of the predicted cap of 0.005 released by alignment at ``gain`` above
+    ``target`` (0.02, the first target tried, goes unnamed)."""
+    above = "" if target == 0.02 else f" above {target:g}"
+    return f"group cap 0.005, first step predicted, released by alignment {gain:g}{above}"
+
+
 RULES = {
     "group cap 0.003 + rectification": Rule(0.003, rectify=True),
     "group cap 0.003 monotone + rectification": Rule(0.003, monotone=True, rectify=True),
@@ -128,24 +135,19 @@ RULES = {
     "group cap 0.005": Rule(0.005),
     "group cap 0.01": Rule(0.01),
     "group cap 0.005, first step predicted": Rule(0.005, predict_first=True),
-    "group cap 0.005, first step predicted, released by alignment 2": Rule(
-        0.005, predict_first=True, align_gain=2.0, align_target=0.02
-    ),
-    "group cap 0.005, first step predicted, released by alignment 0.5": Rule(
-        0.005, predict_first=True, align_gain=0.5, align_target=0.02
-    ),
-    "group cap 0.005, first step predicted, released by alignment 1": Rule(
-        0.005, predict_first=True, align_gain=1.0, align_target=0.02
-    ),
-    "group cap 0.005, first step predicted, released by alignment 2 above 0.05": Rule(
-        0.005, predict_first=True, align_gain=2.0, align_target=0.05
-    ),
-    "group cap 0.005, first step predicted, released by alignment 3 above 0.05": Rule(
-        0.005, predict_first=True, align_gain=3.0, align_target=0.05
-    ),
-    "group cap 0.005, first step predicted, released by alignment 2 above 0.03": Rule(
-        0.005, predict_first=True, align_gain=2.0, align_target=0.03
-    ),
+    **{
+        _released_by_alignment(gain, target): Rule(
+            0.005, predict_first=True, align_gain=gain, align_target=target
+        )
+        for gain, target in (
+            (2.0, 0.02),
+            (0.5, 0.02),
+            (1.0, 0.02),
+            (2.0, 0.05),
+            (3.0, 0.05),
+            (2.0, 0.03),
+        )
+    },
     "tensor cap 0.003": Rule(0.003, per_tensor=True),
     "tensor cap 0.01": Rule(0.01, per_tensor=True),
 }
