@@ -41,6 +41,13 @@ from adawarm.state import group_measurement
 # tests/test_promises.py, runs the measured warmup in fp32 on every execution).
 CASES = [(execution, torch.float64) for execution in ("reference", "foreach", "fused")]
 HYPER = {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
+# AdaWarm's options the measured step is checked with: maximizing negates the gradients that
+# the release's alignment reads.
+VARIANTS = [
+    {"rectify": False, "maximize": False},
+    {"rectify": True, "maximize": False},
+    {"rectify": False, "maximize": True},
+]
 # A rate the cap holds back for several steps, then releases; with a scheduler's changes.
 RATES = (0.05, 0.05, 0.04, 0.05, 0.03, 0.05, 0.02, 0.05, 0.05)
 
@@ -113,14 +120,15 @@ def test_the_kernels_release_is_the_schedules(lr):
     torch.testing.assert_close(factors, expected.double(), rtol=1e-6, atol=0)
 
 
-def measured_by_hand(params, grads, rectify):
+def measured_by_hand(params, grads, variant):
     """Plain AdaWarm (no ramp) at each step's rate times the factor that the relative updates
     and alignments measured here give: the cap's, the first from Adam's first step (every
     element moves by the rate), then each from the last step's move divided by the rate it
     applied, or its release where that is larger, from the last step's gradients and the
     direction of the moments before it. Returns the optimizer, the last step's sums and the
     factors the cap and its release gave at each step."""
-    optimizer = AdaWarm(params, lr=RATES[0], warmup_steps=0, rectify=rectify, **HYPER)
+    optimizer = AdaWarm(params, lr=RATES[0], warmup_steps=0, **variant, **HYPER)
+    sign = -1.0 if variant["maximize"] else 1.0  # the gradient the step uses
     update_sq = float(sum(p.numel() for p in params))
     param_sq = sum(float(p.detach().double().square().sum()) for p in params)
     alignment, released, factors = (0.0, 0.0, 0.0), 0.0, []
@@ -130,7 +138,8 @@ def measured_by_hand(params, grads, rectify):
         factors.append((cap, released))
         applied = rate * max(cap, released)
         optimizer.param_groups[0]["lr"] = applied
-        alignment = alignment_by_hand(optimizer, params, step_grads, HYPER["eps"])
+        used = [sign * grad for grad in step_grads]
+        alignment = alignment_by_hand(optimizer, params, used, HYPER["eps"])
         before = [p.detach().clone() for p in params]
         for param, grad in zip(params, step_grads, strict=True):
             param.grad = grad.clone()
@@ -141,9 +150,9 @@ def measured_by_hand(params, grads, rectify):
     return optimizer, (update_sq, param_sq, *alignment, released), factors
 
 
-def measured_steps(params, grads, rectify, execution, after_step=None):
+def measured_steps(params, grads, variant, execution, after_step=None):
     optimizer = AdaWarm(
-        params, lr=RATES[0], warmup_steps="measured", rectify=rectify, **HYPER, **execution
+        params, lr=RATES[0], warmup_steps="measured", **variant, **HYPER, **execution
     )
     for index, (rate, step_grads) in enumerate(zip(RATES, grads, strict=False)):
         optimizer.param_groups[0]["lr"] = rate
@@ -156,17 +165,17 @@ def measured_steps(params, grads, rectify, execution, after_step=None):
 
 
 @pytest.mark.parametrize(("execution", "dtype"), CASES, ids=str)
-@pytest.mark.parametrize("rectify", [False, True], ids=["no rectification", "rectify"])
-def test_a_measured_step_is_plain_adawarm_at_the_measured_rate(execution, dtype, rectify):
+@pytest.mark.parametrize("variant", VARIANTS, ids=["no rectification", "rectify", "maximize"])
+def test_a_measured_step_is_plain_adawarm_at_the_measured_rate(execution, dtype, variant):
     shapes = list(ODD_SHAPES)  # 0, 1, 1023, 1025 elements ...
     device = device_of(execution)
     stream = persistent_gradient_stream(shapes, dtype, len(RATES), 7)
     grads = [[g.to(device) for g in step] for step in stream]
     mine = [p.detach().to(device).requires_grad_() for p in make_params(shapes, dtype, 3)]
     theirs = make_params(shapes, dtype, 3)
-    measured = measured_steps(mine, grads, rectify, EXECUTIONS[execution])
+    measured = measured_steps(mine, grads, variant, EXECUTIONS[execution])
     plain, expected_sums, factors = measured_by_hand(
-        theirs, [[g.cpu() for g in s] for s in grads], rectify
+        theirs, [[g.cpu() for g in s] for s in grads], variant
     )
     # the release took over from the cap, and the cap held some steps back
     assert any(released > cap for cap, released in factors)
@@ -191,7 +200,8 @@ def test_a_measured_step_is_plain_adawarm_at_the_measured_rate(execution, dtype,
     torch.testing.assert_close(sums, expected, rtol=rtol, atol=0)
     # the factor the next step applies
     (factor,) = measured.warmup_factor()
-    expected_factor = measured_factors(RATES[-1], expected_sums)[0] * _rectification(rectify)
+    rectified = _rectification(variant["rectify"])
+    expected_factor = measured_factors(RATES[-1], expected_sums)[0] * rectified
     assert factor == pytest.approx(expected_factor, rel=rtol)
 
 
@@ -262,6 +272,7 @@ KERNEL_OPTIONS = {
 }
 STORAGES = [
     (torch.float32, {}),
+    (torch.float32, {"maximize": True}),  # the release reads the gradient the step uses
     (torch.float32, {"state_dtype": torch.bfloat16}),
     (torch.bfloat16, {"compensation": "stochastic"}),
     (torch.bfloat16, {"compensation": "kahan", "state_dtype": torch.bfloat16}),
