@@ -18,10 +18,8 @@ A state_dict may come from AdaWarm (this version or an older one), ``torch.optim
   fp32 is exact). Kahan buffers are kept when both sides have them, created as zeros when only
   the loader wants them, dropped otherwise. A measured warmup's ``relative_update`` is kept
   (on the CPU, in the update's dtype) when the loaded group is ``warmup_steps="measured"``;
-  without one, its first step there measures as a first step does. An entry of the cap's two
-  numbers (AdaWarmScheduleFree's, or AdaWarm's before its release) loads into AdaWarm with
-  nothing aligned or released yet (its release starts again from the cap's factor); AdaWarm's
-  six load into AdaWarmScheduleFree as their first two. Other state entries are dropped.
+  without one, its
+  first step there measures as a first step does. Other state entries are dropped.
 """
 
 from __future__ import annotations
@@ -34,8 +32,8 @@ import torch
 from torch import Tensor
 
 from adawarm.schedule import MEASURED
-from adawarm.state import CAP_ENTRY, RELEASE_ENTRY, moment_like, needs_compensation
-from adawarm.tensor_lists import compute_dtype
+from adawarm.state import moment_like, needs_compensation
+from adawarm.torch_backend import compute_dtype
 from adawarm.validation import check_group
 
 # Keys torch.optim.AdamW/RAdam keep in their param groups that mean nothing to AdaWarm.
@@ -127,7 +125,7 @@ def converted_state(
     state = {"step": step_counter(saved["step"], param_id)}
     for key in MOMENT_KEYS:
         state[key] = moment_like(param, group["state_dtype"]).copy_(saved[key])
-    entry = loaded_relative_update(param, saved, group, param_id, RELEASE_ENTRY)
+    entry = loaded_relative_update(param, saved, group, param_id)
     if entry is not None:
         state["relative_update"] = entry
     if needs_compensation(param, group["compensation"]):
@@ -139,30 +137,25 @@ def converted_state(
 
 
 def loaded_relative_update(
-    param: Tensor, saved: dict[str, Any], group: dict[str, Any], param_id: Any, width: int
+    param: Tensor, saved: dict[str, Any], group: dict[str, Any], param_id: Any
 ) -> Tensor | None:
-    """The measured warmup's ``relative_update`` entry of ``width`` numbers that ``param``
-    loads from ``saved``: on the CPU in the update's dtype where the group measures and the
-    checkpoint has one (the cap's two padded with zeros, six cut to the cap's two), else None
-    (a group that does not measure drops it)."""
+    """The measured warmup's ``relative_update`` entry that ``param`` loads from ``saved``: on
+    the CPU in the update's dtype where the group measures and the checkpoint has one, else
+    None (a group that does not measure drops it)."""
     if group["warmup_steps"] != MEASURED or "relative_update" not in saved:
         return None
     entry = relative_update_entry(saved["relative_update"], param_id)
-    loaded = torch.zeros(width, dtype=compute_dtype(param.dtype))
-    kept = min(width, entry.numel())
-    loaded[:kept] = entry[:kept]
-    return loaded
+    return entry.to(compute_dtype(param.dtype))
 
 
 def relative_update_entry(value: Any, param_id: Any) -> Tensor:
-    """A saved ``relative_update`` as a 1-D tensor on the CPU (in its dtype)."""
-    if not isinstance(value, Tensor) or value.numel() not in (CAP_ENTRY, RELEASE_ENTRY):
+    """A saved ``relative_update`` as a pair on the CPU (in its dtype)."""
+    if not isinstance(value, Tensor) or value.numel() != 2:
         raise ValueError(
             f"Loaded relative_update of parameter {param_id} is {value!r}, expected a tensor "
-            f"of {CAP_ENTRY} numbers (update_sq, param_sq) or {RELEASE_ENTRY} (those, "
-            "grad_dot_direction, grad_sq, direction_sq and released)"
+            "of two numbers (update_sq, param_sq)"
         )
-    return value.detach().to("cpu").reshape(-1).clone()
+    return value.detach().to("cpu").reshape(2).clone()
 
 
 def with_decoupled_decay_flag(state_dict: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor
 
 from adawarm.schedule import MEASURED, resolve_warmup_steps
-from adawarm.state import RELEASE_ENTRY
 from adawarm.torch_backend import fused_available, torch_step
 from adawarm.triton_backend import triton_step, unservable_reason
 from adawarm.triton_op import triton_step_op
@@ -184,8 +183,9 @@ def adawarm(
     ``rounding_seed=None`` rounds every store to nearest (which biases bf16 moments: small
     updates are lost). With ``warmup_steps="measured"``, ``relative_updates`` are the tensors'
     ``relative_update`` entries (``adawarm.state.first_relative_update`` before a first step;
-    six numbers in the update's dtype, on the CPU for the torch backend and on the parameters'
-    device for the Triton kernel), which the step reads and replaces.
+    pairs in the update's dtype, on the CPU for the torch backend and on the parameters' device
+    for the
+    Triton kernel), which the step reads and replaces.
     """
     if (warmup_steps == MEASURED) != (relative_updates is not None):
         raise ValueError(
@@ -193,12 +193,6 @@ def adawarm(
             f"relative_updates need warmup_steps='measured'; got warmup_steps={warmup_steps!r} "
             f"and relative_updates={'None' if relative_updates is None else 'given'}"
         )
-    for index, entry in enumerate(relative_updates or ()):
-        if entry.numel() != RELEASE_ENTRY:
-            raise ValueError(
-                f"Invalid relative_updates[{index}]: {entry.numel()} numbers, expected "
-                f"{RELEASE_ENTRY} (adawarm.state.first_relative_update makes them)"
-            )
     params, grads, exp_avgs, exp_avg_sqs = (
         local_tensors(tensors) for tensors in (params, grads, exp_avgs, exp_avg_sqs)
     )

@@ -18,9 +18,9 @@ from torch.optim import Optimizer
 
 from adawarm.functional import checked_execution, has_dtensors, local_tensors
 from adawarm.rollback import StepSnapshot, failed_step_error
-from adawarm.schedule import AUTO, MEASURED, measured_factors, resolve_warmup_steps, step_schedule
+from adawarm.schedule import AUTO, MEASURED, measured_factor, resolve_warmup_steps, step_schedule
 from adawarm.shards import measured_sums_of_shards, not_measured_like, sum_over_shards
-from adawarm.state import RELEASE_ENTRY, first_relative_update, group_measurement
+from adawarm.state import first_relative_update
 from adawarm.tensor_lists import DTYPE, PackedTensors, empty_packed, pack
 from adawarm.validation import group_betas
 
@@ -100,9 +100,6 @@ class WarmupOptimizer(Optimizer):
     PACKED_STATE_KEYS: tuple[str, ...] = ()
     # The algorithm's warmup length for a group's ``warmup_steps``, beta2 and ``total_steps``.
     _resolve_warmup_steps = staticmethod(resolve_warmup_steps)
-    # The numbers in a measured warmup's ``relative_update`` entry: the cap's and its release
-    # (adawarm.state; AdaWarmScheduleFree keeps the cap's alone).
-    MEASURED_ENTRY = RELEASE_ENTRY
 
     def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
         self._check_group(defaults)
@@ -321,7 +318,7 @@ class WarmupOptimizer(Optimizer):
         for index, (param, state, entry) in enumerate(pairs):
             device = param.device if work.backend == "triton" else _CPU
             if entry is None:
-                entry = first_relative_update(work.shards[index], device, self.MEASURED_ENTRY)
+                entry = first_relative_update(work.shards[index], device)
                 made.append(index)
             elif entry.device != device:
                 entry = entry.to(device)
@@ -544,11 +541,10 @@ class WarmupOptimizer(Optimizer):
         for param in group["params"]:
             entry = self.state.get(param, {}).get("relative_update")
             if entry is None:
-                local = local_tensors([param])[0]
-                entry = first_relative_update(local, _CPU, self.MEASURED_ENTRY)
+                entry = first_relative_update(local_tensors([param])[0], _CPU)
             entries.append(entry.cpu())
-        sums = group_measurement(torch.stack(entries)).tolist()
-        return measured_factors(float(group["lr"]) * self._measured_share(group), sums)[0]
+        sums = torch.stack(entries).sum(0).tolist()
+        return measured_factor(float(group["lr"]) * self._measured_share(group), *sums)
 
     @staticmethod
     def _measured_share(group: dict[str, Any]) -> float:

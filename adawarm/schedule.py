@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 UNTUNED = "untuned"
@@ -42,13 +41,6 @@ WARMUP_NAMES = (AUTO, UNTUNED, MEASURED)
 # fixed ramp at lr 0.01-0.03), 0.01 let post-LN runs at lr 0.1 end 0.3-0.4 nats higher than
 # 0.005, which still trained them (2.43-2.51 nats after 300 steps; the "auto" ramp 3.06-3.23).
 MEASURED_CAP = 0.005
-# AdaWarm's measured warmup releases the cap as its gradients line up with its last step (see
-# released_factor): exp(3 (c - 0.05)) a step. Chosen on the quality grid (docs/defaults.md,
-# "Measured warmup: rules tried"; python -m bench adaptive): gain 2 above 0.02 still cost the
-# short LSTM runs up to 0.04 nats at lr 0.03-0.1, gain 2 above 0.03 more; gain 3 above 0.05
-# kept every 300-step mean within 0.03 nats of the best fixed ramp (10 seeds).
-ALIGNMENT_GAIN = 3.0
-ALIGNMENT_TARGET = 0.05
 # torch.optim.RAdam takes the adaptive step only while the variance estimate is tractable.
 RECTIFICATION_THRESHOLD = 5.0
 # The default ramp lasts this many steps, or 2 / (1 - beta2) where that is shorter (see
@@ -132,50 +124,6 @@ def measured_factor(lr: float, update_sq: float, param_sq: float) -> float:
     """
     rho = lr * math.sqrt(update_sq / param_sq) if param_sq > 0.0 else 0.0
     return min(1.0, MEASURED_CAP / rho) if rho > 0.0 else 1.0
-
-
-def released_factor(
-    released: float,
-    grad_dot_direction: float,
-    grad_sq: float,
-    direction_sq: float,
-    cap_factor: float,
-) -> float:
-    """AdaWarm's measured warmup: the release of its cap on a group's next step.
-
-    ``released`` is the release the group's last step applied (0 before any: the next is then
-    ``cap_factor``, the cap's factor on that step). The other sums are over the group's tensors
-    at its last step, of its gradient ``g`` (after unscaling; negated when maximizing) and the
-    direction its moments gave before that step's update, ``d = m / (sqrt(v) + eps)`` -- the
-    direction of the step before it (exactly with rectification, where eps is bias-corrected
-    as ``v`` is; without, up to eps's weight). Their cosine ``c = g . d / (||g|| ||d||)`` is
-    positive while the gradient still points the way the last steps went and negative where they
-    overshot -- the hypergradient of the loss in the rate (Baydin et al. 2018, *Online learning
-    rate adaptation with hypergradient descent*), normalized. The release follows it:
-    ``min(1, released exp(ALIGNMENT_GAIN (c - ALIGNMENT_TARGET)))``, unchanged where a norm is
-    0 (the first step, whose moments were zero). A step applies the larger of the cap's factor
-    and the release (:func:`measured_factors`)."""
-    if released == 0.0:
-        return cap_factor
-    norms = math.sqrt(grad_sq * direction_sq)
-    if not norms > 0.0:
-        return released
-    alignment = grad_dot_direction / norms
-    return min(1.0, released * math.exp(ALIGNMENT_GAIN * (alignment - ALIGNMENT_TARGET)))
-
-
-def measured_factors(lr: float, group_sums: Sequence[float]) -> tuple[float, float | None]:
-    """The measured warmup's factor on the rate of a group's next step, and the release it
-    applies (None without one), from the group's sums of its tensors' ``relative_update``
-    entries (``adawarm.state.group_measurement``): ``(update_sq, param_sq)``, the cap alone
-    (AdaWarmScheduleFree's), or six numbers, ``(update_sq, param_sq, grad_dot_direction,
-    grad_sq, direction_sq, released)``, the cap and its release (AdaWarm's): the factor is
-    then the larger of :func:`measured_factor` and :func:`released_factor`."""
-    cap_factor = measured_factor(lr, group_sums[0], group_sums[1])
-    if len(group_sums) == 2:
-        return cap_factor, None
-    released = released_factor(group_sums[5], *group_sums[2:5], cap_factor)
-    return max(cap_factor, released), released
 
 
 def ramp(step: int, warmup_steps: int) -> float:

@@ -14,7 +14,7 @@ from adawarm.functional import local_tensors, select_execution
 from adawarm.optimizer_base import GroupStep, WarmupOptimizer
 from adawarm.schedule import AUTO, MEASURED, resolve_schedule_free_warmup_steps
 from adawarm.schedule_free_functional import run_schedule_free, switch
-from adawarm.state import CAP_ENTRY, moment_like, needs_compensation
+from adawarm.state import moment_like, needs_compensation
 from adawarm.validation import check_schedule_free_group, group_betas
 
 # Chosen on the quality grid (docs/defaults.md): "auto" is a ramp over 5 % of the run when its
@@ -219,10 +219,6 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             ),
             relative_update_out=work.relative_update_out,
         )
-
-    # The measured warmup's cap alone: its release (AdaWarm's) reads the direction of the last
-    # step from the moments, and AdaWarmScheduleFree keeps no first moment (docs/defaults.md).
-    MEASURED_ENTRY = CAP_ENTRY
 
     @staticmethod
     def _measured_share(group: dict[str, Any]) -> float:

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from adawarm.checkpoint import EXECUTION_KEYS, STORAGE_KEYS, loaded_relative_update, step_counter
-from adawarm.state import CAP_ENTRY, moment_like, needs_compensation
+from adawarm.state import moment_like, needs_compensation
 from adawarm.validation import check_schedule_free_group
 
 STATE_TENSORS = ("z", "exp_avg_sq")
@@ -114,7 +114,7 @@ def _converted_state(
     }
     for key in STATE_TENSORS:
         state[key] = moment_like(param, group["state_dtype"]).copy_(saved[key])
-    entry = loaded_relative_update(param, saved, group, param_id, CAP_ENTRY)
+    entry = loaded_relative_update(param, saved, group, param_id)
     if entry is not None:
         state["relative_update"] = entry
     if needs_compensation(param, group["compensation"]):

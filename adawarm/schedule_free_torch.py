@@ -210,7 +210,7 @@ def schedule_free_torch_step(
         lr = float(lr.item())
     factor = None
     if relative_updates is not None:
-        factor = measured_factor_of(relative_updates, lr * (1.0 - beta1))[0]
+        factor = measured_factor_of(relative_updates, lr * (1.0 - beta1))
         lr *= factor
     if compensations is None:
         compensations = [None] * len(params)

@@ -15,8 +15,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from adawarm.state import SUMMED_SLOTS
-
 
 def sum_over_shards(values: Tensor, params: Sequence[Tensor]) -> Tensor:
     """``values`` (one row per parameter, on any device) with each row summed over the ranks
@@ -46,11 +44,9 @@ def measured_sums_of_shards(entries: list[Tensor], scratch: list[Tensor], params
     """After a step over sharded parameters: each tensor's ``relative_update`` entry becomes
     its whole tensor's sums, from the shards' sums the step wrote to ``scratch`` -- where the
     step measured it (a row still at its initial -1 on every rank, it did not: a skipped step,
-    or one at rate 0, keeps the entry as it was). The release is the group's, computed alike on
-    every rank from sums that are, and is kept as written. No host sync."""
+    or one at rate 0, keeps the entry as it was). No host sync."""
     local = torch.stack([part.to(entries[0].device) for part in scratch])
-    summed = sum_over_shards(local[:, :SUMMED_SLOTS], params)
-    summed = torch.cat([summed, local[:, SUMMED_SLOTS:]], dim=1)
+    summed = sum_over_shards(local, params)
     current = torch.stack(entries)
     updated = torch.where(summed[:, :1] >= 0.0, summed.to(current.dtype), current)
     torch._foreach_copy_(entries, list(updated.unbind(0)))
@@ -58,10 +54,5 @@ def measured_sums_of_shards(entries: list[Tensor], scratch: list[Tensor], params
 
 def not_measured_like(entries: Sequence[Tensor]) -> list[Tensor]:
     """A scratch of ``entries``' shapes, dtypes and devices that a step writes its shards' sums
-    to: ``(-1, 0, ...)`` until a step measures the tensor."""
-    scratch = []
-    for entry in entries:
-        row = torch.zeros_like(entry)
-        row[0] = -1.0
-        scratch.append(row)
-    return scratch
+    to: ``(-1, 0)`` until a step measures the tensor."""
+    return [torch.tensor([-1.0, 0.0], dtype=e.dtype, device=e.device) for e in entries]

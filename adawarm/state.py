@@ -2,9 +2,9 @@
 
 ``step`` (float32 scalar tensor), ``exp_avg`` and ``exp_avg_sq`` -- torch.optim.AdamW's and
 RAdam's names, so state_dicts interchange -- and, for Kahan-compensated fp16/bf16 parameters,
-``compensation``; with ``warmup_steps="measured"``, ``relative_update``: six numbers of the
-tensor's last step (``adawarm.schedule.measured_factors``; AdaWarmScheduleFree's two, the
-cap's), in the dtype the update is computed in (fp64 for fp64 parameters, fp32 otherwise).
+``compensation``; with ``warmup_steps="measured"``, ``relative_update``: the pair
+``(update_sq, param_sq)`` of the tensor's last step (``adawarm.schedule.measured_factor``), in
+the dtype the update is computed in (fp64 for fp64 parameters, fp32 otherwise).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from adawarm.tensor_lists import compute_dtype
+from adawarm.torch_backend import compute_dtype
 
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 
@@ -55,37 +55,12 @@ def new_state(
     return state
 
 
-# The length of a relative_update entry: (update_sq, param_sq), the cap's sums
-# (AdaWarmScheduleFree's), or those and (grad_dot_direction, grad_sq, direction_sq, released),
-# the cap's release (AdaWarm's); see adawarm.schedule.measured_factors.
-CAP_ENTRY = 2
-RELEASE_ENTRY = 6
-# The entries' slots that are sums over the tensor's elements (the rest, the release, is the
-# group's, written alike into every entry of the group).
-SUMMED_SLOTS = 5
-
-
-def first_relative_update(
-    param: Tensor, device: torch.device | str, width: int = RELEASE_ENTRY
-) -> Tensor:
+def first_relative_update(param: Tensor, device: torch.device | str) -> Tensor:
     """The ``relative_update`` entry of ``param`` before its first step, on ``device``: its
     element count (a complex element is two reals) and its squared norm (see
-    ``adawarm.schedule.measured_factor``), then, in an entry of ``RELEASE_ENTRY`` numbers,
-    zeros: nothing aligned or released yet.
+    ``adawarm.schedule.measured_factor``).
     One pass over the parameter, on its own device: only its squared norm goes to ``device``."""
     real = torch.view_as_real(param.detach()) if param.is_complex() else param.detach()
     param_sq = real.to(compute_dtype(real.dtype)).square().sum()
-    entry = torch.zeros(width, dtype=param_sq.dtype, device=param_sq.device)
-    entry[0] = real.numel()
-    entry[1] = param_sq
-    return entry.to(device)
-
-
-def group_measurement(entries: Tensor) -> Tensor:
-    """The group's sums of its tensors' entries (rows of ``entries``), which
-    ``adawarm.schedule.measured_factors`` takes: each summed slot added up, and the largest
-    release -- the group's last, unless a tensor that missed steps saw a larger one (the group
-    then goes on from that: a stale entry never holds a group back)."""
-    if entries.shape[1] == CAP_ENTRY:
-        return entries.sum(0)
-    return torch.cat([entries[:, :SUMMED_SLOTS].sum(0), entries[:, SUMMED_SLOTS:].amax(0)])
+    count = torch.full((), float(real.numel()), dtype=param_sq.dtype, device=param_sq.device)
+    return torch.stack([count, param_sq]).to(device)

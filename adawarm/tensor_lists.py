@@ -23,11 +23,6 @@ IS_CPU = attrgetter("is_cpu")
 IS_CUDA = attrgetter("is_cuda")
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the update is computed in: fp64 for fp64 tensors, fp32 for everything else."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class PackedTensors(list):
     """Tensors (one per parameter) that are views, in order and end to end, of one contiguous
     1-D tensor, ``base``: an elementwise op on ``base`` is that op on each of them, in one call

@@ -33,14 +33,12 @@ from adawarm.rounding import (
     stochastic_round_to_bf16,
     stream_base,
 )
-from adawarm.schedule import StepSchedule, measured_factors, step_schedule
-from adawarm.state import group_measurement
+from adawarm.schedule import StepSchedule, measured_factor, step_schedule
 from adawarm.tensor_lists import (
     DEVICE,
     DTYPE,
     add_number_,
     as_lists,
-    compute_dtype,
     constant_like,
     counter_values,
     indices_by_key,
@@ -199,6 +197,11 @@ def upcast(tensors: list[Tensor], dtype: torch.dtype) -> list[Tensor]:
     return [tensor.to(dtype) for tensor in tensors]
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the update is computed in: fp64 for fp64 tensors, fp32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def store(targets: list[Tensor], work: list[Tensor]) -> None:
     """Write fp32/fp64 working copies back to lower-precision tensors (round to nearest even)."""
     if work is not targets:
@@ -275,9 +278,9 @@ def torch_step(
     ``foreach`` elsewhere. With ``found_inf`` set (GradScaler), nothing changes, not even the step
     counters; ``grad_scale`` divides the gradients before use.
 
-    ``relative_updates`` (the measured warmup; entries on the CPU, one per tensor) scale
-    the rate by :func:`~adawarm.schedule.measured_factors` of their group's sums, and are
-    replaced by the sums of this step (:func:`record_relative_updates`) -- or those go to
+    ``relative_updates`` (the measured warmup; pairs on the CPU, one per tensor) scale
+    the rate by :func:`~adawarm.schedule.measured_factor` of their sums, and are replaced by
+    the sums of this step (:func:`record_relative_updates`) -- or those go to
     ``relative_update_out`` where given (shards' sums, for the optimizer to add up over
     ranks); the factor applied is returned (a float32 CPU tensor; None without them, or where
     nothing stepped).
@@ -292,9 +295,9 @@ def torch_step(
         grads = torch._foreach_div(list(grads), grad_scale.to(grads[0].device))
     if isinstance(lr, Tensor):
         lr = float(lr.item())
-    factor = released = None
+    factor = None
     if relative_updates is not None:
-        factor, released = measured_factor_of(relative_updates, lr)
+        factor = measured_factor_of(relative_updates, lr)
         lr *= factor
 
     if compensations is None:
@@ -327,11 +330,7 @@ def torch_step(
             )
             computing = compute_dtype(stored[0][0].dtype)
             work = upcast_all(stored, computing)
-            before = None
-            if relative_updates is not None:
-                before = before_the_move(work[0])
-                if released is not None:
-                    before += (alignment_sums(*work[1:4], eps=eps, maximize=maximize),)
+            before = None if relative_updates is None else before_the_move(work[0])
             # Counters advance with their bucket (the fused kernel reads them), and go back if
             # the bucket's update fails: each tensor is either stepped or untouched.
             bucket_steps = select(group_steps, indices)
@@ -349,7 +348,7 @@ def torch_step(
             if before is not None:
                 written = relative_update_out or relative_updates
                 record_relative_updates(
-                    [written[i] for i in positions], work[0], before, schedule.lr, released
+                    [written[i] for i in positions], work[0], before, schedule.lr
                 )
             store_bucket(
                 stored,
@@ -364,9 +363,9 @@ def torch_step(
     return None if factor is None else torch.tensor(factor, dtype=torch.float32)
 
 
-def measured_factor_of(relative_updates: Sequence[Tensor], lr: float) -> tuple[float, float | None]:
-    """:func:`~adawarm.schedule.measured_factors` at ``lr`` of these entries' group sums."""
-    return measured_factors(lr, group_measurement(torch.stack(list(relative_updates))).tolist())
+def measured_factor_of(relative_updates: Sequence[Tensor], lr: float) -> float:
+    """:func:`~adawarm.schedule.measured_factor` at ``lr`` of the sums of these entries."""
+    return measured_factor(lr, *torch.stack(list(relative_updates)).sum(0).tolist())
 
 
 def before_the_move(tensors: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
@@ -375,52 +374,24 @@ def before_the_move(tensors: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
     return [tensor.clone() for tensor in tensors], torch.stack(torch._foreach_norm(tensors))
 
 
-def alignment_sums(
-    grads: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
-    *,
-    eps: float,
-    maximize: bool,
-) -> Tensor:
-    """Per tensor, before the step changes its moments: ``(g . d, ||g||^2, ||d||^2)`` of its
-    gradient and the direction ``d = m / (sqrt(v) + eps)`` of its moments, the sums of
-    :func:`~adawarm.schedule.released_factor` (``g`` negated when maximizing)."""
-    denominators = torch._foreach_sqrt(list(exp_avg_sqs))
-    add_number_(denominators, number_like(denominators[0], eps))
-    directions = torch._foreach_div(list(exp_avgs), denominators)
-    dots = torch.stack([torch.sum(g * d) for g, d in zip(grads, directions, strict=True)])
-    if maximize:
-        dots = -dots
-    grad_norms = torch.stack(torch._foreach_norm(list(grads)))
-    direction_norms = torch.stack(torch._foreach_norm(directions))
-    return torch.stack([dots, grad_norms.square(), direction_norms.square()], dim=1)
-
-
 def record_relative_updates(
     entries: Sequence[Tensor],
     tensors: Sequence[Tensor],
-    before: tuple[Tensor, ...],
+    before: tuple[list[Tensor], Tensor],
     rate: float,
-    released: float | None = None,
 ) -> None:
     """Set each tensor's ``relative_update`` entry to ``(||(t - t_before) / rate||^2,
-    ||t_before||^2)``: the measured tensor's move at rate 1 and its size before the step,
-    followed, in AdaWarm's entries, by its :func:`alignment_sums` and the group's ``released``
-    (kept as they were at rate 0, where nothing was measured). ``before`` is
-    :func:`before_the_move`'s (and the alignment sums), whose copies this turns into the
-    moves in place (CPU copies are page-faulted in when allocated: one allocation, not three,
-    is ~2x faster on 4M elements)."""
+    ||t_before||^2)``: the measured tensor's move at rate 1 and its size before the step (kept
+    as they were at rate 0, where nothing was measured). ``before`` is
+    :func:`before_the_move`'s, whose copies this turns into the moves in place (CPU copies
+    are page-faulted in when allocated: one allocation, not three, is ~2x faster on 4M
+    elements)."""
     if rate == 0.0:
         return
-    copies, sizes = before[:2]
+    copies, sizes = before
     torch._foreach_sub_(copies, tensors)  # minus each move
     moved = torch.stack(torch._foreach_norm(copies)) / rate
-    columns = [torch.stack([moved, sizes], dim=1).square()]
-    if released is not None:
-        columns.append(before[2])
-        columns.append(torch.full_like(moved, released).unsqueeze(1))
-    sums = torch.cat(columns, dim=1).cpu()
+    sums = torch.stack([moved, sizes], dim=1).square().cpu()
     for entry, values in zip(entries, sums, strict=True):
         entry.copy_(values)
 

@@ -23,7 +23,6 @@ from torch import Tensor
 
 from adawarm.rounding import rounds_stochastically
 from adawarm.schedule import MEASURED_CAP
-from adawarm.state import CAP_ENTRY, RELEASE_ENTRY, group_measurement
 from adawarm.tensor_lists import DTYPE, IS_CPU, IS_CUDA, select
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -182,13 +181,11 @@ def _build_tables(
     pointers: tuple[tuple[int, ...], ...],
     device: torch.device,
     stream_ids: list[int] | None = None,
-    release: bool = False,
 ) -> dict[str, Tensor | int]:
     """Check the tensors of one launch group and put their tables on the device.
 
     ``stream_ids`` numbers the tensors' random streams for stochastic rounding: their positions
-    in the list the backend received, as in the torch backend. ``release``: the measured
-    warmup's entries hold the cap's release (AdaWarm's), else the cap's two numbers.
+    in the list the backend received, as in the torch backend.
     """
     for name, tensors in lists.items():
         for tensor in tensors:
@@ -218,16 +215,15 @@ def _build_tables(
                     f"The Triton kernel needs {dtype} scalar {name} tensors, got {scalar.dtype} "
                     f"of shape {tuple(scalar.shape)}"
                 )
-    width = RELEASE_ENTRY if release else CAP_ENTRY
     for entry in lists.get("relative_update", ()):
-        if entry.dtype != torch.float32 or entry.shape != (width,) or not entry.is_contiguous():
+        if entry.dtype != torch.float32 or entry.shape != (2,) or not entry.is_contiguous():
             raise RuntimeError(
-                f"The Triton kernel needs relative_update entries of {width} contiguous float32 "
+                "The Triton kernel needs relative_update entries of two contiguous float32 "
                 f"numbers, got {entry.dtype} of shape {tuple(entry.shape)}"
             )
     tables = _common().launch_tables(lists, device, pointers=pointers, stream_ids=stream_ids)
     if "relative_update" in lists:
-        tables.update(_measured_kernels().measured_scratch(tables, release))
+        tables.update(_measured_kernels().measured_scratch(tables))
     return tables
 
 
@@ -238,18 +234,15 @@ def _tables(
     device: torch.device,
     positions: Sequence[int],
     stochastic: bool,
-    release: bool = False,
 ) -> dict[str, Tensor | int]:
     """The launch tables of ``lists`` from ``table_cache[key]``, rebuilt when a pointer (or,
-    with ``stochastic`` stores, a tensor's stream) changed (``release``: as
-    :func:`_build_tables`)."""
+    with ``stochastic`` stores, a tensor's stream) changed."""
     pointers = tuple(_data_pointers(tensors) for tensors in lists.values())
     signature = (*pointers, tuple(positions) if stochastic else ())
     tables = table_cache.get(key)
     if tables is None or tables.signature != signature:
         stream_ids = list(positions) if stochastic else None
-        built = _build_tables(lists, pointers, device, stream_ids, release)
-        tables = PointerTables(signature, built)
+        tables = PointerTables(signature, _build_tables(lists, pointers, device, stream_ids))
         table_cache[key] = tables
     return tables.tensors
 
@@ -257,13 +250,11 @@ def _tables(
 def _group_sums(
     params: Sequence[Tensor], relative_updates: Sequence[Tensor] | None
 ) -> Tensor | None:
-    """The measured warmup's sums over the group's entries before the step
-    (``adawarm.state.group_measurement``), on the first parameter's device (each launch moves
-    them to its own: one device, nearly always)."""
+    """The measured warmup's sums over the group's entries before the step, on the first
+    parameter's device (each launch moves them to its own: one device, nearly always)."""
     if relative_updates is None:
         return None
-    device = params[0].device
-    return group_measurement(torch.stack([entry.to(device) for entry in relative_updates]))
+    return torch.stack([entry.to(params[0].device) for entry in relative_updates]).sum(0)
 
 
 def _sum_measurements(
@@ -348,7 +339,6 @@ def triton_step(
             device,
             positions,
             stochastic_param or stochastic_state,
-            release=True,
         )
         _kernels().launch_adawarm_step(
             tables,

@@ -40,16 +40,7 @@ from adawarm.kernels.common import (
     store_state,
     stream_bases,
 )
-from adawarm.kernels.measured import (
-    RELEASE_PARTS,
-    alignment_parts,
-    apply_measured_factor,
-    block_sum,
-    store_part,
-)
-
-# The measured warmup's parts of a block: the cap's and its release's.
-_RELEASE_PARTS = tl.constexpr(RELEASE_PARTS)
+from adawarm.kernels.measured import apply_measured_factor, store_part, sum_of_squares
 
 
 @triton.jit
@@ -94,7 +85,6 @@ def _update_block(
     one_minus_beta1,
     beta2,
     one_minus_beta2,
-    eps,
     grad_scale_ptr,
     param_base,
     exp_avg_base,
@@ -114,10 +104,8 @@ def _update_block(
     mask, which lets the loads and stores of an aligned launch be 128-bit (a mask computed from
     a loaded ``numel`` has no known constancy, so a masked access is split into scalar ones).
 
-    Returns the measured warmup's sums when ``MEASURED``, else zeros: of the squared move (the
-    new fp32 value minus the old, before the store rounds it), of the squared old values, and
-    the alignment's (``adawarm.kernels.measured.alignment_parts``: the gradient against the
-    direction of the old moments, with ``eps``, the group's)."""
+    Returns the sums of the squared move (the new fp32 value minus the old, before the store
+    rounds it) and of the squared old values when ``MEASURED``, else zeros."""
     if FULL:
         mask = None
     else:
@@ -130,11 +118,6 @@ def _update_block(
         grad = grad / tl.load(grad_scale_ptr)
     if MAXIMIZE:
         grad = -grad
-    dot = 0.0
-    grad_sq = 0.0
-    direction_sq = 0.0
-    if MEASURED:  # before the update overwrites the old moments
-        dot, grad_sq, direction_sq = alignment_parts(grad, exp_avg, exp_avg_sq, eps, mask, FULL)
 
     param = old_param * decay
     exp_avg = exp_avg + one_minus_beta1 * (grad - exp_avg)
@@ -157,10 +140,9 @@ def _update_block(
     moved_sq = 0.0
     old_sq = 0.0
     if MEASURED:  # the move as stored (before rounding), and the old values
-        moved = param - old_param
-        moved_sq = block_sum(moved * moved, mask, FULL)
-        old_sq = block_sum(old_param * old_param, mask, FULL)
-    return moved_sq, old_sq, dot, grad_sq, direction_sq
+        moved_sq = sum_of_squares(param - old_param, mask, FULL)
+        old_sq = sum_of_squares(old_param, mask, FULL)
+    return moved_sq, old_sq
 
 
 # Hyper-parameters, the warmup length and the seed are data, not compile-time choices: without
@@ -202,7 +184,6 @@ def _adawarm_step_kernel(
     group_sums_ptr,
     partials_ptr,
     factor_ptr,
-    released_ptr,
     cap_bits,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
@@ -228,9 +209,7 @@ def _adawarm_step_kernel(
     else:
         rate = from_bits(lr_bits)
     if MEASURED:
-        rate = apply_measured_factor(
-            rate, rate, group_sums_ptr, cap_bits, factor_ptr, released_ptr, True
-        )
+        rate = apply_measured_factor(rate, rate, group_sums_ptr, cap_bits, factor_ptr)
     pid = tl.program_id(0)
     tensor = tl.load(block_tensors + pid)
     step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))
@@ -284,14 +263,13 @@ def _adawarm_step_kernel(
         1.0 - beta1.to(tl.float32),
         beta2.to(tl.float32),
         (1.0 - beta2).to(tl.float32),
-        from_bits(eps_bits).to(tl.float32),
     )
     bases = (param_base, exp_avg_base, exp_avg_sq_base)
     # fp32 before the block: an fp64 rate kept live across it took two registers, which ptxas
     # spilled in sm_90 variants.
     applied = rate.to(tl.float32)
     if start + BLOCK <= numel:
-        sums = _update_block(
+        moved_sq, old_sq = _update_block(
             param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
             *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
             KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, MEASURED, True,
@@ -299,31 +277,23 @@ def _adawarm_step_kernel(
     else:
         # The masked tail in two halves, one after the other (4 elements a thread): 8 masked
         # elements a thread made ptxas keep a register on the stack in an sm_80 variant.
-        sums = (0.0, 0.0, 0.0, 0.0, 0.0)
+        moved_sq = 0.0
+        old_sq = 0.0
         for half in range(2):
             half_offsets = start + half * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
-            half_sums = _update_block(
+            half_moved_sq, half_old_sq = _update_block(
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, half_offsets,
                 numel, *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
                 KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, MEASURED,
                 False,
             )  # fmt: skip
-            sums = (
-                sums[0] + half_sums[0],
-                sums[1] + half_sums[1],
-                sums[2] + half_sums[2],
-                sums[3] + half_sums[3],
-                sums[4] + half_sums[4],
-            )
+            moved_sq += half_moved_sq
+            old_sq += half_old_sq
     if MEASURED:
-        # This block's parts of its tensor's relative_update, the move at rate 1; the sums
+        # This block's part of its tensor's relative_update, the move at rate 1; the sums
         # kernel adds them up.
         at_rate_1 = tl.where(applied > 0.0, applied, 1.0)
-        moved_sq = sums[0] / at_rate_1 / at_rate_1
-        store_part(
-            partials_ptr, pid, applied, moved_sq, sums[1], sums[2], sums[3], sums[4],
-            _RELEASE_PARTS,
-        )  # fmt: skip
+        store_part(partials_ptr, pid, moved_sq / at_rate_1 / at_rate_1, old_sq, applied)
 
     # numel loaded again (a cached scalar) rather than kept live across the block update, which
     # made ptxas save it to the stack in some variants.
@@ -397,10 +367,10 @@ def launch_adawarm_step(
 ) -> None:
     """Launch one AdaWarm step over the tensors described by ``tables``.
 
-    With ``group_sums`` (the measured warmup: the group's six fp32 sums on the device,
-    ``adawarm.state.group_measurement``) the rate is multiplied by the measured factor under
-    ``cap`` or its release, and each program writes its block's parts of the sums to
-    ``tables["partials"]`` (``adawarm.kernels.measured``).
+    With ``group_sums`` (the measured warmup: fp32 ``(update_sq, param_sq)`` of the group on
+    the device) the rate is multiplied by the measured factor under ``cap``, and each program
+    writes its block's part of the sums to ``tables["partials"]``
+    (``adawarm.kernels.measured``).
 
     ``stochastic_params`` stores bf16 parameters, ``stochastic_state`` bf16 moments, by
     stochastic rounding from ``rounding_seed`` (with a ``stream_ids`` table).
@@ -439,7 +409,6 @@ def launch_adawarm_step(
         group_sums if group_sums is not None else tables["numels"],
         tables.get("partials", tables["numels"]),
         tables.get("factor", tables["numels"]),
-        tables.get("released", tables["numels"]),
         float_bits(cap),
         PARAM_DTYPE=TRITON_DTYPES[param_dtype],
         STATE_DTYPE=TRITON_DTYPES[state_dtype],

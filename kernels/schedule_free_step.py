@@ -45,10 +45,7 @@ from adawarm.kernels.common import (
     stream_bases,
     switch_stream_base,
 )
-from adawarm.kernels.measured import CAP_PARTS, apply_measured_factor, block_sum, store_part
-
-# The measured warmup's parts of a block: the cap's alone.
-_CAP_PARTS = tl.constexpr(CAP_PARTS)
+from adawarm.kernels.measured import apply_measured_factor, store_part, sum_of_squares
 
 
 @triton.jit
@@ -126,7 +123,7 @@ def _update_block(
 ):
     """Update the elements at ``offsets``: load, compute in fp32, store in the tensors' dtypes
     (``FULL`` blocks need no mask, as in ``adawarm_step``). Returns ``z``'s sums of the
-    measured warmup (``adawarm.kernels.measured``) when ``MEASURED``, else zeros."""
+    measured warmup (``adawarm.kernels.measured.block_sums``) when ``MEASURED``, else zeros."""
     if FULL:
         mask = None
     else:
@@ -148,8 +145,8 @@ def _update_block(
         # z moves by lr_t times the normalized gradient: at rate 1, by that gradient itself
         # (summed here, z's old values need not stay live across the stores, where ptxas
         # spilled a register in sm_80 and sm_90 fp16 variants)
-        moved_sq = block_sum(normalized * normalized, mask, FULL)
-        old_sq = block_sum(z * z, mask, FULL)
+        moved_sq = sum_of_squares(normalized, mask, FULL)
+        old_sq = sum_of_squares(z, mask, FULL)
     new_y = y + average * (z - y) + y_coefficient * normalized
     z = z - lr_t * normalized
 
@@ -239,10 +236,7 @@ def _schedule_free_step_kernel(
         # y takes 1 - beta1 of z's move, which the sums measure; the averaging weights below
         # follow the rate applied
         moving_rate = rate * (1.0 - from_bits(beta1_bits))
-        # the cap alone (no release: it reads a first moment, which this step keeps none of)
-        rate = apply_measured_factor(
-            rate, moving_rate, group_sums_ptr, cap_bits, factor_ptr, factor_ptr, False
-        )
+        rate = apply_measured_factor(rate, moving_rate, group_sums_ptr, cap_bits, factor_ptr)
     pid = tl.program_id(0)
     tensor = tl.load(block_tensors + pid)
     step_ptr = tl.load(step_ptrs + tensor).to(tl.pointer_type(tl.float32))
@@ -321,8 +315,7 @@ def _schedule_free_step_kernel(
             old_sq += half_old_sq
     if MEASURED:
         # This block's part of its tensor's relative_update; the sums kernel adds them up.
-        lr_t = scalars[0]  # in fp32
-        store_part(partials_ptr, pid, lr_t, moved_sq, old_sq, 0.0, 0.0, 0.0, _CAP_PARTS)
+        store_part(partials_ptr, pid, moved_sq, old_sq, scalars[0])  # lr_t in fp32
 
     blocks_of_tensor = tl.maximum(tl.cdiv(tl.load(numels + tensor), BLOCK), 1)
     if tl.atomic_add(done_counters + tensor, 1) == blocks_of_tensor - 1:

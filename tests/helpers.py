@@ -59,38 +59,6 @@ def gradient_stream(
     return [[non_contiguous_randn(s, dtype, generator) for s in shapes] for _ in range(steps)]
 
 
-def persistent_gradient_stream(
-    shapes: Sequence[tuple[int, ...]], dtype: torch.dtype, steps: int, seed: int
-) -> list[list[Tensor]]:
-    """:func:`gradient_stream`'s gradients at half their size, each added to a fixed one (drawn
-    first): gradients that keep much of their direction from step to step, as early in
-    training, so that the measured warmup's release grows."""
-    fixed, *noise = gradient_stream(shapes, torch.float64, steps + 1, seed)
-    return [
-        [(part + 0.5 * step_part).to(dtype) for part, step_part in zip(fixed, step, strict=True)]
-        for step in noise
-    ]
-
-
-def alignment_by_hand(
-    optimizer: torch.optim.Optimizer, params: Sequence[Tensor], grads: Sequence[Tensor], eps: float
-) -> tuple[float, float, float]:
-    """``(g . d, ||g||^2, ||d||^2)`` over the tensors before a step of AdaWarm's, ``d = m /
-    (sqrt(v) + eps)`` of the moments (zeros before the first step):
-    ``adawarm.schedule.released_factor``'s sums."""
-    dot = grad_sq = direction_sq = 0.0
-    for param, grad in zip(params, grads, strict=True):
-        state = optimizer.state.get(param)
-        if not state:
-            continue
-        direction = (state["exp_avg"] / (state["exp_avg_sq"].sqrt() + eps)).double()
-        grad = grad.to(direction.device).double()
-        dot += float((grad * direction).sum())
-        grad_sq += float(grad.square().sum())
-        direction_sq += float(direction.square().sum())
-    return dot, grad_sq, direction_sq
-
-
 def train(
     optimizer: torch.optim.Optimizer,
     params: Sequence[Tensor],

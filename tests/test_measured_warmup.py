@@ -8,14 +8,7 @@ import math
 
 import pytest
 import torch
-from helpers import (
-    ODD_SHAPES,
-    TOLERANCES,
-    alignment_by_hand,
-    assert_close,
-    make_params,
-    persistent_gradient_stream,
-)
+from helpers import ODD_SHAPES, TOLERANCES, assert_close, make_params
 from kernel_cases import (
     assert_same_params_and_state,
     optimizer_trajectory,
@@ -27,27 +20,12 @@ from promises import EXECUTIONS, device_of
 from adawarm import AdaWarm
 from adawarm.kernels import common, measured
 from adawarm.kernels.measured import kernel_factors
-from adawarm.schedule import (
-    ALIGNMENT_GAIN,
-    ALIGNMENT_TARGET,
-    MEASURED_CAP,
-    measured_factor,
-    measured_factors,
-    released_factor,
-)
-from adawarm.state import group_measurement
+from adawarm.schedule import MEASURED_CAP, measured_factor
 
 # fp64 parameters, which only the torch backend takes, keep fp64 sums (the promise matrix,
 # tests/test_promises.py, runs the measured warmup in fp32 on every execution).
 CASES = [(execution, torch.float64) for execution in ("reference", "foreach", "fused")]
 HYPER = {"betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.1}
-# AdaWarm's options the measured step is checked with: maximizing negates the gradients that
-# the release's alignment reads.
-VARIANTS = [
-    {"rectify": False, "maximize": False},
-    {"rectify": True, "maximize": False},
-    {"rectify": False, "maximize": True},
-]
 # A rate the cap holds back for several steps, then releases; with a scheduler's changes.
 RATES = (0.05, 0.05, 0.04, 0.05, 0.03, 0.05, 0.02, 0.05, 0.05)
 
@@ -62,31 +40,6 @@ def test_the_factor_caps_the_relative_update_at_the_rate_it_is_applied_to():
     assert measured_factor(0.0, 4.0, 100.0) == 1.0
 
 
-def test_the_release_follows_the_gradients_alignment_with_the_last_direction():
-    # c = g . d / (||g|| ||d||) = 6 / sqrt(9 * 16) = 0.5
-    grown = 0.1 * math.exp(ALIGNMENT_GAIN * (0.5 - ALIGNMENT_TARGET))
-    assert released_factor(0.1, 6.0, 9.0, 16.0, 0.02) == pytest.approx(grown, rel=1e-15)
-    opposed = 0.1 * math.exp(ALIGNMENT_GAIN * (-0.5 - ALIGNMENT_TARGET))
-    assert released_factor(0.1, -6.0, 9.0, 16.0, 0.02) == pytest.approx(opposed, rel=1e-15)
-    assert released_factor(0.9, 12.0, 9.0, 16.0, 0.02) == 1.0  # at most 1
-    assert released_factor(0.0, 6.0, 9.0, 16.0, 0.02) == 0.02  # none yet: the cap's factor
-    assert released_factor(0.1, 0.0, 9.0, 0.0, 0.02) == 0.1  # no direction: unchanged
-    # a step applies the larger of the cap's factor and the release
-    cap = measured_factor(0.1, 4.0, 100.0)  # 0.25
-    assert measured_factors(0.1, [4.0, 100.0, 6.0, 9.0, 16.0, 0.1]) == (grown, grown)  # 0.39
-    held = grown / 2.0  # 0.19: below the cap's factor
-    assert measured_factors(0.1, [4.0, 100.0, 6.0, 9.0, 16.0, 0.05]) == (cap, pytest.approx(held))
-    assert measured_factors(0.1, [4.0, 100.0, 12.0, 9.0, 16.0, 0.9]) == (1.0, 1.0)
-    assert measured_factors(0.1, [4.0, 100.0]) == (cap, None)  # the cap alone
-
-
-def test_a_group_adds_its_entries_up_and_goes_on_from_its_largest_release():
-    entries = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 0.5], [10.0, 20.0, -30.0, 40.0, 50.0, 0.25]])
-    expected = torch.tensor([11.0, 22.0, -27.0, 44.0, 55.0, 0.5])
-    torch.testing.assert_close(group_measurement(entries), expected, rtol=0, atol=0)
-    torch.testing.assert_close(group_measurement(entries[:, :2]), expected[:2], rtol=0, atol=0)
-
-
 @pytest.mark.parametrize("lr", [0.0, 1e-4, 0.1, 3.0])
 def test_the_kernels_factor_is_the_schedules(lr):
     sums = torch.tensor(
@@ -94,52 +47,27 @@ def test_the_kernels_factor_is_the_schedules(lr):
     )
     factors = kernel_factors(lr, sums.to(device_of("Triton")), MEASURED_CAP).cpu()
     expected = [measured_factor(lr, *row) for row in sums.tolist()]
-    torch.testing.assert_close(
-        factors[:, 0], torch.tensor(expected, dtype=torch.float64), rtol=0, atol=0
-    )
-    assert not factors[:, 1].any()  # no release
+    torch.testing.assert_close(factors, torch.tensor(expected, dtype=torch.float64), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("lr", [1e-4, 0.1, 3.0])
-def test_the_kernels_release_is_the_schedules(lr):
-    # the cap's sums, then (g . d, ||g||^2, ||d||^2, released): aligned, opposed, at most 1,
-    # none released yet, no direction yet
-    sums = torch.tensor(
-        [
-            [4.0, 100.0, 6.0, 9.0, 16.0, 0.1],
-            [4.0, 100.0, -6.0, 9.0, 16.0, 0.1],
-            [4.0, 100.0, 12.0, 9.0, 16.0, 0.9],
-            [1025.0, 3.5, 6.0, 9.0, 16.0, 0.0],
-            [1e-12, 1e6, 0.0, 9.0, 0.0, 0.3],
-        ],
-        dtype=torch.float64,
-    )
-    factors = kernel_factors(lr, sums.to(device_of("Triton")), MEASURED_CAP).cpu()
-    expected = torch.tensor([measured_factors(lr, row) for row in sums.tolist()])
-    # the exponential in fp32 (its argument lies in [-3.2, 2.9])
-    torch.testing.assert_close(factors, expected.double(), rtol=1e-6, atol=0)
+def gradients(shapes, dtype, steps):
+    generator = torch.Generator().manual_seed(7)
+    return [
+        [torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype) for shape in shapes]
+        for _ in range(steps)
+    ]
 
 
-def measured_by_hand(params, grads, variant):
+def measured_by_hand(params, grads, rectify):
     """Plain AdaWarm (no ramp) at each step's rate times the factor that the relative updates
-    and alignments measured here give: the cap's, the first from Adam's first step (every
-    element moves by the rate), then each from the last step's move divided by the rate it
-    applied, or its release where that is larger, from the last step's gradients and the
-    direction of the moments before it. Returns the optimizer, the last step's sums and the
-    factors the cap and its release gave at each step."""
-    optimizer = AdaWarm(params, lr=RATES[0], warmup_steps=0, **variant, **HYPER)
-    sign = -1.0 if variant["maximize"] else 1.0  # the gradient the step uses
+    measured here give: the first from Adam's first step (every element moves by the rate),
+    then each from the last step's move divided by the rate it applied."""
+    optimizer = AdaWarm(params, lr=RATES[0], warmup_steps=0, rectify=rectify, **HYPER)
     update_sq = float(sum(p.numel() for p in params))
     param_sq = sum(float(p.detach().double().square().sum()) for p in params)
-    alignment, released, factors = (0.0, 0.0, 0.0), 0.0, []
     for rate, step_grads in zip(RATES, grads, strict=False):
-        cap = measured_factor(rate, update_sq, param_sq)
-        released = released_factor(released, *alignment, cap)
-        factors.append((cap, released))
-        applied = rate * max(cap, released)
+        applied = rate * measured_factor(rate, update_sq, param_sq)
         optimizer.param_groups[0]["lr"] = applied
-        used = [sign * grad for grad in step_grads]
-        alignment = alignment_by_hand(optimizer, params, used, HYPER["eps"])
         before = [p.detach().clone() for p in params]
         for param, grad in zip(params, step_grads, strict=True):
             param.grad = grad.clone()
@@ -147,12 +75,12 @@ def measured_by_hand(params, grads, variant):
         moved = [(p.detach() - b).double() / applied for p, b in zip(params, before, strict=True)]
         update_sq = sum(float(m.square().sum()) for m in moved)
         param_sq = sum(float(b.double().square().sum()) for b in before)
-    return optimizer, (update_sq, param_sq, *alignment, released), factors
+    return optimizer, update_sq, param_sq
 
 
-def measured_steps(params, grads, variant, execution, after_step=None):
+def measured_steps(params, grads, rectify, execution, after_step=None):
     optimizer = AdaWarm(
-        params, lr=RATES[0], warmup_steps="measured", **variant, **HYPER, **execution
+        params, lr=RATES[0], warmup_steps="measured", rectify=rectify, **HYPER, **execution
     )
     for index, (rate, step_grads) in enumerate(zip(RATES, grads, strict=False)):
         optimizer.param_groups[0]["lr"] = rate
@@ -165,21 +93,17 @@ def measured_steps(params, grads, variant, execution, after_step=None):
 
 
 @pytest.mark.parametrize(("execution", "dtype"), CASES, ids=str)
-@pytest.mark.parametrize("variant", VARIANTS, ids=["no rectification", "rectify", "maximize"])
-def test_a_measured_step_is_plain_adawarm_at_the_measured_rate(execution, dtype, variant):
+@pytest.mark.parametrize("rectify", [False, True], ids=["no rectification", "rectify"])
+def test_a_measured_step_is_plain_adawarm_at_the_measured_rate(execution, dtype, rectify):
     shapes = list(ODD_SHAPES)  # 0, 1, 1023, 1025 elements ...
     device = device_of(execution)
-    stream = persistent_gradient_stream(shapes, dtype, len(RATES), 7)
-    grads = [[g.to(device) for g in step] for step in stream]
+    grads = [[g.to(device) for g in step] for step in gradients(shapes, dtype, len(RATES))]
     mine = [p.detach().to(device).requires_grad_() for p in make_params(shapes, dtype, 3)]
     theirs = make_params(shapes, dtype, 3)
-    measured = measured_steps(mine, grads, variant, EXECUTIONS[execution])
-    plain, expected_sums, factors = measured_by_hand(
-        theirs, [[g.cpu() for g in s] for s in grads], variant
+    measured = measured_steps(mine, grads, rectify, EXECUTIONS[execution])
+    plain, update_sq, param_sq = measured_by_hand(
+        theirs, [[g.cpu() for g in s] for s in grads], rectify
     )
-    # the release took over from the cap, and the cap held some steps back
-    assert any(released > cap for cap, released in factors)
-    assert any(max(cap, released) < 1.0 for cap, released in factors)
     # the kernel reads its entries on the parameters' device, the torch backend on the CPU
     entry_device = device if execution == "Triton" else torch.device("cpu")
     for index, (param, other) in enumerate(zip(mine, theirs, strict=True)):
@@ -190,18 +114,16 @@ def test_a_measured_step_is_plain_adawarm_at_the_measured_rate(execution, dtype,
         for key in ("exp_avg", "exp_avg_sq"):
             assert_close(state[key].cpu(), reference[key], dtype, f"{key} of param {index}")
         entry = state["relative_update"]
-        assert entry.dtype == dtype and entry.shape == (6,) and entry.device == entry_device
-    entries = torch.stack([measured.state[p]["relative_update"].cpu() for p in mine])
-    sums = group_measurement(entries).double()
+        assert entry.dtype == dtype and entry.shape == (2,) and entry.device == entry_device
+    sums = torch.stack([measured.state[p]["relative_update"].cpu() for p in mine]).sum(0).double()
     # a move is a difference of parameters: their relative error over the relative update (at
     # most the cap)
     rtol = TOLERANCES[dtype][0] / MEASURED_CAP
-    expected = torch.tensor(expected_sums, dtype=torch.float64)
+    expected = torch.tensor([update_sq, param_sq], dtype=torch.float64)
     torch.testing.assert_close(sums, expected, rtol=rtol, atol=0)
     # the factor the next step applies
     (factor,) = measured.warmup_factor()
-    rectified = _rectification(variant["rectify"])
-    expected_factor = measured_factors(RATES[-1], expected_sums)[0] * rectified
+    expected_factor = measured_factor(RATES[-1], update_sq, param_sq) * _rectification(rectify)
     assert factor == pytest.approx(expected_factor, rel=rtol)
 
 
@@ -272,7 +194,6 @@ KERNEL_OPTIONS = {
 }
 STORAGES = [
     (torch.float32, {}),
-    (torch.float32, {"maximize": True}),  # the release reads the gradient the step uses
     (torch.float32, {"state_dtype": torch.bfloat16}),
     (torch.bfloat16, {"compensation": "stochastic"}),
     (torch.bfloat16, {"compensation": "kahan", "state_dtype": torch.bfloat16}),
@@ -309,16 +230,13 @@ def test_the_schedule_free_kernel_measures_what_the_torch_backend_does(dtype, st
     assert_same_params_and_state(kernel, reference, dtype)
 
 
-@pytest.mark.parametrize("release", [False, True], ids=["cap", "released"])
-def test_each_tensors_sums_are_its_blocks_parts_in_order(monkeypatch, release):
+def test_each_tensors_sums_are_its_blocks_parts_in_order(monkeypatch):
     # A few parts a chunk, so that a tensor's parts span several chunks (as a tensor of more
     # than 2^20 elements does with the launcher's chunk), and tensors of one program.
     monkeypatch.setattr(measured, "SUMS_CHUNK", 2)
     device = device_of("Triton")
     numels = [5 * common.BLOCK_SIZE - 3, 1, 0, 3 * common.BLOCK_SIZE]
-    parts = measured.RELEASE_PARTS if release else measured.CAP_PARTS
-    width = parts + 1 if release else parts  # the release follows the alignment's parts
-    entries = [torch.full((width,), -1.0, device=device) for _ in numels]
+    entries = [torch.full((2,), -1.0, device=device) for _ in numels]
     block_tensors, _ = common.block_tables(numels, device)
     tables = {
         "numels": torch.tensor(numels, device=device),
@@ -326,13 +244,9 @@ def test_each_tensors_sums_are_its_blocks_parts_in_order(monkeypatch, release):
         "relative_update_ptrs": torch.tensor([e.data_ptr() for e in entries], device=device),
         "block_size": common.BLOCK_SIZE,
     }
-    tables.update(measured.measured_scratch(tables, release))
-    tables["released"].fill_(0.375)  # as the step launch's first program writes it
-    generator = torch.Generator().manual_seed(0)
-    values = torch.rand(block_tensors.numel(), parts, generator=generator)
-    tables["partials"].copy_(values.reshape(-1))
+    tables.update(measured.measured_scratch(tables))
+    parts = torch.rand(block_tensors.numel(), 2, generator=torch.Generator().manual_seed(0))
+    tables["partials"].copy_(parts.reshape(-1))
     measured.launch_measured_sums(tables, found_inf=None)
-    expected = torch.zeros(len(numels), parts).index_add_(0, block_tensors.cpu().long(), values)
-    if release:
-        expected = torch.cat([expected, torch.full((len(numels), 1), 0.375)], dim=1)
+    expected = torch.zeros(len(numels), 2).index_add_(0, block_tensors.cpu().long(), parts)
     torch.testing.assert_close(torch.stack(entries).cpu(), expected)

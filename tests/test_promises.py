@@ -12,13 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import (
-    TOLERANCES,
-    alignment_by_hand,
-    gradient_stream,
-    make_params,
-    persistent_gradient_stream,
-)
+from helpers import TOLERANCES, gradient_stream, make_params
 from promises import (
     KINDS,
     PROMISES,
@@ -37,8 +31,7 @@ from promises import (
 )
 from torch import Tensor
 
-from adawarm.schedule import MEASURED_CAP, measured_factor, rectification, released_factor
-from adawarm.state import group_measurement
+from adawarm.schedule import MEASURED_CAP, measured_factor, rectification
 
 pytestmark = pytest.mark.filterwarnings("error")
 
@@ -628,10 +621,7 @@ def measured_by_hand(kind, params, grads, rectify):
     updates measured here -- on the parameters (AdaWarm) or on ``z``, of whose move the
     parameters take ``1 - beta1`` (AdaWarmScheduleFree): the first from Adam's first step
     (every element moves by the rate), then each from the last step's move divided by the rate
-    that step applied to it (none measured at rate 0: a silent rectified step); AdaWarm's
-    release where that is larger, from each step's gradients and the direction of the moments
-    before it. Returns the optimizer, the last step's sums and each step's factor, and
-    whether the release took over from the cap at some step."""
+    that step applied to it (none measured at rate 0: a silent rectified step)."""
     options = {**SETTINGS, "warmup_steps": 0, "rectify": rectify}
     optimizer = optimizer_for(kind, params, "reference", **options)
     beta1, beta2 = options["betas"]
@@ -643,14 +633,9 @@ def measured_by_hand(kind, params, grads, rectify):
 
     update_sq = float(sum(p.numel() for p in params))
     param_sq = sum(float(t.double().square().sum()) for t in measured())
-    factors, alignment, released, took_over = [], (0.0, 0.0, 0.0), 0.0, False
+    factors = []
     for step, (rate, step_grads) in enumerate(zip(MEASURED_RATES, grads, strict=True), 1):
         factors.append(measured_factor(rate * share, update_sq, param_sq))
-        if not kind.schedule_free:
-            released = released_factor(released, *alignment, factors[-1])
-            took_over |= released > factors[-1]
-            factors[-1] = max(factors[-1], released)
-            alignment = alignment_by_hand(optimizer, params, step_grads, SETTINGS["eps"])
         applied = rate * factors[-1]
         optimizer.param_groups[0]["lr"] = applied
         before = measured()
@@ -662,10 +647,7 @@ def measured_by_hand(kind, params, grads, rectify):
             moves = [(a - b).double() / moving for a, b in zip(measured(), before, strict=True)]
             update_sq = sum(float(m.square().sum()) for m in moves)
             param_sq = sum(float(b.double().square().sum()) for b in before)
-    sums = (
-        (update_sq, param_sq) if kind.schedule_free else (update_sq, param_sq, *alignment, released)
-    )
-    return optimizer, sums, factors, took_over
+    return optimizer, (update_sq, param_sq), factors
 
 
 @pytest.mark.parametrize("rectify", [False, True], ids=["no rectification", "rectify"])
@@ -674,7 +656,7 @@ def test_the_measured_warmup_is_the_plain_step_at_the_rate_it_measures(
     kind, execution, holds, rectify
 ):
     device = device_of(execution)
-    grads = persistent_gradient_stream(SHAPES, torch.float32, len(MEASURED_RATES), 21)
+    grads = gradient_stream(SHAPES, torch.float32, len(MEASURED_RATES), 21)
     params = on_device(make_params(SHAPES, torch.float32, 21), device)
     options = {**SETTINGS, "warmup_steps": "measured", "rectify": rectify}
     optimizer = optimizer_for(kind, params, execution, **options)
@@ -692,14 +674,13 @@ def test_the_measured_warmup_is_the_plain_step_at_the_rate_it_measures(
     assert factor.dtype == torch.float32 and factor.device.type == device.type
     applied.append(float(factor))
     reference_params = make_params(SHAPES, torch.float32, 21)
-    plain, sums, factors, took_over = measured_by_hand(kind, reference_params, grads, rectify)
-    assert took_over != kind.schedule_free  # AdaWarm's release (AdaWarmScheduleFree has none)
+    plain, sums, factors = measured_by_hand(kind, reference_params, grads, rectify)
     seen = observe(optimizer, params, evaluated=False)
     entries = {name: seen.pop(name) for name in list(seen) if name.startswith("relative_update")}
     assert_matches(seen, observe(plain, reference_params, evaluated=False), torch.float32)
     # a move is a difference of parameters: their relative error over the relative update
     rtol = TOLERANCES[torch.float32][0] / MEASURED_CAP
-    measured = group_measurement(torch.stack(list(entries.values()))).double()
+    measured = torch.stack(list(entries.values())).sum(0).double()
     torch.testing.assert_close(measured, torch.tensor(sums, dtype=torch.float64), rtol=rtol, atol=0)
     assert applied == pytest.approx(factors, rel=rtol)
     steps = range(1, len(MEASURED_RATES) + 1)
