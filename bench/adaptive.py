@@ -118,6 +118,11 @@ class Rule:
     predict_first: bool = False
     align_gain: float = 0.0
     align_target: float = 0.0
+    # the release reads the alignment of the step before (as a single-pass kernel must: the
+    # alignment of a step's gradient is known only once the step has read all of it)
+    lagged: bool = False
+    # the release grows at most this much a step (0: no limit)
+    max_growth: float = 0.0
 
 
 def _released_by_alignment(gain: float, target: float) -> str:
@@ -125,6 +130,10 @@ def _released_by_alignment(gain: float, target: float) -> str:
     ``target`` (0.02, the first target tried, goes unnamed)."""
     above = "" if target == 0.02 else f" above {target:g}"
     return f"group cap 0.005, first step predicted, released by alignment {gain:g}{above}"
+
+
+def _growth_name(growth: float) -> str:
+    return f", at most x{growth:g} a step" if growth else ""
 
 
 RULES = {
@@ -148,6 +157,17 @@ RULES = {
             (2.0, 0.03),
         )
     },
+    **{
+        f"{_released_by_alignment(gain, 0.05)}, lagged{_growth_name(growth)}": Rule(
+            0.005,
+            predict_first=True,
+            align_gain=gain,
+            align_target=0.05,
+            lagged=True,
+            max_growth=growth,
+        )
+        for gain, growth in ((3.0, 0.0), (1.0, 0.0), (3.0, 1.5), (3.0, 1.2))
+    },
     "tensor cap 0.003": Rule(0.003, per_tensor=True),
     "tensor cap 0.01": Rule(0.01, per_tensor=True),
 }
@@ -168,6 +188,7 @@ class _MeasuredRate:
         self.factors: list[float | None] = [None] * len(self.param_groups)  # None: not measured
         self.released: list[float | None] = [None] * len(self.param_groups)  # align_gain's
         self.moves: list[list[Tensor] | None] = [None] * len(self.param_groups)
+        self.alignments: list[float | None] = [None] * len(self.param_groups)  # lagged's
 
     def _measured(self, group: dict) -> list[Tensor]:
         raise NotImplementedError
@@ -218,8 +239,14 @@ class _MeasuredRate:
                 move_squares += float(move.square().sum())
         norms = math.sqrt(grad_squares * move_squares)
         alignment = -dot / norms if norms > 0.0 else 0.0
-        gain = self.rule.align_gain * (alignment - self.rule.align_target)
-        self.released[index] = min(1.0, (self.released[index] or 1.0) * math.exp(gain))
+        if self.rule.lagged:
+            alignment, self.alignments[index] = self.alignments[index], alignment
+            if alignment is None:
+                return
+        growth = math.exp(self.rule.align_gain * (alignment - self.rule.align_target))
+        if self.rule.max_growth:
+            growth = min(growth, self.rule.max_growth)
+        self.released[index] = min(1.0, (self.released[index] or 1.0) * growth)
 
     def _share(self, group: dict) -> float:
         """The share of the measured tensors' move that the parameters take."""

@@ -134,19 +134,8 @@ def test_an_aligned_gradient_releases_the_factor_and_a_step_takes_the_larger():
     optimizer.step()
     assert optimizer.released[0] == first  # starts at the predicted first factor
     moves = [p.detach() - b for p, b in zip(params, before, strict=True)]
-    # on along the last move, plus as much noise: a cosine near 0.7, aligned
-    generator = torch.Generator().manual_seed(1)
-    noises = [torch.randn(move.shape, generator=generator) for move in moves]
-    move_norm = math.sqrt(sum(float(m.square().sum()) for m in moves))
-    noise_norm = math.sqrt(sum(float(n.square().sum()) for n in noises))
-    for param, move, noise in zip(params, moves, noises, strict=True):
-        param.grad = -move / move_norm + noise / noise_norm
-    dot = sum(float((p.grad * m).sum()) for p, m in zip(params, moves, strict=True))
-    norms = math.sqrt(
-        sum(float(p.grad.square().sum()) for p in params)
-        * sum(float(m.square().sum()) for m in moves)
-    )
-    released = min(1.0, first * math.exp(gain * (-dot / norms - target)))
+    alignment = set_aligned_gradients(params, moves)
+    released = min(1.0, first * math.exp(gain * (alignment - target)))
     capped = optimizer.factors[0]
     assert capped < released < 1.0  # this step is released above the cap's factor
     twin = copy.deepcopy(optimizer)
@@ -163,6 +152,46 @@ def test_an_aligned_gradient_releases_the_factor_and_a_step_takes_the_larger():
         param.grad = move.clone()  # against the last move: the release falls back
     optimizer.step()
     assert optimizer.released[0] < released
+
+
+def set_aligned_gradients(params, moves) -> float:
+    """Gradients on along the last moves, plus as much noise: return their cosine with the
+    moves' opposite (near 0.7, aligned)."""
+    generator = torch.Generator().manual_seed(1)
+    noises = [torch.randn(move.shape, generator=generator) for move in moves]
+    move_norm = math.sqrt(sum(float(m.square().sum()) for m in moves))
+    noise_norm = math.sqrt(sum(float(n.square().sum()) for n in noises))
+    for param, move, noise in zip(params, moves, noises, strict=True):
+        param.grad = -move / move_norm + noise / noise_norm
+    dot = sum(float((p.grad * m).sum()) for p, m in zip(params, moves, strict=True))
+    norms = math.sqrt(
+        sum(float(p.grad.square().sum()) for p in params)
+        * sum(float(m.square().sum()) for m in moves)
+    )
+    return -dot / norms
+
+
+@pytest.mark.parametrize("max_growth", [0.0, 1.5], ids=["unlimited", "at most x1.5"])
+def test_a_lagged_release_applies_the_alignment_of_the_step_before(max_growth):
+    gain, target = 3.0, 0.05
+    params = model_and_gradients()
+    rule = Rule(
+        0.01, predict_first=True, align_gain=gain, align_target=target, lagged=True,
+        max_growth=max_growth,
+    )  # fmt: skip
+    optimizer = MeasuredWarmup(params, rule, lr=LR, weight_decay=0.0)
+    before = [p.detach().clone() for p in params]
+    optimizer.step()
+    first = optimizer.released[0]
+    moves = [p.detach() - b for p, b in zip(params, before, strict=True)]
+    alignment = set_aligned_gradients(params, moves)
+    optimizer.step()
+    assert optimizer.released[0] == first  # the alignment is kept for the next step
+    growth = math.exp(gain * (alignment - target))  # ~6.5
+    optimizer.step()  # whatever its own gradients' alignment
+    expected = first * (min(growth, max_growth) if max_growth else growth)
+    assert optimizer.released[0] == pytest.approx(min(1.0, expected), rel=1e-12)
+    assert optimizer.released[0] > first
 
 
 def saved_runs(cell: str, lr: float, losses: dict[str, list[float]]) -> list[Run]:
