@@ -51,7 +51,14 @@ from bench.grid import (
     quick_grid,
 )
 from bench.paired import PairedDifference, paired_difference
-from bench.quality import Table, best_adamw, load_runs, tabulate
+from bench.quality import (
+    Table,
+    best_adamw,
+    check_cell,
+    check_schedule_free_cell,
+    load_runs,
+    tabulate,
+)
 from bench.training import Run, measured_heading, train_all
 
 # The fixed ramps a measured rule is compared with at each rate: the best of them by mean.
@@ -123,6 +130,9 @@ class Rule:
     lagged: bool = False
     # the release grows at most this much a step (0: no limit)
     max_growth: float = 0.0
+    # lagged, and each step first scales the last one's move to the factor the release gives
+    # it now that its alignment is known (the moments hold its direction: no extra pass)
+    corrected: bool = False
 
 
 def _released_by_alignment(gain: float, target: float) -> str:
@@ -168,6 +178,14 @@ RULES = {
         )
         for gain, growth in ((3.0, 0.0), (1.0, 0.0), (3.0, 1.5), (3.0, 1.2))
     },
+    f"{_released_by_alignment(3.0, 0.05)}, lagged and corrected": Rule(
+        0.005,
+        predict_first=True,
+        align_gain=3.0,
+        align_target=0.05,
+        lagged=True,
+        corrected=True,
+    ),
     "tensor cap 0.003": Rule(0.003, per_tensor=True),
     "tensor cap 0.01": Rule(0.01, per_tensor=True),
 }
@@ -189,6 +207,8 @@ class _MeasuredRate:
         self.released: list[float | None] = [None] * len(self.param_groups)  # align_gain's
         self.moves: list[list[Tensor] | None] = [None] * len(self.param_groups)
         self.alignments: list[float | None] = [None] * len(self.param_groups)  # lagged's
+        # corrected's: the factor the last step applied and its cap's part
+        self.last_steps: list[tuple[float, float] | None] = [None] * len(self.param_groups)
 
     def _measured(self, group: dict) -> list[Tensor]:
         raise NotImplementedError
@@ -206,6 +226,11 @@ class _MeasuredRate:
             max(1.0 if factor is None else factor, released or 0.0)
             for factor, released in zip(self.factors, self.released, strict=True)
         ]
+        if self.rule.corrected:
+            for index, group in enumerate(self.param_groups):
+                self._correct(index, group)
+                cap = 1.0 if self.factors[index] is None else self.factors[index]
+                self.last_steps[index] = (applied[index], cap)
         for group, factor in zip(self.param_groups, applied, strict=True):
             group["lr"] = group["lr"] * factor
         before = [[t.detach().clone() for t in self._measured(g)] for g in self.param_groups]
@@ -247,6 +272,16 @@ class _MeasuredRate:
         if self.rule.max_growth:
             growth = min(growth, self.rule.max_growth)
         self.released[index] = min(1.0, (self.released[index] or 1.0) * growth)
+
+    def _correct(self, index: int, group: dict) -> None:
+        """``corrected``'s: scale the last move of the parameters to the factor the release
+        now gives that step (``released`` is the release of the step before this one, lagged)."""
+        if self.last_steps[index] is None or self.moves[index] is None:
+            return
+        applied, cap = self.last_steps[index]
+        ratio = max(cap, self.released[index] or 0.0) / applied
+        for param, move in zip(group["params"], self.moves[index], strict=True):
+            param.detach().add_(move, alpha=ratio - 1.0)
 
     def _share(self, group: dict) -> float:
         """The share of the measured tensors' move that the parameters take."""
@@ -444,6 +479,59 @@ def report(
     return lines
 
 
+def default_checks(
+    runs: list[Run],
+    saved: list[Run],
+    cells: list[Cell],
+    collapse_at: dict[str, float],
+    optimizer: str,
+) -> list[str]:
+    """The quality report's checks of ``optimizer``'s default (``bench.quality.check_cell``, or
+    ``check_schedule_free_cell`` for AdaWarmScheduleFree) with the rule's runs in the default's
+    place -- issue 26's anytime goal: needing no ``total_steps``, pass every check that the
+    default, told the run's length, passes. Each cell of the saved grid that the rule ran at
+    every rate is checked on the seeds both ran there (the first ``n``: the grid's seeds, or
+    the rule's where it ran fewer), the default's checks on the same seeds."""
+    family = FAMILIES[optimizer]
+    check = check_schedule_free_cell if optimizer == "AdaWarmScheduleFree" else check_cell
+    method = runs[0].method
+    ran: dict[tuple[str, float], set[int]] = {}
+    for run in runs:
+        ran.setdefault((run.cell, run.lr), set()).add(run.seed)
+    covered = []
+    for cell in cells:
+        seeds = [ran.get((cell.name, lr), set()) for lr in cell.lrs]
+        missing = (n for n in range(cell.seeds) if not all(n in s for s in seeds))
+        common = next(missing, cell.seeds)
+        if common:
+            covered.append(replace(cell, seeds=common))
+    if not covered:
+        return ["- the default's checks: no cell of the saved grid ran at its every rate"]
+    seeds = {cell.name: cell.seeds for cell in covered}
+    table = tabulate(
+        [run for run in [*saved, *runs] if run.seed < seeds.get(run.cell, 0)], collapse_at
+    )
+    held, passed, failed, unchecked = 0, 0, [], []
+    for cell in covered:
+        try:
+            pairs = zip(check(table, cell, family.default), check(table, cell, method), strict=True)
+        except KeyError as missing:  # a saved grid without a method the checks compare with
+            unchecked.append(f"{cell.name} (the saved grid has no {missing.args[0][1]!r})")
+            continue
+        for theirs, rule in pairs:
+            passed += theirs.passed
+            held += theirs.passed and rule.passed
+            if theirs.passed and not rule.passed:
+                failed.append(f"{cell.name}, {cell.seeds} seeds: {rule.promise} ({rule.detail})")
+    return [
+        f"- the default's checks with the rule in its place, in the {len(covered)} cells it ran "
+        f"at every rate (on the seeds both ran): passes {held} of the {passed} that "
+        f"{family.default} passes",
+        *(f"  - fails {text}" for text in failed),
+        *(f"  - not checked: {text}" for text in unchecked),
+    ]
+
+
 def _tally(verdicts: list[str]) -> str:
     if not verdicts:
         return "nothing to compare"
@@ -544,8 +632,10 @@ def main(argv: list[str] | None = None) -> str:
     for optimizer, rule in methods:
         name = method_of(optimizer, rule).name
         family = FAMILIES[optimizer]
-        rows = compare([run for run in runs if run.method == name], saved, collapse_at, family)
+        mine = [run for run in runs if run.method == name]
+        rows = compare(mine, saved, collapse_at, family)
         lines += ["", *report(f"{optimizer}, {rule}", rows, best_rates, family)]
+        lines += default_checks(mine, saved, saved_cells, collapse_at, optimizer)
     text = "\n".join(lines)
     print(text)
     (args.out / f"{stem}.md").write_text(text + "\n")

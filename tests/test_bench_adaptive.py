@@ -245,6 +245,29 @@ def test_the_best_adamw_rate_is_where_the_better_adamw_ends_lowest():
     assert rates == {cell.name: 0.1}  # none under the user's schedule
 
 
+def test_the_defaults_checks_hold_the_rule_in_the_defaults_place_on_the_seeds_both_ran():
+    # two seeds in the saved grid, three for the rule: the checks use the first two. AdamW is
+    # best at lr 0.1 (2.40); the default is within 0.03 there (2.42), the rule is not (2.45 on
+    # seeds 0 and 1; its third seed, 2.0, would have pulled its mean within)
+    cell = Cell("post-LN", 0.999, 100, "cosine", (0.01, 0.1), 2)
+    fixed = {"AdamW no warmup": 2.40, "AdamW warmup 5%": 2.5, "AdamW warmup 20%": 2.5}
+    saved = [
+        *saved_runs(cell.name, 0.01, {name: [2.6, 2.6] for name in [*fixed, DEFAULT_NAME]}),
+        *saved_runs(cell.name, 0.1, {name: [loss, loss] for name, loss in fixed.items()}),
+        *saved_runs(cell.name, 0.1, {DEFAULT_NAME: [2.42, 2.42]}),
+    ]
+    rule = saved_runs(cell.name, 0.01, {"measured: x": [2.6, 2.6, 2.6]})
+    rule += saved_runs(cell.name, 0.1, {"measured: x": [2.45, 2.45, 2.0]})
+    lines = adaptive.default_checks(rule, saved, [cell], {cell.name: 3.1}, "AdaWarm")
+    assert lines[0].endswith(f"passes 1 of the 2 that {DEFAULT_NAME} passes")
+    assert lines[1] == (
+        f"  - fails {cell.name}, 2 seeds: within 0.03 nats of the best AdamW at its best rate "
+        "(lr 0.1: 2.450 vs 2.400, gap +0.050)"
+    )
+    # a cell the rule did not run at every rate is not checked
+    assert "no cell" in adaptive.default_checks(rule[:3], saved, [cell], {}, "AdaWarm")[0]
+
+
 def test_the_command_trains_each_rule_on_the_cells_and_writes_its_report(tmp_path):
     pytest.importorskip("tqdm", reason="the bench extra: pip install -e '.[bench]'")
     cell = quick_grid()[0]
