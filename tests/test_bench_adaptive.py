@@ -194,6 +194,39 @@ def test_a_lagged_release_applies_the_alignment_of_the_step_before(max_growth):
     assert optimizer.released[0] > first
 
 
+def test_a_corrected_release_rescales_the_last_move_to_the_factor_its_alignment_gives():
+    gain, target = 3.0, 0.05
+    rule = Rule(
+        0.01, predict_first=True, align_gain=gain, align_target=target, lagged=True,
+        corrected=True,
+    )  # fmt: skip
+    params, lagged_params = model_and_gradients(), model_and_gradients()  # the same
+    corrected = MeasuredWarmup(params, rule, lr=LR, weight_decay=0.0)
+    lagged = MeasuredWarmup(lagged_params, replace(rule, corrected=False), lr=LR, weight_decay=0.0)
+    before = [p.detach().clone() for p in params]
+    corrected.step()
+    lagged.step()
+    first = corrected.released[0]
+    moves = [p.detach() - b for p, b in zip(params, before, strict=True)]
+    alignment = set_aligned_gradients(params, moves)
+    for param, other in zip(params, lagged_params, strict=True):
+        other.grad = param.grad.clone()
+    corrected.step()  # nothing to correct yet: the first step's release is the cap's factor
+    lagged.step()
+    torch.testing.assert_close(params, lagged_params, rtol=0, atol=0)
+    applied, cap = corrected.last_steps[0]
+    second_move = corrected.moves[0]
+    corrected.step()
+    lagged.step()
+    released = corrected.released[0]  # the second step's, known now
+    expected = min(1.0, first * math.exp(gain * (alignment - target)))
+    assert released == pytest.approx(expected, rel=1e-12)
+    ratio = max(cap, released) / applied
+    assert ratio > 1.0  # aligned: the second step is taken further
+    for param, other, move in zip(params, lagged_params, second_move, strict=True):
+        torch.testing.assert_close(param.detach() - other.detach(), (ratio - 1.0) * move)
+
+
 def saved_runs(cell: str, lr: float, losses: dict[str, list[float]]) -> list[Run]:
     return [
         Run(cell, method, lr, seed, loss, [(1, loss)], 0.0)
