@@ -33,6 +33,7 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
@@ -133,6 +134,9 @@ class Rule:
     # lagged, and each step first scales the last one's move to the factor the release gives
     # it now that its alignment is known (the moments hold its direction: no extra pass)
     corrected: bool = False
+    # the release per block of this many elements of each tensor (0: the group's): each block
+    # reads its own alignment, which a single pass has before it updates the block (AdaWarm)
+    block_size: int = 0
 
 
 def _released_by_alignment(gain: float, target: float) -> str:
@@ -186,6 +190,16 @@ RULES = {
         lagged=True,
         corrected=True,
     ),
+    **{
+        f"{_released_by_alignment(gain, target)}, per block of 1024": Rule(
+            0.005,
+            predict_first=True,
+            align_gain=gain,
+            align_target=target,
+            block_size=1024,
+        )
+        for gain, target in ((3.0, 0.05), (1.0, 0.05))
+    },
     "tensor cap 0.003": Rule(0.003, per_tensor=True),
     "tensor cap 0.01": Rule(0.01, per_tensor=True),
 }
@@ -209,6 +223,8 @@ class _MeasuredRate:
         self.alignments: list[float | None] = [None] * len(self.param_groups)  # lagged's
         # corrected's: the factor the last step applied and its cap's part
         self.last_steps: list[tuple[float, float] | None] = [None] * len(self.param_groups)
+        # block_size's: per group, each tensor's release per block
+        self.block_releases: list[list[Tensor] | None] = [None] * len(self.param_groups)
 
     def _measured(self, group: dict) -> list[Tensor]:
         raise NotImplementedError
@@ -221,9 +237,12 @@ class _MeasuredRate:
                     self.factors[index] = self.next_factor(None, self.first_rho(group))
         if self.rule.align_gain:
             for index, group in enumerate(self.param_groups):
-                self._release(index, group)
+                if self.rule.block_size:
+                    self._release_blocks(index, group)
+                else:
+                    self._release(index, group)
         applied = [
-            max(1.0 if factor is None else factor, released or 0.0)
+            1.0 if self.rule.block_size else max(1.0 if factor is None else factor, released or 0.0)
             for factor, released in zip(self.factors, self.released, strict=True)
         ]
         if self.rule.corrected:
@@ -241,11 +260,13 @@ class _MeasuredRate:
                 group["lr"] = rate
         for index, group in enumerate(self.param_groups):
             measured = self._measured(group)
+            moved = relative_update(measured, before[index]) * self._share(group)
+            if self.rule.block_size:  # the step ran at the full rate: each block takes its own
+                self._scale_blocks(index, group, before[index])
             if self.rule.align_gain:
                 self.moves[index] = [
                     t.detach() - b for t, b in zip(measured, before[index], strict=True)
                 ]
-            moved = relative_update(measured, before[index]) * self._share(group)
             self.factors[index] = self.next_factor(
                 self.factors[index], moved / max(applied[index], 1e-12)
             )
@@ -272,6 +293,45 @@ class _MeasuredRate:
         if self.rule.max_growth:
             growth = min(growth, self.rule.max_growth)
         self.released[index] = min(1.0, (self.released[index] or 1.0) * growth)
+
+    def _blocks(self, tensor: Tensor) -> Tensor:
+        """``tensor``'s elements in rows of ``block_size`` (the last padded with zeros)."""
+        flat = tensor.detach().reshape(-1)
+        padding = -flat.numel() % self.rule.block_size
+        return torch.nn.functional.pad(flat, (0, padding)).view(-1, self.rule.block_size)
+
+    def _release_blocks(self, index: int, group: dict) -> None:
+        """``block_size``'s release of each block for the coming step, from its own alignment
+        (the group's rate itself is not scaled: :meth:`_scale_blocks` scales each block's
+        move after the step)."""
+        params = group["params"]
+        if self.moves[index] is None:
+            first = self.factors[index]
+            self.block_releases[index] = [
+                torch.full((self._blocks(p).shape[0],), first, dtype=torch.float64) for p in params
+            ]
+            return
+        for param, move, released in zip(
+            params, self.moves[index], self.block_releases[index], strict=True
+        ):
+            if param.grad is None:
+                continue
+            grads, moves = self._blocks(param.grad).double(), self._blocks(move).double()
+            norms = (grads.square().sum(1) * moves.square().sum(1)).sqrt()
+            alignment = -(grads * moves).sum(1) / norms.clamp_min(1e-300)
+            growth = torch.exp(self.rule.align_gain * (alignment - self.rule.align_target))
+            released.copy_(torch.where(norms > 0, (released * growth).clamp_max(1.0), released))
+
+    def _scale_blocks(self, index: int, group: dict, before: list[Tensor]) -> None:
+        """Scale each block's move, taken at the full rate, to the larger of the cap's factor and
+        the block's release (a step is linear in its rate, decay included)."""
+        cap = 1.0 if self.factors[index] is None else self.factors[index]
+        for param, old, released in zip(
+            group["params"], before, self.block_releases[index], strict=True
+        ):
+            factors = released.clamp_min(cap).to(param.dtype)
+            move = self._blocks(param.detach() - old) * factors.unsqueeze(1)
+            param.detach().copy_(old + move.reshape(-1)[: param.numel()].view_as(param))
 
     def _correct(self, index: int, group: dict) -> None:
         """``corrected``'s: scale the last move of the parameters to the factor the release

@@ -227,6 +227,36 @@ def test_a_corrected_release_rescales_the_last_move_to_the_factor_its_alignment_
         torch.testing.assert_close(param.detach() - other.detach(), (ratio - 1.0) * move)
 
 
+def test_a_release_per_block_follows_each_blocks_alignment_and_scales_its_move():
+    gain, target, size = 3.0, 0.05, 1024
+    generator = torch.Generator().manual_seed(2)
+    param = torch.randn(2 * size + 5, generator=generator).requires_grad_()  # 3 blocks
+    rule = Rule(0.01, predict_first=True, align_gain=gain, align_target=target, block_size=size)
+    optimizer = MeasuredWarmup([param], rule, lr=LR, weight_decay=0.1)
+    param.grad = torch.randn(param.shape, generator=generator)
+    before = param.detach().clone()
+    optimizer.step()
+    first = optimizer.block_releases[0][0][0].item()
+    move = param.detach() - before
+    # along the last move in the first and last blocks (cosine 1), against it in the second
+    param.grad = torch.cat([-move[:size], move[size : 2 * size], -move[2 * size :]])
+    twin = copy.deepcopy(optimizer)  # the same state, stepped at the full rate
+    plain = AdaWarm(twin.param_groups[0]["params"], lr=LR, weight_decay=0.1)
+    plain.param_groups[0].update(warmup_steps=0, rectify=False)
+    plain.state = twin.state
+    cap = optimizer.factors[0]
+    before = param.detach().clone()
+    optimizer.step()
+    plain.step()
+    released = optimizer.block_releases[0][0]
+    expected = [min(1.0, first * math.exp(gain * (c - target))) for c in (1.0, -1.0, 1.0)]
+    torch.testing.assert_close(released.tolist(), expected, rtol=1e-12, atol=0)
+    assert released[1] < cap < released[0]  # the second block takes the cap's factor
+    full_rate = plain.param_groups[0]["params"][0].detach() - before
+    factors = torch.tensor([max(cap, r) for r in expected]).repeat_interleave(size)[: param.numel()]
+    torch.testing.assert_close(param.detach() - before, full_rate * factors.float())
+
+
 def saved_runs(cell: str, lr: float, losses: dict[str, list[float]]) -> list[Run]:
     return [
         Run(cell, method, lr, seed, loss, [(1, loss)], 0.0)
