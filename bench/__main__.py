@@ -1,5 +1,5 @@
-"""``python -m bench [speed|quality|collapse|schedule|tune|gpu|adaptive]``: AdaWarm against
-AdamW, here.
+"""``python -m bench [speed|quality|collapse|schedule|tune|gpu|adaptive|quantization]``:
+AdaWarm against AdamW, here.
 
 Without a sub-command: a short tour -- a quick speed table, a quick quality run and the measured
 warmup on its cells (its factor against the step), a summary, and PNG plots in bench/runs/tour/
@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import RUNS, adaptive, collapse, gpu, quality, schedule, speed, tune
+from bench import RUNS, adaptive, collapse, gpu, quality, quantization, schedule, speed, tune
 
 SUBCOMMANDS = {
     "speed": speed.main,
@@ -22,6 +22,7 @@ SUBCOMMANDS = {
     "tune": tune.main,
     "gpu": gpu.main,
     "adaptive": adaptive.main,
+    "quantization": quantization.main,
 }
 
 
