@@ -1,4 +1,4 @@
-"""``python -m bench [speed|quality|collapse|schedule|tune|gpu|adaptive|quantization]``:
+"""``python -m bench [speed|quality|collapse|schedule|tune|gpu|adaptive|quantization|state8bit]``:
 AdaWarm against AdamW, here.
 
 Without a sub-command: a short tour -- a quick speed table, a quick quality run and the measured
@@ -12,7 +12,18 @@ import argparse
 import sys
 from pathlib import Path
 
-from bench import RUNS, adaptive, collapse, gpu, quality, quantization, schedule, speed, tune
+from bench import (
+    RUNS,
+    adaptive,
+    collapse,
+    gpu,
+    quality,
+    quantization,
+    schedule,
+    speed,
+    state8bit,
+    tune,
+)
 
 SUBCOMMANDS = {
     "speed": speed.main,
@@ -23,6 +34,7 @@ SUBCOMMANDS = {
     "gpu": gpu.main,
     "adaptive": adaptive.main,
     "quantization": quantization.main,
+    "state8bit": state8bit.main,
 }
 
 

@@ -60,7 +60,7 @@ from bench.quality import (
     load_runs,
     tabulate,
 )
-from bench.training import Run, measured_heading, train_all
+from bench.training import Run, measured_heading, train_methods
 
 # The fixed ramps a measured rule is compared with at each rate: the best of them by mean.
 FIXED_RAMPS = (
@@ -664,7 +664,8 @@ def main(argv: list[str] | None = None) -> str:
         if not cells:
             parser.error("no cell of the grid matches")
         start = time.perf_counter()
-        runs = train(cells, [method_of(*pair) for pair in methods], args.workers)
+        pairs = [(cell, method_of(*pair)) for pair in methods for cell in cells]
+        runs = train_methods(pairs, args.workers, "adaptive")
         heading = measured_heading(
             args.workers,
             len(runs),
@@ -712,23 +713,6 @@ def method_of(optimizer: str, rule: str) -> Method:
         kind = "adawarm-schedulefree" if optimizer == "AdaWarmScheduleFree" else "adawarm"
         return Method(f"{optimizer} {SHIPPED}", kind, warmup=MEASURED)
     return measured_method(rule, schedule_free=optimizer == "AdaWarmScheduleFree")
-
-
-def train(cells: list[Cell], methods: list[Method], workers: int) -> list[Run]:
-    """Every run of ``methods`` in ``cells``, at each cell's rates and seeds."""
-    jobs = [
-        (cell, method, lr, seed, RUNS / "cache")
-        for method in methods
-        for cell in cells
-        for lr in cell.lrs
-        for seed in range(cell.seeds)
-    ]
-    jobs.sort(key=lambda job: -job[0].steps)  # long runs first: the pool ends together
-    if any(cell.fine_tune for cell in cells):
-        from bench.training import pretrain
-
-        pretrain(RUNS / "cache")
-    return train_all(jobs, workers, "adaptive")
 
 
 # The cells whose measured factors the report plots, where a run has them: a post-LN cell that

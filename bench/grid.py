@@ -74,6 +74,9 @@ class Method:
     knows_length: bool = False
     is_default: bool = False  # the row AdaWarm's promises are checked on
     is_schedule_free_default: bool = False  # the row AdaWarmScheduleFree's are checked on
+    # state entries that go through an 8-bit store after every step (bench.state8bit: a
+    # prototype of 8-bit optimizer state around the torch backend)
+    eight_bit: tuple[str, ...] = ()
 
     @property
     def schedule_free(self) -> bool:
@@ -114,6 +117,8 @@ class Method:
             "param_dtype": self.param_dtype,
             "compensation": self.compensation,
             "state_dtype": self.state_dtype,
+            # only where set: saved runs from before the field keep matching
+            **({"eight_bit": list(self.eight_bit)} if self.eight_bit else {}),
         }
 
 

@@ -18,6 +18,7 @@ import torch
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
 from adawarm.schedule import MEASURED, WARMUP_NAMES
+from bench import RUNS
 from bench.grid import USER_SCHEDULE, USER_WARMUP, Cell, Method
 from bench.lm import ModelConfig, batches, fine_tuning_corpus, loss_on, make_model, stdlib_corpus
 
@@ -209,6 +210,10 @@ def train_one(job: Job) -> Run:
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        if method.eight_bit:
+            from bench.state8bit import store_in_eight_bits
+
+            store_in_eight_bits(optimizer, method.eight_bit, seed, step + 1)
         if factors is not None and step + 1 in FACTOR_STEPS:
             factors.append((step + 1, float(optimizer.measured_factors()[0])))
         scheduler.step()
@@ -236,6 +241,21 @@ def train_all(jobs: list[Job], workers: int, desc: str) -> list[Run]:
 
     with ProcessPoolExecutor(workers) as pool:
         return list(tqdm(pool.map(train_one, jobs), total=len(jobs), desc=desc, unit="run"))
+
+
+def train_methods(pairs: list[tuple[Cell, Method]], workers: int, desc: str) -> list[Run]:
+    """Every run of each (cell, method) of ``pairs``, at the cell's rates and seeds (the long
+    runs first: the pool ends together)."""
+    jobs = [
+        (cell, method, lr, seed, RUNS / "cache")
+        for cell, method in pairs
+        for lr in cell.lrs
+        for seed in range(cell.seeds)
+    ]
+    jobs.sort(key=lambda job: -job[0].steps)
+    if any(cell.fine_tune for cell, _ in pairs):
+        pretrain(RUNS / "cache")
+    return train_all(jobs, workers, desc)
 
 
 def measured_heading(workers: int, runs: int, seconds: float, command: str) -> str:

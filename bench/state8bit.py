@@ -1,0 +1,233 @@
+"""``python -m bench state8bit``: 8-bit optimizer state (issue 27), prototyped around the
+optimizers' PyTorch backend before it is built into the step, and compared seed by seed with
+the committed quality grid.
+
+After every step of a run, each listed state entry of every tensor of at least
+``MIN_8BIT_SIZE`` elements goes through an 8-bit store (``adawarm.quantization``: the first
+moment and ``z`` on the signed map, the second moment as its square root; stochastic rounding
+from the counter-based stream of the run's seed, the tensor's position, the step and the
+entry's role): the next step reads what an 8-bit state would hold. Each method is the
+committed grid's method of the same settings with fp32 state but for that, so their runs
+share seeds (the same initialisation and batches) and are compared by the paired differences
+of their final validation losses, with a one-sided 95 % bound against a margin (issue 27: 8-bit
+state within 0.01 nats of fp32 state in every cell, bf16 parameters with stochastic rounding
+and 8-bit state within 0.02), and by collapses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shlex
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from torch.optim import Optimizer
+
+from adawarm.quantization import FIRST_MOMENT, MIN_8BIT_SIZE, SECOND_MOMENT, dequantize, quantize
+from adawarm.rounding import EXP_AVG_ROLE, EXP_AVG_SQ_ROLE, random_bits, stream_base
+from bench import RUNS
+from bench.grid import (
+    DEFAULT_NAME,
+    PRECISION_LIMIT,
+    PRECISION_LR,
+    SCHEDULE_FREE_DEFAULT,
+    Cell,
+    Method,
+    full_grid,
+    methods_for,
+    precision_methods,
+)
+from bench.paired import paired_difference
+from bench.quality import load_runs
+from bench.training import Run, measured_heading, train_methods
+
+COMMITTED_GRID = Path(__file__).resolve().parent / "results" / "quality.json"
+# The code and the random stream's role of each entry that can be stored in 8 bits.
+CODES = {
+    "exp_avg": (FIRST_MOMENT, EXP_AVG_ROLE),
+    "z": (FIRST_MOMENT, EXP_AVG_ROLE),  # AdaWarmScheduleFree's first state
+    "exp_avg_sq": (SECOND_MOMENT, EXP_AVG_SQ_ROLE),
+}
+MARGIN = 0.01  # nats: 8-bit state against fp32 state
+
+
+def store_in_eight_bits(optimizer: Optimizer, entries: tuple[str, ...], seed: int, step: int):
+    """Replace ``entries`` of each large tensor's state by their 8-bit store (fp32 again)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for position, param in enumerate(params):
+        state = optimizer.state.get(param)
+        if not state or param.numel() < MIN_8BIT_SIZE:
+            continue
+        for entry in entries:
+            code, role = CODES[entry]
+            values = state[entry]
+            bits = random_bits(stream_base(seed, position, step, role), values.numel(), "cpu")
+            stored = dequantize(*quantize(values.float(), code, bits), code)
+            values.copy_(stored.view_as(values))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A method with 8-bit state: the committed grid's ``reference`` with ``entries`` stored in
+    8 bits, compared at ``margin``, in the cells ``precision_only`` restricts it to."""
+
+    name: str
+    reference: str
+    entries: tuple[str, ...]
+    margin: float
+    precision_only: bool = False
+
+
+VARIANTS = (
+    Variant(f"{DEFAULT_NAME}, 8-bit moments", DEFAULT_NAME, ("exp_avg", "exp_avg_sq"), MARGIN),
+    Variant(
+        f"{SCHEDULE_FREE_DEFAULT}, 8-bit second moment",
+        SCHEDULE_FREE_DEFAULT,
+        ("exp_avg_sq",),
+        MARGIN,
+    ),
+    Variant(
+        f"{SCHEDULE_FREE_DEFAULT}, 8-bit second moment and z",
+        SCHEDULE_FREE_DEFAULT,
+        ("exp_avg_sq", "z"),
+        MARGIN,
+        precision_only=True,
+    ),
+    Variant(
+        f"{DEFAULT_NAME}, bf16 params + stochastic rounding + 8-bit moments",
+        f"{DEFAULT_NAME}, bf16 params + stochastic rounding",
+        ("exp_avg", "exp_avg_sq"),
+        PRECISION_LIMIT,
+        precision_only=True,
+    ),
+)
+
+
+def method_of(variant: Variant, cell: Cell) -> Method:
+    """The grid's method named ``variant.reference`` in ``cell``, with 8-bit ``entries``."""
+    reference = next(
+        m for m in (*methods_for(cell), *precision_methods()) if m.name == variant.reference
+    )
+    return replace(
+        reference,
+        name=variant.name,
+        eight_bit=variant.entries,
+        is_default=False,
+        is_schedule_free_default=False,
+    )
+
+
+def cells_of(variant: Variant, cells: list[Cell], precision_cell: str) -> list[Cell]:
+    """The cells ``variant`` trains in: the precision cell at its rate, or every cell."""
+    if variant.precision_only:
+        return [replace(c, lrs=(PRECISION_LR,)) for c in cells if c.name == precision_cell]
+    return cells
+
+
+def compare(
+    variant: Variant, runs: list[Run], saved: list[Run], collapse_at: dict[str, float]
+) -> list[str]:
+    """The variant against its reference, per cell and rate: means, the paired difference with
+    its interval and verdict at the margin, collapses; then the tallies."""
+    losses: dict[tuple[str, str, float], dict[int, float]] = {}
+    for run in [*saved, *runs]:
+        losses.setdefault((run.cell, run.method, run.lr), {})[run.seed] = run.final_loss
+    lines = [
+        f"### {variant.name}, against {variant.reference} (margin {variant.margin})",
+        "",
+        "| cell | lr | mean, 8-bit | mean, reference | 8-bit - reference | verdict | "
+        "collapsed (8-bit / reference) |",
+        "| --- | ---: | ---: | ---: | ---: | --- | --- |",
+    ]
+    verdicts, more_collapses = [], 0
+    for cell, _, lr in sorted({(r.cell, r.method, r.lr) for r in runs if r.method == variant.name}):
+        mine = losses[(cell, variant.name, lr)]
+        theirs = {
+            s: x for s, x in losses.get((cell, variant.reference, lr), {}).items() if s in mine
+        }
+        limit = collapse_at.get(cell, math.inf)
+        collapsed = [sum(not (x < limit) for x in side.values()) for side in (mine, theirs)]
+        more_collapses += collapsed[0] > collapsed[1]
+        paired = paired_difference(mine, theirs)
+        verdict = "-" if paired is None else paired.verdict(variant.margin)
+        if paired is not None:
+            verdicts.append(verdict)
+        means = [_mean(side) for side in (mine, theirs)]
+        lines.append(
+            f"| {cell} | {lr:g} | {means[0]:.3f} | {means[1]:.3f} | "
+            f"{'-' if paired is None else paired.text()} | {verdict} | "
+            f"{collapsed[0]} / {collapsed[1]} |"
+        )
+    tally = ", ".join(f"{v} {verdicts.count(v)}" for v in sorted(set(verdicts)))
+    lines += [
+        "",
+        f"- within {variant.margin} nats of the reference: {tally or 'nothing compared'} "
+        f"(of {len(verdicts)}); more collapses than the reference at {more_collapses} rates",
+    ]
+    return lines
+
+
+def _mean(losses: dict[int, float]) -> float:
+    values = list(losses.values())
+    return sum(values) / len(values) if values else math.nan
+
+
+def main(argv: list[str] | None = None) -> str:
+    parser = argparse.ArgumentParser(prog="python -m bench state8bit", description=__doc__)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=[v.name for v in VARIANTS],
+        choices=[v.name for v in VARIANTS],
+        metavar="VARIANT",
+        help=f"what to train (default: all): {'; '.join(v.name for v in VARIANTS)}",
+    )
+    parser.add_argument(
+        "--only", action="append", help="cells whose name contains this text (repeatable)"
+    )
+    parser.add_argument("--seeds", type=int, help="at most this many seeds per cell")
+    parser.add_argument("--workers", type=int, default=2, help="processes, 1 thread each")
+    parser.add_argument("--baseline", type=Path, default=COMMITTED_GRID, help="the saved grid")
+    parser.add_argument(
+        "--out", type=Path, default=RUNS, help=f"folder for the results (default: {RUNS})"
+    )
+    args = parser.parse_args(argv)
+    saved_cells, saved, _, _ = load_runs(args.baseline)
+    saved_json = json.loads(args.baseline.read_text())
+    collapse_at, precision_cell = saved_json["collapse_at"], saved_json["precision_cell"]
+    cells = [c for c in full_grid() if any(s.name == c.name for s in saved_cells)]
+    if args.only:
+        cells = [c for c in cells if any(text in c.name for text in args.only)]
+    if args.seeds:
+        cells = [replace(c, seeds=min(c.seeds, args.seeds)) for c in cells]
+    variants = [v for v in VARIANTS if v.name in args.variants]
+    pairs = [
+        (cell, method_of(variant, cell))
+        for variant in variants
+        for cell in cells_of(variant, cells, precision_cell)
+    ]
+    start = time.perf_counter()
+    runs = train_methods(pairs, args.workers, "state8bit")
+    heading = measured_heading(
+        args.workers,
+        len(runs),
+        time.perf_counter() - start,
+        " ".join(["python -m bench state8bit", shlex.join(argv or [])]).strip(),
+    )
+    args.out.mkdir(parents=True, exist_ok=True)
+    record = {"heading": heading, "runs": [asdict(run) for run in runs]}
+    (args.out / "state8bit.json").write_text(json.dumps(record) + "\n")
+    lines = [
+        heading + f" Compared with {args.baseline.name}, seed by seed: each difference is the "
+        "8-bit run's final validation loss minus the reference's, the mean over the seeds with "
+        "Student's t 90 % interval (each bound one-sided 95 %).",
+    ]
+    for variant in variants:
+        lines += ["", *compare(variant, runs, saved, collapse_at)]
+    text = "\n".join(lines)
+    (args.out / "state8bit.md").write_text(text + "\n")
+    print(text)
+    return text
