@@ -77,7 +77,7 @@ def test_a_variant_is_compared_seed_by_seed_at_its_margin():
     lines = state8bit.compare(variant, mine, saved, {cell: 3.1})
     row = next(line for line in lines if line.startswith(f"| {cell} |"))
     assert "| 1 / 0 |" in row and "undecided" in row
-    assert lines[-1].endswith("more collapses than the reference at 1 rates")
+    assert lines[-1].endswith("(as the quality report counts them): at 1 rates")
     close = runs(variant.name, [2.501, 2.602, 2.699])
     lines = state8bit.compare(variant, close, saved, {cell: 3.1})
     assert "non-inferior 1 (of 1)" in lines[-1]
@@ -93,4 +93,14 @@ def test_the_command_trains_each_variant_and_writes_its_report(tmp_path):
     )
     assert "### AdaWarm default, 8-bit moments, against AdaWarm default (margin 0.01)" in text
     assert (tmp_path / "state8bit.md").read_text() == text + "\n"
-    assert (tmp_path / "state8bit.json").exists()
+    rebuilt = tmp_path / "rebuilt"
+    argv = ["--report-from", str(tmp_path / "state8bit.json"), "--out", str(rebuilt)]
+    assert state8bit.main(argv) == text  # the report from its JSON
+    assert not (rebuilt / "state8bit.json").exists()
+
+
+def test_bf16_parameters_with_8_bit_moments_train_as_bf16_and_compare_with_fp32():
+    variant = state8bit.VARIANTS[-1]
+    method = state8bit.method_of(variant, full_grid()[0])
+    assert method.param_dtype == "bfloat16" and method.compensation == "stochastic"
+    assert variant.reference == DEFAULT_NAME and variant.margin == 0.02
