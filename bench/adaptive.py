@@ -584,7 +584,8 @@ def default_checks(
             if theirs.passed and not rule.passed:
                 failed.append(f"{cell.name}, {cell.seeds} seeds: {rule.promise} ({rule.detail})")
     return [
-        f"- the default's checks with the rule in its place, in the {len(covered)} cells it ran "
+        f"- the default's checks with the rule in its place, in the {len(covered)} "
+        f"cell{'' if len(covered) == 1 else 's'} it ran "
         f"at every rate (on the seeds both ran): passes {held} of the {passed} that "
         f"{family.default} passes",
         *(f"  - fails {text}" for text in failed),
