@@ -88,7 +88,7 @@ def block_count(numel: int, block_size: int = QUANTIZATION_BLOCK) -> int:
     return -(-numel // block_size)
 
 
-def _blocks(values: Tensor, block_size: int) -> Tensor:
+def in_blocks(values: Tensor, block_size: int = QUANTIZATION_BLOCK) -> Tensor:
     """The flattened ``values`` in rows of ``block_size``, the last padded with zeros."""
     flat = values.reshape(-1)
     padding = -flat.numel() % block_size
@@ -105,7 +105,7 @@ def quantize(
     scales, one per block). ``random_bits``: 16 bits per element (``adawarm.rounding
     .random_bits``) for stochastic rounding; None rounds to the nearest code."""
     stored = values.sqrt() if code.root else values
-    blocks = _blocks(stored, block_size)
+    blocks = in_blocks(stored, block_size)
     scales = blocks.abs().amax(dim=1)
     scaled = blocks / torch.where(scales > 0, scales, 1.0).unsqueeze(1)
     table = code.table_on(values.device)
@@ -117,7 +117,7 @@ def quantize(
     if random_bits is None:
         up = above >= 0.5
     else:
-        uniform = _blocks(random_bits.to(torch.float32), block_size) / 65536.0
+        uniform = in_blocks(random_bits.to(torch.float32), block_size) / 65536.0
         up = uniform < above
     codes = (lower + up.to(lower.dtype)).to(torch.uint8)
     return codes.reshape(-1)[: values.numel()].view(values.shape), scales
@@ -128,7 +128,7 @@ def dequantize(
 ) -> Tensor:
     """The fp32 values of ``codes`` and their blocks' ``scales``."""
     table = code.table_on(codes.device)
-    blocks = _blocks(codes, block_size).long()
+    blocks = in_blocks(codes, block_size).long()
     values = (table[blocks] * scales.unsqueeze(1)).reshape(-1)[: codes.numel()]
     values = values.view(codes.shape)
     return values.square() if code.root else values

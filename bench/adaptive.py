@@ -37,6 +37,7 @@ import torch
 from torch import Tensor
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
+from adawarm.quantization import block_count, in_blocks
 from adawarm.schedule import MEASURED
 from bench import RUNS
 from bench.grid import (
@@ -296,9 +297,7 @@ class _MeasuredRate:
 
     def _blocks(self, tensor: Tensor) -> Tensor:
         """``tensor``'s elements in rows of ``block_size`` (the last padded with zeros)."""
-        flat = tensor.detach().reshape(-1)
-        padding = -flat.numel() % self.rule.block_size
-        return torch.nn.functional.pad(flat, (0, padding)).view(-1, self.rule.block_size)
+        return in_blocks(tensor.detach(), self.rule.block_size)
 
     def _release_blocks(self, index: int, group: dict) -> None:
         """``block_size``'s release of each block for the coming step, from its own alignment
@@ -306,9 +305,10 @@ class _MeasuredRate:
         move after the step)."""
         params = group["params"]
         if self.moves[index] is None:
-            first = self.factors[index]
+            first, size = self.factors[index], self.rule.block_size
             self.block_releases[index] = [
-                torch.full((self._blocks(p).shape[0],), first, dtype=torch.float64) for p in params
+                torch.full((block_count(p.numel(), size),), first, dtype=torch.float64)
+                for p in params
             ]
             return
         for param, move, released in zip(

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from torch.optim import Optimizer
 
-from adawarm.quantization import FIRST_MOMENT, MIN_8BIT_SIZE, SECOND_MOMENT, dequantize, quantize
-from adawarm.rounding import EXP_AVG_ROLE, EXP_AVG_SQ_ROLE, random_bits, stream_base
+from adawarm.quantization import FIRST_MOMENT, MIN_8BIT_SIZE, QUANTIZATION_BLOCK, SECOND_MOMENT
+from adawarm.rounding import EXP_AVG_ROLE, EXP_AVG_SQ_ROLE, stream_base
 from bench import RUNS
 from bench.grid import (
     DEFAULT_NAME,
@@ -42,6 +42,7 @@ from bench.grid import (
 )
 from bench.paired import paired_difference
 from bench.quality import Result, collapses_more, load_runs
+from bench.quantization import stored
 from bench.training import Run, measured_heading, train_methods
 
 COMMITTED_GRID = Path(__file__).resolve().parent / "results" / "quality.json"
@@ -64,9 +65,8 @@ def store_in_eight_bits(optimizer: Optimizer, entries: tuple[str, ...], seed: in
         for entry in entries:
             code, role = CODES[entry]
             values = state[entry]
-            bits = random_bits(stream_base(seed, position, step, role), values.numel(), "cpu")
-            stored = dequantize(*quantize(values.float(), code, bits), code)
-            values.copy_(stored.view_as(values))
+            base = stream_base(seed, position, step, role)
+            values.copy_(stored(values.float(), code, QUANTIZATION_BLOCK, base).view_as(values))
 
 
 @dataclass(frozen=True)
