@@ -15,11 +15,14 @@ A state_dict may come from AdaWarm (this version or an older one), ``torch.optim
 - ``step`` becomes a float32 scalar tensor on the CPU, whatever the checkpoint held: a tensor,
   or a Python number (older torch versions saved those).
 - Moments are cast to the loading optimizer's state dtype (rounding to nearest even; bf16 ->
-  fp32 is exact). Kahan buffers are kept when both sides have them, created as zeros when only
-  the loader wants them, dropped otherwise. A measured warmup's ``relative_update`` is kept
-  (on the CPU, in the update's dtype) when the loaded group is ``warmup_steps="measured"``;
-  without one, its
-  first step there measures as a first step does. Other state entries are dropped.
+  fp32 is exact). 8-bit moments (``adawarm.quantization``) load as they are into 8-bit states,
+  bit for bit with their scales; into other dtypes as the values they code (cast as above);
+  full-precision moments load into 8-bit states quantized to the nearest codes (a
+  deterministic conversion; the codes of a later step are drawn stochastically).
+- Kahan buffers are kept when both sides have them, created as zeros when only the loader
+  wants them, dropped otherwise. A measured warmup's ``relative_update`` is kept (on the CPU,
+  in the update's dtype) when the loaded group is ``warmup_steps="measured"``; without one,
+  its first step there measures as a first step does. Other state entries are dropped.
 """
 
 from __future__ import annotations
@@ -31,6 +34,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adawarm.quantization import (
+    EIGHT_BIT,
+    FIRST_MOMENT,
+    SECOND_MOMENT,
+    block_count,
+    dequantize,
+    quantize,
+    scales_key,
+)
 from adawarm.schedule import MEASURED
 from adawarm.state import moment_like, needs_compensation
 from adawarm.torch_backend import compute_dtype
@@ -41,8 +53,10 @@ FOREIGN_GROUP_KEYS = ("amsgrad", "differentiable", "decoupled_weight_decay")
 # Execution choices: a loaded checkpoint does not change them.
 EXECUTION_KEYS = ("backend", "foreach", "fused", "capturable")
 # Storage choices: the checkpoint's states are converted to the loading optimizer's.
-STORAGE_KEYS = ("state_dtype", "compensation")
+STORAGE_KEYS = ("state_dtype", "min_8bit_size", "compensation")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
+# The code of each moment that may be 8-bit.
+MOMENT_CODES = {"exp_avg": FIRST_MOMENT, "exp_avg_sq": SECOND_MOMENT}
 
 
 def loaded_group(
@@ -90,12 +104,36 @@ def check_saved_state(saved: dict[str, Any] | None, param: Tensor, param_id: Any
     if "relative_update" in saved:
         relative_update_entry(saved["relative_update"], param_id)
     for key in MOMENT_KEYS:
-        shape = tuple(saved[key].shape)
-        if shape != tuple(param.shape):
-            raise ValueError(
-                f"Loaded {key} of parameter {param_id} has shape {shape}, expected "
-                f"{tuple(param.shape)} (the parameter's shape)"
-            )
+        check_saved_moment(saved, key, param, param_id)
+
+
+def check_saved_moment(saved: dict[str, Any], key: str, param: Tensor, param_id: Any) -> None:
+    """Raise if the saved moment ``key`` cannot be loaded for ``param``: a shape other than the
+    parameter's, or 8-bit codes without float32 scales, one per block."""
+    shape = tuple(saved[key].shape)
+    if shape != tuple(param.shape):
+        raise ValueError(
+            f"Loaded {key} of parameter {param_id} has shape {shape}, expected "
+            f"{tuple(param.shape)} (the parameter's shape)"
+        )
+    if saved[key].dtype != EIGHT_BIT:
+        return
+    scales = saved.get(scales_key(key))
+    blocks = (block_count(param.numel()),)
+    if (
+        not isinstance(scales, Tensor)
+        or tuple(scales.shape) != blocks
+        or scales.dtype != torch.float32
+    ):
+        described = (
+            f"{scales.dtype} of shape {tuple(scales.shape)}"
+            if isinstance(scales, Tensor)
+            else repr(scales)
+        )
+        raise ValueError(
+            f"Loaded {key} of parameter {param_id} is 8-bit, and its {scales_key(key)} is "
+            f"{described}; expected float32 scales of shape {blocks}"
+        )
 
 
 def step_counter(value: Any, param_id: Any) -> Tensor:
@@ -124,7 +162,7 @@ def converted_state(
     """The state of ``param`` loaded from ``saved`` under ``group``'s storage choices."""
     state = {"step": step_counter(saved["step"], param_id)}
     for key in MOMENT_KEYS:
-        state[key] = moment_like(param, group["state_dtype"]).copy_(saved[key])
+        state.update(loaded_moment(param, saved, key, group))
     entry = loaded_relative_update(param, saved, group, param_id)
     if entry is not None:
         state["relative_update"] = entry
@@ -134,6 +172,24 @@ def converted_state(
             torch.zeros_like(param) if buffer is None else buffer.to(param).clone()
         )
     return state
+
+
+def loaded_moment(
+    param: Tensor, saved: dict[str, Any], key: str, group: dict[str, Any]
+) -> dict[str, Tensor]:
+    """The state entries of the moment ``key`` of ``param`` loaded from ``saved`` into
+    ``group``'s state dtype: the moment, and its scales where that is 8-bit."""
+    target = moment_like(param, group["state_dtype"], group["min_8bit_size"])
+    value, code = saved[key], MOMENT_CODES[key]
+    if value.dtype == EIGHT_BIT:
+        scales = saved[scales_key(key)].to(target.device)
+        if target.dtype == EIGHT_BIT:
+            return {key: target.copy_(value), scales_key(key): scales.clone()}
+        value = dequantize(value.to(target.device), scales, code)
+    if target.dtype != EIGHT_BIT:
+        return {key: target.copy_(value)}
+    codes, scales = quantize(value.to(target.device, torch.float32), code)
+    return {key: target.copy_(codes), scales_key(key): scales}
 
 
 def loaded_relative_update(

@@ -11,6 +11,7 @@ from torch import Tensor
 from adawarm import checkpoint
 from adawarm.functional import run_backend
 from adawarm.optimizer_base import GroupStep, WarmupOptimizer
+from adawarm.quantization import MIN_8BIT_SIZE
 from adawarm.schedule import AUTO, MEASURED
 from adawarm.state import new_state
 from adawarm.validation import check_group, check_torch_only_options
@@ -84,10 +85,16 @@ class AdaWarm(WarmupOptimizer):
         differentiable: accepted as False for torch.optim.AdamW's signature; the step records
             no autograd history.
         state_dtype: dtype of ``exp_avg``/``exp_avg_sq`` for fp32/fp16/bf16 parameters: ``None``
-            (fp32) or ``torch.bfloat16`` (half the state memory; the math stays fp32, and the
+            (fp32), ``torch.bfloat16`` (half the state memory; the math stays fp32, and the
             moments are stored by stochastic rounding from ``rounding_seed``, so that updates
-            below half a bf16 ulp survive on average). Wider parameters keep moments of their
-            own dtype.
+            below half a bf16 ulp survive on average) or ``torch.uint8``: 8-bit moments, a byte
+            per element and a float32 scale per block of 256 (about a quarter of fp32's
+            memory), stored by stochastic rounding too, for tensors of at least
+            ``min_8bit_size`` elements ([Low precision](low-precision.md#8-bit-moments); the
+            torch backend only, for now). Wider parameters keep moments of their own dtype.
+        min_8bit_size: with ``state_dtype=torch.uint8``, tensors of fewer elements keep fp32
+            moments (bitsandbytes' convention: biases and norms save little and are the
+            noisiest).
         compensation: how fp16/bf16 parameters keep updates below half an ulp. ``None``: round
             to nearest (they are lost). ``"kahan"``: a buffer of the parameter's dtype carries
             each update's rounding error into the next. ``"stochastic"`` (bf16 only): round up
@@ -102,6 +109,7 @@ class AdaWarm(WarmupOptimizer):
 
     State per parameter: ``step`` (float32 scalar tensor), ``exp_avg``, ``exp_avg_sq`` (fp32 for
     fp16/bf16 parameters), the names torch.optim.AdamW and RAdam use, so state_dicts interchange;
+    8-bit moments add ``exp_avg_scales`` and ``exp_avg_sq_scales`` (``adawarm.state``);
     with ``warmup_steps="measured"``, ``relative_update`` (two numbers: the last step's squared
     move at rate 1 and the squared parameter before it).
     """
@@ -127,6 +135,7 @@ class AdaWarm(WarmupOptimizer):
         differentiable: bool = False,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        min_8bit_size: int = MIN_8BIT_SIZE,
         compensation: str | None = None,
         rounding_seed: int = 0,
         backend: str | None = None,
@@ -145,6 +154,7 @@ class AdaWarm(WarmupOptimizer):
             "fused": fused,
             "capturable": capturable,
             "state_dtype": state_dtype,
+            "min_8bit_size": min_8bit_size,
             "compensation": compensation,
             "rounding_seed": rounding_seed,
             "backend": backend,
@@ -152,12 +162,18 @@ class AdaWarm(WarmupOptimizer):
         super().__init__(params, defaults)
 
     STATE_KEYS = ("step", "exp_avg", "exp_avg_sq")
+    OPTIONAL_STATE_KEYS = (
+        *WarmupOptimizer.OPTIONAL_STATE_KEYS,
+        "exp_avg_scales",
+        "exp_avg_sq_scales",
+    )
     _check_group = staticmethod(check_group)
 
     def _new_state(self, param: Tensor, group: dict[str, Any], counter_device) -> dict:
         return new_state(
             param,
             state_dtype=group["state_dtype"],
+            min_8bit_size=group["min_8bit_size"],
             compensation=group["compensation"],
             counter_device=counter_device,
         )
@@ -182,6 +198,7 @@ class AdaWarm(WarmupOptimizer):
             work.local(states["exp_avg"]),
             work.local(states["exp_avg_sq"]),
             states["step"],
+            **work.scales("exp_avg", "exp_avg_sq"),
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from adawarm.functional import checked_execution, has_dtensors, local_tensors
+from adawarm.quantization import EIGHT_BIT, scales_key
 from adawarm.rollback import StepSnapshot, failed_step_error
 from adawarm.schedule import AUTO, MEASURED, measured_factor, resolve_warmup_steps, step_schedule
 from adawarm.shards import measured_sums_of_shards, not_measured_like, sum_over_shards
@@ -63,6 +64,14 @@ class GroupStep:
         """The local shards of these per-parameter tensors (they are themselves when no
         parameter is a DTensor: then no gradient or state is one either)."""
         return local_tensors(tensors) if self.sharded else tensors
+
+    def scales(self, *keys: str) -> dict[str, list[Tensor | None]]:
+        """The block scales of the states ``keys`` (None where a state is not 8-bit), as the
+        torch backend takes them; none for the Triton kernel, which has no 8-bit form yet
+        (8-bit states run on the torch backend: see ``checked_execution``)."""
+        if self.backend == "triton":
+            return {}
+        return {scales_key(key): self.states[scales_key(key)] for key in keys}
 
     def configuration(self, lr_is_tensor: bool, scaled: bool, skippable: bool) -> tuple:
         """What decides which kernels run (and so what could fail that has not run before)."""
@@ -238,14 +247,28 @@ class WarmupOptimizer(Optimizer):
             return None
         sharded = has_dtensors(params)
         shards = local_tensors(params) if sharded else params
+        eight_bit = group["state_dtype"] == EIGHT_BIT
+        if eight_bit and sharded:
+            raise RuntimeError(
+                "state_dtype=torch.uint8: 8-bit states of DTensor parameters (FSDP2, tensor "
+                "parallel) are not supported yet; pass state_dtype=torch.bfloat16 or None"
+            )
         backend, implementation = checked_execution(
-            group["backend"], shards, foreach=group["foreach"], fused=group["fused"]
+            group["backend"],
+            shards,
+            foreach=group["foreach"],
+            fused=group["fused"],
+            eight_bit=eight_bit,
         )
         if group["capturable"] and backend != "triton":
+            needed = (
+                "8-bit states run on the torch backend only"
+                if eight_bit
+                else "CUDA tensors of dtype float32, bfloat16 or float16 are needed"
+            )
             raise RuntimeError(
                 f"capturable=True needs the Triton backend, but backend={group['backend']!r} "
-                f"resolved to {backend!r} for these tensors (CUDA tensors of dtype float32, "
-                "bfloat16 or float16 are needed)"
+                f"resolved to {backend!r} for these tensors ({needed})"
             )
         return GroupStep(
             index,

@@ -29,10 +29,13 @@ random bits a store rounds to the nearest code.
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from adawarm import rounding
 
 # Elements per scale. On the grid's models (python -m bench quantization, bench/results/
 # quantization.md) one store errs in the update by 1.9-2.6 % at 256 and 1.4-2.0 % at 64 (to the
@@ -40,6 +43,8 @@ from torch import Tensor
 # with both moments at 4.03 bytes a parameter, under 4.1 (64: 4.125). bitsandbytes' and
 # torchao's 8-bit optimizers use 256 too.
 QUANTIZATION_BLOCK = 256
+# The dtype of 8-bit states (their codes), as ``state_dtype`` names it.
+EIGHT_BIT = torch.uint8
 # Tensors with fewer elements keep full-precision moments (bitsandbytes' min_8bit_size): their
 # scales and codes would save little, and small tensors (biases, norms) are the noisiest.
 MIN_8BIT_SIZE = 4096
@@ -132,3 +137,38 @@ def dequantize(
     values = (table[blocks] * scales.unsqueeze(1)).reshape(-1)[: codes.numel()]
     values = values.view(codes.shape)
     return values.square() if code.root else values
+
+
+# The codes of a step's two states, in the backends' order: the first (AdaWarm's exp_avg,
+# signed) and the second (exp_avg_sq, as its square root).
+STATE_CODES = (FIRST_MOMENT, SECOND_MOMENT)
+
+
+def scales_key(key: str) -> str:
+    """The state entry that holds the block scales of the 8-bit state entry ``key``."""
+    return f"{key}_scales"
+
+
+def store_quantized(
+    codes: Sequence[Tensor],
+    scales: Sequence[Tensor],
+    values: Sequence[Tensor],
+    code: Code,
+    *,
+    positions: Sequence[int],
+    seed: int | None,
+    step: int,
+    role: int,
+) -> None:
+    """Store fp32 ``values`` into 8-bit states (``codes`` and their ``scales``, in place), by
+    stochastic rounding from the stream keyed by ``(seed, k, step, role)`` for tensor ``k`` of
+    the backend's lists (``positions``), as the bf16 states draw theirs; ``seed=None`` rounds
+    to the nearest code."""
+    for target, target_scales, new, position in zip(codes, scales, values, positions, strict=True):
+        bits = None
+        if seed is not None:
+            base = rounding.stream_base(seed, position, step, role)
+            bits = rounding.random_bits(base, new.numel(), new.device)
+        new_codes, new_scales = quantize(new, code, bits)
+        target.copy_(new_codes)
+        target_scales.copy_(new_scales)

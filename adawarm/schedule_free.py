@@ -12,9 +12,10 @@ from torch import Tensor
 from adawarm import schedule_free_checkpoint
 from adawarm.functional import local_tensors, select_execution
 from adawarm.optimizer_base import GroupStep, WarmupOptimizer
+from adawarm.quantization import MIN_8BIT_SIZE
 from adawarm.schedule import AUTO, MEASURED, resolve_schedule_free_warmup_steps
 from adawarm.schedule_free_functional import run_schedule_free, switch
-from adawarm.state import moment_like, needs_compensation
+from adawarm.state import iterate_like, moment_entries, needs_compensation
 from adawarm.validation import check_schedule_free_group, group_betas
 
 # Chosen on the quality grid (docs/defaults.md): "auto" is a ramp over 5 % of the run when its
@@ -82,7 +83,12 @@ class AdaWarmScheduleFree(WarmupOptimizer):
         fused: True runs the Triton kernel (CUDA tensors only: no fused PyTorch kernel computes
             this update); False anything else; None automatic.
         state_dtype: dtype of ``z``/``exp_avg_sq`` for fp32/fp16/bf16 parameters: ``None`` (fp32)
-            or ``torch.bfloat16`` (stored by stochastic rounding from ``rounding_seed``).
+            or ``torch.bfloat16`` (stored by stochastic rounding from ``rounding_seed``), or
+            ``torch.uint8``: an 8-bit ``exp_avg_sq`` for tensors of at least ``min_8bit_size``
+            elements, as [`AdaWarm`][adawarm.AdaWarm]'s (``z``, the iterate, stays fp32; the
+            torch backend only, for now).
+        min_8bit_size: with ``state_dtype=torch.uint8``, tensors of fewer elements keep an fp32
+            ``exp_avg_sq``.
         compensation: ``None``, ``"kahan"`` (fp16/bf16 parameters) or ``"stochastic"`` (bf16
             parameters), as in [`AdaWarm`][adawarm.AdaWarm].
         rounding_seed: the seed of stochastic rounding.
@@ -90,9 +96,10 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             backend), ``"torch"`` or ``"triton"``.
 
     State per parameter: ``step`` (float32 scalar), ``z``, ``exp_avg_sq`` (fp32 for fp16/bf16
-    parameters unless ``state_dtype`` says otherwise), and the average's ``weight_sum`` and
-    ``lr_max`` (float64 scalars); with ``warmup_steps="measured"``, ``relative_update`` (two
-    numbers); the group's ``train_mode`` says which point the parameters hold.
+    parameters unless ``state_dtype`` says otherwise; an 8-bit ``exp_avg_sq`` adds
+    ``exp_avg_sq_scales``), and the average's ``weight_sum`` and ``lr_max`` (float64 scalars);
+    with ``warmup_steps="measured"``, ``relative_update`` (two numbers); the group's
+    ``train_mode`` says which point the parameters hold.
     """
 
     # step() takes grad_scale/found_inf from torch.amp.GradScaler and unscales inside the update.
@@ -100,6 +107,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
     STATE_KEYS = ("step", "z", "exp_avg_sq", "weight_sum", "lr_max")
     COUNTER_KEYS = ("step", "weight_sum", "lr_max")
     PACKED_STATE_KEYS = ("z", "exp_avg_sq")
+    OPTIONAL_STATE_KEYS = (*WarmupOptimizer.OPTIONAL_STATE_KEYS, "exp_avg_sq_scales")
     _resolve_warmup_steps = staticmethod(resolve_schedule_free_warmup_steps)
     _check_group = staticmethod(check_schedule_free_group)
 
@@ -121,6 +129,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
         capturable: bool = False,
         fused: bool | None = None,
         state_dtype: torch.dtype | None = None,
+        min_8bit_size: int = MIN_8BIT_SIZE,
         compensation: str | None = None,
         rounding_seed: int = 0,
         backend: str | None = None,
@@ -140,6 +149,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             "fused": fused,
             "capturable": capturable,
             "state_dtype": state_dtype,
+            "min_8bit_size": min_8bit_size,
             "compensation": compensation,
             "rounding_seed": rounding_seed,
             "backend": backend,
@@ -152,8 +162,8 @@ class AdaWarmScheduleFree(WarmupOptimizer):
     def _new_state(self, param: Tensor, group: dict[str, Any], counter_device) -> dict:
         state = {
             "step": torch.zeros((), dtype=torch.float32, device=counter_device),
-            "z": moment_like(param, group["state_dtype"]).copy_(param.detach()),
-            "exp_avg_sq": moment_like(param, group["state_dtype"]),
+            "z": iterate_like(param, group["state_dtype"]).copy_(param.detach()),
+            **moment_entries(param, "exp_avg_sq", group["state_dtype"], group["min_8bit_size"]),
             "weight_sum": torch.zeros((), dtype=torch.float64, device=counter_device),
             "lr_max": torch.zeros((), dtype=torch.float64, device=counter_device),
         }
@@ -192,6 +202,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
             work.local(work.grads),
             *(work.local(states[key]) for key in ("z", "exp_avg_sq")),
             *(states[key] for key in ("step", "weight_sum", "lr_max")),
+            **work.scales("exp_avg_sq"),
             lr=group["lr"],
             beta1=beta1,
             beta2=beta2,

@@ -14,7 +14,8 @@ group's ``train_mode``:
 - Otherwise as ``adawarm.checkpoint``: hyper-parameters come from the checkpoint, those it lacks
   (``warmup_steps`` of RAdamScheduleFree, ``rectify``, ``total_steps``) keep the loading
   optimizer's values; execution and storage choices stay the loading optimizer's; ``z`` and
-  ``exp_avg_sq`` are cast to its state dtype; Kahan buffers kept, created or dropped; a
+  ``exp_avg_sq`` are cast to its state dtype (``exp_avg_sq`` to or from 8 bits by the same rules;
+  ``z`` stays fp32 where the state dtype is 8-bit); Kahan buffers kept, created or dropped; a
   measured warmup's ``relative_update`` kept where the loaded group measures.
 """
 
@@ -25,8 +26,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from adawarm.checkpoint import EXECUTION_KEYS, STORAGE_KEYS, loaded_relative_update, step_counter
-from adawarm.state import moment_like, needs_compensation
+from adawarm.checkpoint import (
+    EXECUTION_KEYS,
+    STORAGE_KEYS,
+    check_saved_moment,
+    loaded_moment,
+    loaded_relative_update,
+    step_counter,
+)
+from adawarm.state import iterate_like, needs_compensation
 from adawarm.validation import check_schedule_free_group
 
 STATE_TENSORS = ("z", "exp_avg_sq")
@@ -93,12 +101,7 @@ def _converted_state(
     for key in STATE_TENSORS:
         if key not in saved:
             raise ValueError(f"Loaded state of parameter {param_id} lacks {key!r}")
-        shape = tuple(saved[key].shape)
-        if shape != tuple(param.shape):
-            raise ValueError(
-                f"Loaded {key} of parameter {param_id} has shape {shape}, expected "
-                f"{tuple(param.shape)} (the parameter's shape)"
-            )
+        check_saved_moment(saved, key, param, param_id)
     if "k" in saved_group:  # schedulefree's: the group's count and average
         step, weight_sum = saved_group["k"], saved_group["weight_sum"]
         lr_max = max(saved_group["lr_max"], 0.0)  # -1 before its first step
@@ -112,8 +115,8 @@ def _converted_state(
         "weight_sum": _scalar(weight_sum),
         "lr_max": _scalar(lr_max),
     }
-    for key in STATE_TENSORS:
-        state[key] = moment_like(param, group["state_dtype"]).copy_(saved[key])
+    state["z"] = iterate_like(param, group["state_dtype"]).copy_(saved["z"])
+    state.update(loaded_moment(param, saved, "exp_avg_sq", group))
     entry = loaded_relative_update(param, saved, group, param_id)
     if entry is not None:
         state["relative_update"] = entry

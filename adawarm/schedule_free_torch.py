@@ -44,7 +44,7 @@ from adawarm.torch_backend import (
     store_compensated,
     store_stochastic,
     upcast,
-    upcast_all,
+    working_copies,
 )
 
 IMPLEMENTATIONS = ("reference", "foreach")
@@ -183,9 +183,11 @@ def schedule_free_torch_step(
     gradient_scratch: PackedTensors | None = None,
     relative_updates: Sequence[Tensor] | None = None,
     relative_update_out: Sequence[Tensor] | None = None,
+    exp_avg_sq_scales: Sequence[Tensor | None] | None = None,
 ) -> Tensor | None:
     """One schedule-free step over one parameter group's tensors, in train mode (``params``
-    hold ``y``; ``warmup_steps`` resolved to an int).
+    hold ``y``; ``warmup_steps`` resolved to an int). 8-bit (uint8) ``exp_avg_sqs`` come with
+    their block scales in ``exp_avg_sq_scales`` (``None`` for the other tensors).
 
     Where ``zs`` and ``exp_avg_sqs`` are :class:`~adawarm.tensor_lists.PackedTensors` of the
     parameters' dtype and ``gradient_scratch`` one of their shapes (AdaWarmScheduleFree keeps
@@ -212,15 +214,19 @@ def schedule_free_torch_step(
     if relative_updates is not None:
         factor = measured_factor_of(relative_updates, lr * (1.0 - beta1))
         lr *= factor
-    if compensations is None:
-        compensations = [None] * len(params)
-    lists = [params, grads, zs, exp_avg_sqs, state_steps, weight_sums, lr_maxes, compensations]
+    absent = [None] * len(params)
+    lists = [params, grads, zs, exp_avg_sqs, state_steps, weight_sums, lr_maxes]
+    lists += [compensations or absent, absent, exp_avg_sq_scales or absent]
     groups = group_by_device_and_dtype([*as_lists(lists), range(len(params))])
     for dtype, tensor_lists in groups:
         group_tensors, counters = tensor_lists[:4], tensor_lists[4:7]
         if dtype.is_complex:
             group_tensors = list(map(real_views, group_tensors))
-        group_buffers, group_positions = tensor_lists[7:]
+        group_buffers, group_scales, group_positions = (
+            tensor_lists[7],
+            tensor_lists[8:10],
+            tensor_lists[10],
+        )
         for (previous_step, weight_sum, lr_max), indices in _buckets(*counters):
             schedule = schedule_free_step(
                 previous_step + 1,
@@ -237,7 +243,8 @@ def schedule_free_torch_step(
             )
             stored = select_all(group_tensors, indices)
             computing = compute_dtype(stored[0][0].dtype)
-            work = upcast_all(stored, computing)
+            scales = select_all(group_scales, indices)
+            work = working_copies(stored, scales, computing)
             options = {"beta2": beta2, "weight_decay": weight_decay, "maximize": maximize}
             if _takes_packed_step(work, gradient_scratch, implementation):
                 options["scratch"] = gradient_scratch
@@ -253,6 +260,7 @@ def schedule_free_torch_step(
                 stored,
                 work,
                 buffers=buffers,
+                scales=scales,
                 positions=positions,
                 step=schedule.step,
                 rounding_seed=rounding_seed,
@@ -316,7 +324,7 @@ def switch_torch(
     if compensations is None:
         compensations = [None] * len(params)
     lists = [list(params), list(zs), list(state_steps), list(compensations)]
-    groups = group_by_device_and_dtype([*lists, list(range(len(params)))])
+    groups = group_by_device_and_dtype([*lists, list(range(len(params)))], state_lists=(1,))
     for dtype, (group_params, group_zs, steps, buffers, positions) in groups:
         # One list of the parameters (or of their real views): store() skips its copy when the
         # working list is that list itself, as for fp32 parameters.

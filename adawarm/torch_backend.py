@@ -13,8 +13,9 @@ device, parameter dtype, state dtype and step count, so one set of scalars serve
   buckets to ``foreach``.
 
 Every implementation works on fp32 (fp64 for fp64 parameters) copies of lower-precision tensors;
-the driver makes the copies and stores the results back: bf16 moments by stochastic rounding,
-parameters rounding to nearest even, with Kahan compensation or by stochastic rounding.
+the driver makes the copies and stores the results back: bf16 and 8-bit moments by stochastic
+rounding, parameters rounding to nearest even, with Kahan compensation or by stochastic
+rounding.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from operator import itemgetter
 import torch
 from torch import Tensor
 
+from adawarm.quantization import EIGHT_BIT, STATE_CODES, dequantize, store_quantized
 from adawarm.rounding import (
     EXP_AVG_ROLE,
     EXP_AVG_SQ_ROLE,
@@ -202,6 +204,25 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def working_copies(
+    stored: list[Sequence[Tensor]],
+    scales: Sequence[Sequence[Tensor | None]],
+    dtype: torch.dtype,
+) -> list[Sequence[Tensor]]:
+    """:func:`upcast_all` of a bucket's (params, grads, first state, second state), with 8-bit
+    states decoded from their codes and ``scales`` (those of the first and second state)."""
+    states = stored[2:4]
+    if EIGHT_BIT not in (states[0][0].dtype, states[1][0].dtype):
+        return upcast_all(stored, dtype)
+    work = [upcast(stored[0], dtype), upcast(stored[1], dtype)]
+    for tensors, tensor_scales, code in zip(states, scales, STATE_CODES, strict=True):
+        if tensors[0].dtype == EIGHT_BIT:
+            work.append(list(map(dequantize, tensors, tensor_scales, [code] * len(tensors))))
+        else:
+            work.append(upcast(tensors, dtype))
+    return work
+
+
 def store(targets: list[Tensor], work: list[Tensor]) -> None:
     """Write fp32/fp64 working copies back to lower-precision tensors (round to nearest even)."""
     if work is not targets:
@@ -263,11 +284,15 @@ def torch_step(
     stochastic_params: bool = False,
     relative_updates: Sequence[Tensor] | None = None,
     relative_update_out: Sequence[Tensor] | None = None,
+    exp_avg_scales: Sequence[Tensor | None] | None = None,
+    exp_avg_sq_scales: Sequence[Tensor | None] | None = None,
 ) -> Tensor | None:
     """One AdaWarm step over one parameter group's tensors (``warmup_steps`` resolved to an int).
 
     The update is computed in fp32 (fp64 for fp64 tensors) and stored in each tensor's dtype.
-    With ``rounding_seed`` set, bf16 moments are stored by stochastic rounding
+    8-bit (uint8) moments come with their block scales in ``exp_avg_scales`` and
+    ``exp_avg_sq_scales`` (``None`` for the other tensors; ``adawarm.quantization``).
+    With ``rounding_seed`` set, bf16 and 8-bit moments are stored by stochastic rounding
     (``adawarm.rounding``: the stream of tensor ``k`` of these lists at step ``t`` is keyed by
     ``(rounding_seed, k, t)`` and the moment's role), and so are bf16 parameters when
     ``stochastic_params``; everything else rounds to nearest even (``rounding_seed=None``: every
@@ -300,14 +325,15 @@ def torch_step(
         factor = measured_factor_of(relative_updates, lr)
         lr *= factor
 
-    if compensations is None:
-        compensations = [None] * len(params)
-    lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps, compensations]
+    absent = [None] * len(params)
+    lists = [params, grads, exp_avgs, exp_avg_sqs, state_steps, compensations or absent]
+    lists += [exp_avg_scales or absent, exp_avg_sq_scales or absent]
     groups = group_by_device_and_dtype([*as_lists(lists), range(len(params))])
     options = {"beta1": beta1, "beta2": beta2, "maximize": maximize}
     for dtype, tensor_lists in groups:
         (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs) = tensor_lists[:4]
-        group_steps, group_buffers, group_positions = tensor_lists[4:]
+        group_steps, group_buffers = tensor_lists[4:6]
+        group_scales, group_positions = tensor_lists[6:8], tensor_lists[8]
         if dtype.is_complex:
             group_params, group_grads, group_exp_avgs, group_exp_avg_sqs = map(
                 real_views, (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs)
@@ -329,7 +355,8 @@ def torch_step(
                 (group_params, group_grads, group_exp_avgs, group_exp_avg_sqs), indices
             )
             computing = compute_dtype(stored[0][0].dtype)
-            work = upcast_all(stored, computing)
+            scales = select_all(group_scales, indices)
+            work = working_copies(stored, scales, computing)
             before = None if relative_updates is None else before_the_move(work[0])
             # Counters advance with their bucket (the fused kernel reads them), and go back if
             # the bucket's update fails: each tensor is either stepped or untouched.
@@ -354,6 +381,7 @@ def torch_step(
                 stored,
                 work,
                 buffers=buffers,
+                scales=scales,
                 positions=positions,
                 step=step,
                 rounding_seed=rounding_seed,
@@ -401,23 +429,28 @@ def store_bucket(
     work: list[Sequence[Tensor]],
     *,
     buffers: Sequence[Tensor | None],
+    scales: Sequence[Sequence[Tensor | None]],
     positions: Sequence[int],
     step: int,
     rounding_seed: int | None,
     stochastic_params: bool,
 ) -> None:
     """Store a bucket's working copies: ``stored``/``work`` are the (params, grads, first state,
-    second state) lists. The states round stochastically when bf16 (streams of roles
-    ``EXP_AVG_ROLE`` and ``EXP_AVG_SQ_ROLE``), the parameters with Kahan ``buffers``, by
-    stochastic rounding (``stochastic_params``) or to nearest even."""
+    second state) lists, ``scales`` the block scales of 8-bit states. The states round
+    stochastically when bf16 or 8-bit (streams of roles ``EXP_AVG_ROLE`` and
+    ``EXP_AVG_SQ_ROLE``; 8-bit ones to the nearest code without a seed), the parameters with
+    Kahan ``buffers``, by stochastic rounding (``stochastic_params``) or to nearest even."""
     if work is stored and buffers[0] is None:
         return  # the update ran on the tensors themselves
     stochastic = {"seed": rounding_seed, "step": step}
-    for role, states, new in (
-        (EXP_AVG_ROLE, stored[2], work[2]),
-        (EXP_AVG_SQ_ROLE, stored[3], work[3]),
+    for role, states, new, state_scales, code in zip(
+        (EXP_AVG_ROLE, EXP_AVG_SQ_ROLE), stored[2:4], work[2:4], scales, STATE_CODES, strict=True
     ):
-        if rounds_stochastically(states[0].dtype, rounding_seed):
+        if states[0].dtype == EIGHT_BIT:
+            store_quantized(
+                states, state_scales, new, code, positions=positions, **stochastic, role=role
+            )
+        elif rounds_stochastically(states[0].dtype, rounding_seed):
             store_stochastic(states, new, positions, **stochastic, role=role)
         else:
             store(states, new)
@@ -431,22 +464,27 @@ def store_bucket(
 
 
 def group_by_device_and_dtype(
-    tensor_lists: list[list[Tensor]],
+    tensor_lists: list[list[Tensor]], state_lists: Sequence[int] = (2, 3)
 ) -> list[tuple[torch.dtype, list[list[Tensor]]]]:
-    """Split parallel lists by the (device, dtype) of the first list's tensors (the parameters).
+    """Split parallel lists by the (device, dtype) of the first list's tensors (the parameters)
+    and the dtypes of the lists at ``state_lists`` (the states: 8-bit for large tensors only).
 
-    A group's parameters share one state dtype and either all or none have a Kahan buffer (both
-    follow from the parameter dtype and the group's options). A plain loop: torch's C++
-    grouping checks every list and costs ~3 us per tensor.
+    A group's parameters either all or none have a Kahan buffer (that follows from the
+    parameter dtype and the group's options). A plain loop: torch's C++ grouping checks every
+    list and costs ~3 us per tensor.
     """
     params = tensor_lists[0]
     dtypes, devices = list(map(DTYPE, params)), list(map(DEVICE, params))
-    if dtypes.count(dtypes[0]) == len(dtypes) and devices.count(devices[0]) == len(devices):
+    state_dtypes = list(zip(*(map(DTYPE, tensor_lists[i]) for i in state_lists), strict=True))
+    if (
+        dtypes.count(dtypes[0]) == len(dtypes)
+        and devices.count(devices[0]) == len(devices)
+        and state_dtypes.count(state_dtypes[0]) == len(state_dtypes)
+    ):
         return [(dtypes[0], tensor_lists)]  # the common case: the lists as they are
-    groups = indices_by_key(list(zip(devices, dtypes, strict=True)))
+    groups = indices_by_key(list(zip(devices, dtypes, state_dtypes, strict=True)))
     return [
-        (dtype, [select(tensors, indices) for tensors in tensor_lists])
-        for (_, dtype), indices in groups
+        (key[1], [select(tensors, indices) for tensors in tensor_lists]) for key, indices in groups
     ]
 
 

@@ -12,6 +12,8 @@ from adawarm.schedule import WARMUP_NAMES, can_rectify, rho_inf
 
 BACKENDS = (None, "torch", "triton")
 COMPENSATIONS = (None, "kahan", "stochastic")
+# torch.uint8: 8-bit moments (adawarm.quantization)
+STATE_DTYPES = (None, torch.float32, torch.bfloat16, torch.uint8)
 
 
 def _is_real_number(value: Any) -> bool:
@@ -129,11 +131,18 @@ def check_group(group: dict[str, Any]) -> None:
     check_torch_only_options(
         amsgrad=group.get("amsgrad", False), differentiable=group.get("differentiable", False)
     )
-    if group["state_dtype"] not in (None, torch.float32, torch.bfloat16):
+    if group["state_dtype"] not in STATE_DTYPES:
         raise ValueError(
-            f"Invalid state_dtype: {group['state_dtype']!r}, expected None, torch.float32 or "
-            "torch.bfloat16"
+            f"Invalid state_dtype: {group['state_dtype']!r}, expected None, torch.float32, "
+            "torch.bfloat16 or torch.uint8 (8-bit)"
         )
+    min_8bit_size = group["min_8bit_size"]
+    if (
+        not isinstance(min_8bit_size, numbers.Integral)
+        or isinstance(min_8bit_size, bool)
+        or min_8bit_size < 0
+    ):
+        raise ValueError(f"Invalid min_8bit_size: {min_8bit_size!r}, expected an int >= 0")
     if group["compensation"] not in COMPENSATIONS:
         raise ValueError(
             f"Invalid compensation: {group['compensation']!r}, expected one of {COMPENSATIONS}"
