@@ -1,6 +1,6 @@
 """8-bit states (``state_dtype=torch.uint8``) of both optimizers on the torch backend: their
-layout, each step against the same optimizer with fp32 state started from the decoded state,
-drift, checkpoints and their conversions, refusals, skipped and failed steps."""
+layout, drift, checkpoints and their conversions, refusals, skipped and failed steps (each step
+against fp32 states decoded from them is in the promise matrix, tests/test_promises.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,6 @@ from unittest import mock
 
 import pytest
 import torch
-from helpers import assert_close
 
 from adawarm import AdaWarm, AdaWarmScheduleFree, torch_backend
 from adawarm.functional import adawarm
@@ -25,35 +24,15 @@ from adawarm.quantization import (
     quantize,
     scales_key,
 )
-from adawarm.rounding import EXP_AVG_ROLE, EXP_AVG_SQ_ROLE, random_bits, stream_base
 from adawarm.state import moment_entries
 
 # Below the size threshold, at it, and above it with a last block of 1 and of 67 elements.
 SHAPES = ((7,), (4095,), (4096,), (4097,), (65, 67), (1025, 5))
-# Per optimizer: its 8-bit states with their codes and random streams, and its torch
-# implementations (no fused PyTorch kernel computes the schedule-free step).
+# Per optimizer: its class, and its states that may be 8-bit with their codes.
 KINDS = {
-    "AdaWarm": (
-        AdaWarm,
-        {"exp_avg": (FIRST_MOMENT, EXP_AVG_ROLE), "exp_avg_sq": (SECOND_MOMENT, EXP_AVG_SQ_ROLE)},
-        ("reference", "foreach", "fused"),
-    ),
-    "AdaWarmScheduleFree": (
-        AdaWarmScheduleFree,
-        {"exp_avg_sq": (SECOND_MOMENT, EXP_AVG_SQ_ROLE)},
-        ("reference", "foreach"),
-    ),
+    "AdaWarm": (AdaWarm, {"exp_avg": FIRST_MOMENT, "exp_avg_sq": SECOND_MOMENT}),
+    "AdaWarmScheduleFree": (AdaWarmScheduleFree, {"exp_avg_sq": SECOND_MOMENT}),
 }
-IMPLEMENTATIONS = {
-    "reference": {"foreach": False},
-    "foreach": {"foreach": True},
-    "fused": {"fused": True},
-}
-CASES = [
-    pytest.param(name, implementation, id=f"{name}-{implementation}")
-    for name, (_, _, implementations) in KINDS.items()
-    for implementation in implementations
-]
 
 
 def make_params(shapes, dtype=torch.float32, seed=0):
@@ -61,10 +40,8 @@ def make_params(shapes, dtype=torch.float32, seed=0):
     return [torch.randn(shape, generator=generator).to(dtype).requires_grad_() for shape in shapes]
 
 
-def make_optimizer(name, params, implementation="foreach", **options):
-    optimizer = KINDS[name][0](
-        params, backend="torch", **IMPLEMENTATIONS[implementation], **options
-    )
+def make_optimizer(name, params, **options):
+    optimizer = KINDS[name][0](params, backend="torch", **options)
     if name == "AdaWarmScheduleFree":
         optimizer.train()
     return optimizer
@@ -108,56 +85,6 @@ def test_large_tensors_get_codes_and_block_scales_and_small_ones_fp32():
     schedule_free.step()
     state = schedule_free.state[params[2]]
     assert state["z"].dtype == torch.float32 and state["exp_avg_sq"].dtype == torch.uint8
-
-
-@pytest.mark.parametrize(("name", "implementation"), CASES)
-@pytest.mark.parametrize(
-    ("dtype", "options"),
-    [
-        (torch.float32, {"warmup_steps": 3, "rectify": True, "weight_decay": 0.1}),
-        (torch.bfloat16, {"compensation": "stochastic", "maximize": True}),
-        (torch.float32, {"rounding_seed": 7, "betas": (0.9, 0.95)}),
-    ],
-    ids=["fp32-rectified", "bf16-stochastic", "fp32-seed-7"],
-)
-def test_each_step_is_the_fp32_state_step_from_the_decoded_state_stored_in_codes(
-    name, implementation, dtype, options
-):
-    """Past the rectification threshold (8 steps): a step of 8-bit states is the step of the
-    same optimizer with fp32 states loaded from them (the checkpoint conversion decodes them),
-    its new fp32 states coded by :func:`quantize` from the stream of each tensor's position,
-    step and state."""
-    seed = options.get("rounding_seed", 0)
-    params = make_params(SHAPES, dtype)
-    optimizer = make_optimizer(
-        name, params, implementation, lr=0.01, state_dtype=EIGHT_BIT, **options
-    )
-    for step in range(1, 9):
-        twins = [param.detach().clone().requires_grad_() for param in params]
-        twin = make_optimizer(name, twins, implementation, lr=0.01, **options)
-        if step > 1:
-            twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
-        set_gradients(params, step)
-        set_gradients(twins, step)
-        optimizer.step()
-        twin.step()
-        for index, (param, twin_param) in enumerate(zip(params, twins, strict=True)):
-            assert_close(param.detach(), twin_param.detach(), dtype, f"param {index}")
-            state, twin_state = optimizer.state[param], twin.state[twin_param]
-            for key, (code, role) in KINDS[name][1].items():
-                what = f"{key} {index} at step {step}"
-                if state[key].dtype != EIGHT_BIT:
-                    assert param.numel() < MIN_8BIT_SIZE, what
-                    assert_close(state[key], twin_state[key], torch.float32, what)
-                    continue
-                bits = random_bits(stream_base(seed, index, step, role), param.numel(), "cpu")
-                codes, scales = quantize(twin_state[key], code, bits)
-                assert_close(state[scales_key(key)], scales, torch.float32, f"scales of {what}")
-                # the same codes, but where the two computations round a value differently by
-                # an ulp next to a rounding threshold
-                differ = state[key].int() - codes.int()
-                assert differ.abs().max() <= 1 and differ.count_nonzero() <= 2, what
-            assert state["step"] == twin_state["step"] == step
 
 
 def creeping_run(state_dtype, rounding_seed=0, steps=800):
@@ -257,7 +184,7 @@ def test_checkpoints_convert_between_8_bit_and_full_precision_moments(name, full
     full.load_state_dict(copy.deepcopy(eight_bit.state_dict()))
     for param in params:
         coded, decoded = eight_bit.state[param], full.state[param]
-        for key, (code, _) in codes.items():
+        for key, code in codes.items():
             if coded[key].dtype == EIGHT_BIT:
                 expected = dequantize(coded[key], coded[scales_key(key)], code)
             else:
@@ -270,7 +197,7 @@ def test_checkpoints_convert_between_8_bit_and_full_precision_moments(name, full
     eight_bit.load_state_dict(copy.deepcopy(full.state_dict()))
     for param in full_params:
         values, loaded = full.state[param], eight_bit.state[param]
-        for key, (code, _) in codes.items():
+        for key, code in codes.items():
             if param.numel() < MIN_8BIT_SIZE:
                 assert torch.equal(loaded[key], values[key].float()), key
                 continue
@@ -334,7 +261,6 @@ def test_a_step_that_fails_storing_8_bit_moments_leaves_codes_scales_and_counter
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"backend": "triton"}, r"backend='triton', fused=None: 8-bit states .* run on the torch"),
         ({"capturable": True}, r"capturable=True .* \(8-bit states run on the torch backend"),
     ],
 )

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TOLERANCES, gradient_stream, make_params
+from helpers import TOLERANCES, assert_close, gradient_stream, make_params
 from promises import (
     KINDS,
     PROMISES,
@@ -31,6 +31,8 @@ from promises import (
 )
 from torch import Tensor
 
+from adawarm.quantization import FIRST_MOMENT, SECOND_MOMENT, quantize
+from adawarm.rounding import EXP_AVG_ROLE, EXP_AVG_SQ_ROLE, random_bits, stream_base
 from adawarm.schedule import MEASURED_CAP, measured_factor, rectification
 
 pytestmark = pytest.mark.filterwarnings("error")
@@ -187,6 +189,52 @@ def test_each_step_stored_in_low_precision_is_the_exact_update_within_an_ulp(
             observe(exact, exact_params, evaluated=False),
             torch.bfloat16,
         )
+
+
+# The 8-bit states, their codes and the random streams they are stored from.
+EIGHT_BIT_STATES = {
+    "exp_avg": (FIRST_MOMENT, EXP_AVG_ROLE),
+    "exp_avg_sq": (SECOND_MOMENT, EXP_AVG_SQ_ROLE),
+}
+
+
+@pytest.mark.parametrize("min_8bit_size", [0, 16])
+@pytest.mark.parametrize(("kind", "execution", "holds"), cases("8-bit state"))
+def test_each_step_of_8_bit_states_is_the_fp32_step_from_their_values_coded_stochastically(
+    kind, execution, holds, min_8bit_size
+):
+    """Past the rectification threshold: each step of 8-bit states (all tensors, or those of
+    at least 16 elements) is the step of fp32 states loaded from them (the checkpoint
+    conversion decodes them), its new states coded by ``quantize`` from the stream of each
+    tensor's position, step and state. Triton refuses them."""
+    options = {"state_dtype": torch.uint8, "min_8bit_size": min_8bit_size, "rectify": True}
+    if not holds:
+        assert_refused(kind, execution, "8-bit states", **options)
+        return
+    params, optimizer = start(kind, execution, **options)
+    for step, grads in enumerate(gradient_stream(SHAPES, torch.float32, STEPS, 1), start=1):
+        twins = on_device(params, device_of(execution))
+        twin = optimizer_for(kind, twins, execution, **SETTINGS, rectify=True)
+        if step > 1:
+            twin.load_state_dict(copy.deepcopy(optimizer.state_dict()))
+        run(optimizer, params, [grads])
+        run(twin, twins, [grads])
+        seen = observe(optimizer, params, evaluated=False)
+        expected = observe(twin, twins, evaluated=False)
+        for index, param in enumerate(params):
+            for key, (code, role) in EIGHT_BIT_STATES.items():
+                name = f"{key} {index}"
+                if name not in expected or seen[name].dtype != torch.uint8:
+                    continue
+                assert param.numel() >= min_8bit_size, name
+                bits = random_bits(stream_base(0, index, step, role), param.numel(), "cpu")
+                codes, scales = quantize(expected.pop(name), code, bits)
+                assert_close(seen.pop(f"{key}_scales {index}"), scales, torch.float32, name)
+                # the same codes, but where the two computations differ by an ulp next to a
+                # rounding threshold
+                differ = seen.pop(name).int() - codes.int()
+                assert differ.abs().le(1).all() and differ.count_nonzero() <= 1, name
+        assert_matches(seen, expected, torch.float32)
 
 
 # A quadratic 0.5 |p - target|^2 whose optimum lies 0.05 away from a start in [1, 1.5), where
