@@ -96,19 +96,9 @@ def checked_execution(
     *,
     foreach: bool | None,
     fused: bool | None,
-    eight_bit: bool = False,
 ) -> tuple[str, str | None]:
     """:func:`select_execution` for choices already checked with each other (an optimizer's
-    group: its checks ran). ``eight_bit``: the states are 8-bit, which only the torch backend
-    steps."""
-    if eight_bit and (backend == "triton" or (fused and params and all(p.is_cuda for p in params))):
-        raise RuntimeError(
-            f"backend={backend!r}, fused={fused!r}: 8-bit states (state_dtype=torch.uint8) run "
-            "on the torch backend only (the Triton kernel has no 8-bit form yet); pass "
-            "backend=None or 'torch', and fused=None"
-        )
-    if eight_bit and backend is None:
-        backend = "torch"
+    group: its checks ran)."""
     if fused:
         return _fused_execution(backend, params)
     if foreach is not None or fused is False:
@@ -199,7 +189,7 @@ def adawarm(
     for the
     Triton kernel), which the step reads and replaces. 8-bit (uint8) moments come with their
     block scales in ``exp_avg_scales`` and ``exp_avg_sq_scales`` (``adawarm.state``; ``None``
-    for the other tensors), and run on the torch backend.
+    for the other tensors).
     """
     if (warmup_steps == MEASURED) != (relative_updates is not None):
         raise ValueError(
@@ -212,16 +202,7 @@ def adawarm(
     )
     if compensations is not None:
         compensations = local_tensors(compensations)
-    check_execution({"backend": backend, "foreach": foreach, "fused": fused, "capturable": False})
-    eight_bit = exp_avg_scales is not None or exp_avg_sq_scales is not None
-    backend, torch_implementation = checked_execution(
-        backend, params, foreach=foreach, fused=fused, eight_bit=eight_bit
-    )
-    eight_bit_scales = (
-        {"exp_avg_scales": exp_avg_scales, "exp_avg_sq_scales": exp_avg_sq_scales}
-        if eight_bit
-        else {}
-    )
+    backend, torch_implementation = select_execution(backend, params, foreach=foreach, fused=fused)
     run_backend(
         backend,
         params,
@@ -246,7 +227,8 @@ def adawarm(
         rounding_seed=rounding_seed,
         stochastic_params=stochastic_params,
         relative_updates=relative_updates,
-        **eight_bit_scales,
+        exp_avg_scales=exp_avg_scales,
+        exp_avg_sq_scales=exp_avg_sq_scales,
     )
 
 

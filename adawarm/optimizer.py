@@ -90,8 +90,8 @@ class AdaWarm(WarmupOptimizer):
             below half a bf16 ulp survive on average) or ``torch.uint8``: 8-bit moments, a byte
             per element and a float32 scale per block of 256 (about a quarter of fp32's
             memory), stored by stochastic rounding too, for tensors of at least
-            ``min_8bit_size`` elements ([Low precision](low-precision.md#8-bit-moments); the
-            torch backend only, for now). Wider parameters keep moments of their own dtype.
+            ``min_8bit_size`` elements ([Low precision](low-precision.md#8-bit-moments)).
+            Wider parameters keep moments of their own dtype.
         min_8bit_size: with ``state_dtype=torch.uint8``, tensors of fewer elements keep fp32
             moments (bitsandbytes' convention: biases and norms save little and are the
             noisiest).

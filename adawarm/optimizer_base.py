@@ -67,11 +67,8 @@ class GroupStep:
 
     def scales(self, *keys: str) -> dict[str, list[Tensor | None]]:
         """The block scales of the states ``keys`` (None where a state is not 8-bit), as the
-        torch backend takes them; none for the Triton kernel, which has no 8-bit form yet
-        (8-bit states run on the torch backend: see ``checked_execution``)."""
-        if self.backend == "triton":
-            return {}
-        return {scales_key(key): self.states[scales_key(key)] for key in keys}
+        backends take them."""
+        return {scales_key(key): self.local(self.states[scales_key(key)]) for key in keys}
 
     def configuration(self, lr_is_tensor: bool, scaled: bool, skippable: bool) -> tuple:
         """What decides which kernels run (and so what could fail that has not run before)."""
@@ -247,8 +244,7 @@ class WarmupOptimizer(Optimizer):
             return None
         sharded = has_dtensors(params)
         shards = local_tensors(params) if sharded else params
-        eight_bit = group["state_dtype"] == EIGHT_BIT
-        if eight_bit and sharded:
+        if group["state_dtype"] == EIGHT_BIT and sharded:
             raise RuntimeError(
                 "state_dtype=torch.uint8: 8-bit states of DTensor parameters (FSDP2, tensor "
                 "parallel) are not supported yet; pass state_dtype=torch.bfloat16 or None"
@@ -258,17 +254,12 @@ class WarmupOptimizer(Optimizer):
             shards,
             foreach=group["foreach"],
             fused=group["fused"],
-            eight_bit=eight_bit,
         )
         if group["capturable"] and backend != "triton":
-            needed = (
-                "8-bit states run on the torch backend only"
-                if eight_bit
-                else "CUDA tensors of dtype float32, bfloat16 or float16 are needed"
-            )
             raise RuntimeError(
                 f"capturable=True needs the Triton backend, but backend={group['backend']!r} "
-                f"resolved to {backend!r} for these tensors ({needed})"
+                f"resolved to {backend!r} for these tensors (CUDA tensors of dtype float32, "
+                "bfloat16 or float16 are needed)"
             )
         return GroupStep(
             index,

@@ -56,10 +56,11 @@ def stream_base(seed: int, stream: int, step: int, role: int = PARAM_ROLE) -> in
 def rounds_stochastically(
     dtype: torch.dtype, rounding_seed: int | None, wanted: bool = True
 ) -> bool:
-    """Whether both backends store into ``dtype`` by stochastic rounding: only bf16, only with a
-    seed (``None`` rounds every store to nearest), and only where ``wanted`` (always for the
-    moments; for the parameters with ``compensation="stochastic"``)."""
-    return wanted and rounding_seed is not None and dtype == torch.bfloat16
+    """Whether both backends store into ``dtype`` by stochastic rounding: only bf16 and 8-bit
+    (uint8, the states' codes), only with a seed (``None`` rounds every store to nearest), and
+    only where ``wanted`` (always for the states; for the parameters with
+    ``compensation="stochastic"``)."""
+    return wanted and rounding_seed is not None and dtype in (torch.bfloat16, torch.uint8)
 
 
 def _logical_shift_right(x: Tensor, shift: int) -> Tensor:

@@ -85,8 +85,7 @@ class AdaWarmScheduleFree(WarmupOptimizer):
         state_dtype: dtype of ``z``/``exp_avg_sq`` for fp32/fp16/bf16 parameters: ``None`` (fp32)
             or ``torch.bfloat16`` (stored by stochastic rounding from ``rounding_seed``), or
             ``torch.uint8``: an 8-bit ``exp_avg_sq`` for tensors of at least ``min_8bit_size``
-            elements, as [`AdaWarm`][adawarm.AdaWarm]'s (``z``, the iterate, stays fp32; the
-            torch backend only, for now).
+            elements, as [`AdaWarm`][adawarm.AdaWarm]'s (``z``, the iterate, stays fp32).
         min_8bit_size: with ``state_dtype=torch.uint8``, tensors of fewer elements keep an fp32
             ``exp_avg_sq``.
         compensation: ``None``, ``"kahan"`` (fp16/bf16 parameters) or ``"stochastic"`` (bf16

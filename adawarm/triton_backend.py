@@ -21,13 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from adawarm.quantization import block_count, scales_key
 from adawarm.rounding import rounds_stochastically
 from adawarm.schedule import MEASURED_CAP
 from adawarm.tensor_lists import DTYPE, IS_CPU, IS_CUDA, select
 
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _KERNEL_DTYPE_SET = frozenset(KERNEL_DTYPES)
-STATE_DTYPES = (torch.float32, torch.bfloat16)
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.uint8)  # uint8: 8-bit codes
 # The lists of a launch that hold state tensors (one dtype per launch), and its scalar lists.
 STATE_LISTS = ("exp_avg", "exp_avg_sq", "z")
 SCALAR_LISTS = {"step": torch.float32, "weight_sum": torch.float64, "lr_max": torch.float64}
@@ -155,19 +156,21 @@ class PointerTables:
 
 
 def _launch_groups(
-    params: Sequence[Tensor],
+    params: Sequence[Tensor], states: Sequence[Tensor]
 ) -> list[tuple[torch.device, torch.dtype, list[int] | None]]:
-    """(device, dtype, indices into ``params`` or None for all of them) of each launch.
+    """(device, dtype, indices into ``params`` or None for all of them) of each launch: one per
+    device, parameter dtype and dtype of ``states`` (8-bit states are for large tensors only).
 
     One pass over each attribute decides the common case, a single group, without grouping
     tensor by tensor.
     """
     dtypes = list(map(DTYPE, params))
+    state_dtypes = list(map(DTYPE, states))
     device_indices = list(map(Tensor.get_device, params))  # an int: cheaper than .device
-    if len(set(dtypes)) == 1 and len(set(device_indices)) == 1:
+    if len(set(dtypes)) == 1 and len(set(device_indices)) == 1 and len(set(state_dtypes)) == 1:
         return [(params[0].device, dtypes[0], None)]
-    groups: dict[tuple[int, torch.dtype], list[int]] = defaultdict(list)
-    for index, key in enumerate(zip(device_indices, dtypes, strict=True)):
+    groups: dict[tuple[int, torch.dtype, torch.dtype], list[int]] = defaultdict(list)
+    for index, key in enumerate(zip(device_indices, dtypes, state_dtypes, strict=True)):
         groups[key].append(index)
     return [(params[indices[0]].device, key[1], indices) for key, indices in groups.items()]
 
@@ -195,8 +198,14 @@ def _build_tables(
                     f"{tensor.device}, its parameter on {device}; expected all on {device}"
                 )
     states = [name for name in lists if name in STATE_LISTS]
-    state_dtype = lists[states[0]][0].dtype
-    for name in states:
+    # One dtype a launch, but that an 8-bit exp_avg_sq goes with an fp32 z (schedule-free).
+    state_dtypes = [lists[name][0].dtype for name in states]
+    if len(set(state_dtypes)) > 1 and state_dtypes != [torch.float32, torch.uint8]:
+        raise RuntimeError(
+            f"The Triton kernel needs its state tensors ({', '.join(states)}) of one dtype, or "
+            f"an 8-bit exp_avg_sq with an fp32 z, got {state_dtypes}"
+        )
+    for name, state_dtype in zip(states, state_dtypes, strict=True):
         for tensor in lists[name]:
             if tensor.dtype != state_dtype or state_dtype not in STATE_DTYPES:
                 raise RuntimeError(
@@ -207,6 +216,22 @@ def _build_tables(
                 raise RuntimeError(
                     f"The Triton kernel needs contiguous {name} tensors, got strides "
                     f"{tensor.stride()}"
+                )
+    for name, state_dtype in zip(states, state_dtypes, strict=True):
+        scales = lists.get(scales_key(name))
+        if state_dtype != torch.uint8 or scales is None:
+            continue
+        for tensor, tensor_scales in zip(lists[name], scales, strict=True):
+            blocks = block_count(tensor.numel())
+            if (
+                tensor_scales.dtype != torch.float32
+                or tensor_scales.shape != (blocks,)
+                or not tensor_scales.is_contiguous()
+            ):
+                raise RuntimeError(
+                    f"The Triton kernel needs contiguous float32 {scales_key(name)} of shape "
+                    f"({blocks},) for 8-bit {name} tensors, got {tensor_scales.dtype} of shape "
+                    f"{tuple(tensor_scales.shape)}"
                 )
     for name, dtype in SCALAR_LISTS.items():
         for scalar in lists.get(name, ()):
@@ -298,8 +323,12 @@ def triton_step(
     stochastic_params: bool = False,
     relative_updates: Sequence[Tensor] | None = None,
     relative_update_out: Sequence[Tensor] | None = None,
+    exp_avg_scales: Sequence[Tensor | None] | None = None,
+    exp_avg_sq_scales: Sequence[Tensor | None] | None = None,
 ) -> Tensor | None:
     """One AdaWarm step through the Triton kernel (``warmup_steps`` resolved to an int).
+    8-bit (uint8) moments come with their block scales in ``exp_avg_scales`` and
+    ``exp_avg_sq_scales``, as in :func:`adawarm.torch_backend.torch_step`.
 
     The caller has checked the tensors with :func:`unservable_reason`. ``state_steps`` are fp32
     scalars on the parameters' device, advanced by the kernel.
@@ -313,7 +342,7 @@ def triton_step(
         table_cache = {}
     measured_sums = _group_sums(params, relative_updates)
     factor = None
-    for device, dtype, indices in _launch_groups(params):
+    for device, dtype, indices in _launch_groups(params, exp_avgs):
         lists = {
             "param": select(params, indices),
             # The kernel indexes gradients like their (contiguous) parameters.
@@ -322,19 +351,22 @@ def triton_step(
             "exp_avg_sq": select(exp_avg_sqs, indices),
             "step": select(state_steps, indices),
         }
+        state_dtype = lists["exp_avg"][0].dtype
+        if state_dtype == torch.uint8:
+            lists["exp_avg_scales"] = select(exp_avg_scales, indices)
+            lists["exp_avg_sq_scales"] = select(exp_avg_sq_scales, indices)
         buffers = None if compensations is None else select(compensations, indices)
         if buffers is not None and buffers[0] is not None:
             lists["compensation"] = buffers
         if relative_updates is not None:
             # where the sums kernel writes: the entries, or the shards' scratch
             lists["relative_update"] = select(relative_update_out or relative_updates, indices)
-        state_dtype = lists["exp_avg"][0].dtype
         stochastic_state = rounds_stochastically(state_dtype, rounding_seed)
         stochastic_param = rounds_stochastically(dtype, rounding_seed, stochastic_params)
         positions = range(len(params)) if indices is None else indices
         tables = _tables(
             table_cache,
-            (device, dtype),
+            (device, dtype, state_dtype),
             lists,
             device,
             positions,
@@ -391,16 +423,18 @@ def triton_schedule_free_step(
     stochastic_params: bool = False,
     relative_updates: Sequence[Tensor] | None = None,
     relative_update_out: Sequence[Tensor] | None = None,
+    exp_avg_sq_scales: Sequence[Tensor | None] | None = None,
 ) -> Tensor | None:
     """One AdaWarmScheduleFree step through its Triton kernel, one launch per (device, dtype)
     group, as :func:`triton_step`; ``state_steps`` (fp32), ``weight_sums`` and ``lr_maxes``
     (fp64) are scalars on the parameters' device, advanced by the kernel. Stores round as in
-    :func:`adawarm.schedule_free_torch.schedule_free_torch_step`."""
+    :func:`adawarm.schedule_free_torch.schedule_free_torch_step`; 8-bit (uint8)
+    ``exp_avg_sqs`` come with their block scales in ``exp_avg_sq_scales``."""
     if table_cache is None:
         table_cache = {}
     measured_sums = _group_sums(params, relative_updates)
     factor = None
-    for device, dtype, indices in _launch_groups(params):
+    for device, dtype, indices in _launch_groups(params, exp_avg_sqs):
         lists = {
             "param": select(params, indices),
             "z": select(zs, indices),
@@ -410,6 +444,9 @@ def triton_schedule_free_step(
             "weight_sum": select(weight_sums, indices),
             "lr_max": select(lr_maxes, indices),
         }
+        second_state_dtype = lists["exp_avg_sq"][0].dtype
+        if second_state_dtype == torch.uint8:
+            lists["exp_avg_sq_scales"] = select(exp_avg_sq_scales, indices)
         buffers = None if compensations is None else select(compensations, indices)
         if buffers is not None and buffers[0] is not None:
             lists["compensation"] = buffers
@@ -417,15 +454,17 @@ def triton_schedule_free_step(
             # where the sums kernel writes: the entries, or the shards' scratch
             lists["relative_update"] = select(relative_update_out or relative_updates, indices)
         state_dtype = lists["z"][0].dtype
-        stochastic_state = rounds_stochastically(state_dtype, rounding_seed)
+        stochastic_state = rounds_stochastically(second_state_dtype, rounding_seed)
         stochastic_param = rounds_stochastically(dtype, rounding_seed, stochastic_params)
         positions = range(len(params)) if indices is None else indices
         stochastic = stochastic_param or stochastic_state
-        tables = _tables(table_cache, (device, dtype), lists, device, positions, stochastic)
+        key = (device, dtype, second_state_dtype)
+        tables = _tables(table_cache, key, lists, device, positions, stochastic)
         _schedule_free_kernels().launch_schedule_free_step(
             tables,
             param_dtype=dtype,
             state_dtype=state_dtype,
+            second_state_dtype=second_state_dtype,
             lr=lr.to(device) if isinstance(lr, Tensor) else lr,
             beta1=beta1,
             beta2=beta2,
@@ -461,7 +500,7 @@ def triton_switch(
     """``p <- p + weight (z - p)`` through the switch kernel, one launch per (device, dtype)
     group, as :func:`adawarm.schedule_free_torch.switch_torch` computes it. Its tables are
     built for each call: a switch is not in a training step's path."""
-    for device, dtype, indices in _launch_groups(params):
+    for device, dtype, indices in _launch_groups(params, zs):
         lists = {
             "param": select(params, indices),
             "z": select(zs, indices),

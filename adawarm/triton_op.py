@@ -52,6 +52,8 @@ def _table_cache_for(params: Sequence[Tensor]) -> dict:
         "state_steps",
         "compensations",
         "relative_updates",
+        "exp_avg_scales",
+        "exp_avg_sq_scales",
     ),
 )
 def _triton_step_(
@@ -62,6 +64,9 @@ def _triton_step_(
     state_steps: list[Tensor],
     compensations: list[Tensor],
     compensation_positions: list[int],
+    exp_avg_scales: list[Tensor],  # 8-bit moments' scales, at scales_positions; empty without
+    exp_avg_sq_scales: list[Tensor],
+    scales_positions: list[int],
     lr: float,
     lr_tensor: Optional[Tensor],  # noqa: UP045
     beta1: float,
@@ -77,9 +82,13 @@ def _triton_step_(
     rounding_seed: Optional[int] = None,  # noqa: UP045
     stochastic_params: bool = False,
 ) -> None:
-    aligned: list[Tensor | None] = [None] * len(params)
-    for position, buffer in zip(compensation_positions, compensations, strict=True):
-        aligned[position] = buffer
+    aligned = _at_positions(compensations, compensation_positions, len(params))
+    scales = {}
+    if scales_positions:  # 8-bit moments
+        scales = {
+            "exp_avg_scales": _at_positions(exp_avg_scales, scales_positions, len(params)),
+            "exp_avg_sq_scales": _at_positions(exp_avg_sq_scales, scales_positions, len(params)),
+        }
     triton_step(
         params,
         grads,
@@ -101,7 +110,18 @@ def _triton_step_(
         rounding_seed=rounding_seed,
         stochastic_params=stochastic_params,
         relative_updates=relative_updates or None,
+        **scales,
     )
+
+
+def _at_positions(
+    tensors: Sequence[Tensor], positions: Sequence[int], count: int
+) -> list[Tensor | None]:
+    """``count`` entries: ``tensors`` at ``positions``, None elsewhere."""
+    entries: list[Tensor | None] = [None] * count
+    for position, tensor in zip(positions, tensors, strict=True):
+        entries[position] = tensor
+    return entries
 
 
 @_triton_step_.register_fake
@@ -127,13 +147,17 @@ def triton_step_op(
     ``stochastic_params`` in ``options``, passed to the op by name).
 
     ``table_cache`` is not used: a compiled graph cannot pass a dict into an op, so the op keeps
-    its own caches. Kahan buffers travel as the present ones and their positions, because
-    torch.compile cannot functionalize a mutated list with ``None`` entries. The measured
-    warmup's ``relative_updates`` (in ``options``) travel as a list, empty without it.
+    its own caches. Kahan buffers and 8-bit moments' scales travel as the present ones and
+    their positions, because torch.compile cannot functionalize a mutated list with ``None``
+    entries. The measured warmup's ``relative_updates`` (in ``options``) travel as a list,
+    empty without it.
     """
     del table_cache
     options["relative_updates"] = list(options.get("relative_updates") or ())
     positions = [i for i, buffer in enumerate(compensations or ()) if buffer is not None]
+    first_scales = options.pop("exp_avg_scales", None) or ()
+    second_scales = options.pop("exp_avg_sq_scales", None) or ()
+    scaled = [i for i, tensor in enumerate(first_scales) if tensor is not None]
     torch.ops.adawarm.triton_step_(
         list(params),
         list(grads),
@@ -142,6 +166,9 @@ def triton_step_op(
         list(state_steps),
         [compensations[i] for i in positions],
         positions,
+        [first_scales[i] for i in scaled],
+        [second_scales[i] for i in scaled],
+        scaled,
         lr=0.0 if isinstance(lr, Tensor) else float(lr),
         lr_tensor=lr if isinstance(lr, Tensor) else None,
         **options,

@@ -30,12 +30,16 @@ import triton.language as tl
 from adawarm.kernels.common import (
     ENABLE_FP_FUSION,
     TRITON_DTYPES,
+    block_offsets,
+    code_tables,
     default_num_warps,
     float_bits,
     from_bits,
+    load_state,
     power,
     ramp,
     rectification,
+    store_codes,
     store_param,
     store_state,
     stream_bases,
@@ -75,6 +79,10 @@ def _update_block(
     exp_avg_ptr,
     exp_avg_sq_ptr,
     compensation_ptr,
+    exp_avg_scales_ptr,
+    exp_avg_sq_scales_ptr,
+    first_code_ptr,
+    second_code_ptr,
     offsets,
     numel,
     decay,
@@ -112,8 +120,12 @@ def _update_block(
         mask = offsets < numel
     old_param = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg = tl.load(exp_avg_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg = load_state(
+        exp_avg_ptr, exp_avg_scales_ptr, offsets, mask, first_code_ptr, STATE_DTYPE, False
+    )
+    exp_avg_sq = load_state(
+        exp_avg_sq_ptr, exp_avg_sq_scales_ptr, offsets, mask, second_code_ptr, STATE_DTYPE, True
+    )
     if HAS_GRAD_SCALE:
         grad = grad / tl.load(grad_scale_ptr)
     if MAXIMIZE:
@@ -133,10 +145,23 @@ def _update_block(
         param_ptr, compensation_ptr, offsets, mask, param, old_param, carried, param_base,
         PARAM_DTYPE, KAHAN, STOCHASTIC_PARAM,
     )  # fmt: skip
-    store_state(exp_avg_ptr, offsets, mask, exp_avg, exp_avg_base, STATE_DTYPE, STOCHASTIC_STATE)
-    store_state(
-        exp_avg_sq_ptr, offsets, mask, exp_avg_sq, exp_avg_sq_base, STATE_DTYPE, STOCHASTIC_STATE
-    )
+    if STATE_DTYPE == tl.uint8:
+        store_codes(
+            exp_avg_ptr, exp_avg_scales_ptr, offsets, numel, mask, exp_avg, exp_avg_base,
+            first_code_ptr, False, STOCHASTIC_STATE,
+        )  # fmt: skip
+        store_codes(
+            exp_avg_sq_ptr, exp_avg_sq_scales_ptr, offsets, numel, mask, exp_avg_sq,
+            exp_avg_sq_base, second_code_ptr, True, STOCHASTIC_STATE,
+        )  # fmt: skip
+    else:
+        store_state(
+            exp_avg_ptr, offsets, mask, exp_avg, exp_avg_base, STATE_DTYPE, STOCHASTIC_STATE
+        )
+        store_state(
+            exp_avg_sq_ptr, offsets, mask, exp_avg_sq, exp_avg_sq_base, STATE_DTYPE,
+            STOCHASTIC_STATE,
+        )  # fmt: skip
     moved_sq = 0.0
     old_sq = 0.0
     if MEASURED:  # the move as stored (before rounding), and the old values
@@ -166,6 +191,10 @@ def _adawarm_step_kernel(
     exp_avg_sq_ptrs,
     step_ptrs,
     compensation_ptrs,
+    exp_avg_scales_ptrs,
+    exp_avg_sq_scales_ptrs,
+    first_code_ptr,
+    second_code_ptr,
     stream_ids,
     numels,
     block_tensors,
@@ -239,6 +268,14 @@ def _adawarm_step_kernel(
     compensation_ptr = param_ptr  # read and written only when KAHAN
     if KAHAN:
         compensation_ptr = tl.load(compensation_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
+    eight_bit: tl.constexpr = STATE_DTYPE == tl.uint8
+    # the states' block scales, read and written only by 8-bit states
+    exp_avg_scales_ptr = first_code_ptr
+    exp_avg_sq_scales_ptr = first_code_ptr
+    if eight_bit:
+        scales_type: tl.constexpr = tl.pointer_type(tl.float32)
+        exp_avg_scales_ptr = tl.load(exp_avg_scales_ptrs + tensor).to(scales_type)
+        exp_avg_sq_scales_ptr = tl.load(exp_avg_sq_scales_ptrs + tensor).to(scales_type)
     if ALIGNED:
         # The launcher checked every pointer of this launch against these alignments (pointers
         # loaded from a table carry none), and block starts are multiples of BLOCK.
@@ -248,7 +285,7 @@ def _adawarm_step_kernel(
         exp_avg_ptr = tl.multiple_of(exp_avg_ptr, STATE_ALIGN)
         exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, STATE_ALIGN)
         start = tl.multiple_of(start, BLOCK)
-    offsets = start + tl.arange(0, BLOCK)
+    offsets = block_offsets(start, BLOCK, eight_bit)
     param_base, exp_avg_base, exp_avg_sq_base = stream_bases(
         rounding_seed, stream_ids, tensor, step, STOCHASTIC_PARAM, STOCHASTIC_STATE
     )
@@ -268,10 +305,11 @@ def _adawarm_step_kernel(
     # fp32 before the block: an fp64 rate kept live across it took two registers, which ptxas
     # spilled in sm_90 variants.
     applied = rate.to(tl.float32)
+    states = (exp_avg_scales_ptr, exp_avg_sq_scales_ptr, first_code_ptr, second_code_ptr)
     if start + BLOCK <= numel:
         moved_sq, old_sq = _update_block(
-            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
-            *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
+            param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, *states, offsets,
+            numel, *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
             KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, MEASURED, True,
         )  # fmt: skip
     else:
@@ -280,12 +318,13 @@ def _adawarm_step_kernel(
         moved_sq = 0.0
         old_sq = 0.0
         for half in range(2):
-            half_offsets = start + half * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+            half_start = start + half * (BLOCK // 2)
+            half_offsets = block_offsets(half_start, BLOCK // 2, eight_bit)
             half_moved_sq, half_old_sq = _update_block(
-                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, half_offsets,
-                numel, *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
-                KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, MEASURED,
-                False,
+                param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, *states,
+                half_offsets, numel, *scalars, grad_scale_ptr, *bases, PARAM_DTYPE,
+                STATE_DTYPE, KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE,
+                MEASURED, False,
             )  # fmt: skip
             moved_sq += half_moved_sq
             old_sq += half_old_sq
@@ -391,6 +430,9 @@ def launch_adawarm_step(
         tables["exp_avg_sq_ptrs"],
         tables["step_ptrs"],
         tables.get("compensation_ptrs", tables["numels"]),
+        tables.get("exp_avg_scales_ptrs", tables["numels"]),
+        tables.get("exp_avg_sq_scales_ptrs", tables["numels"]),
+        *code_tables(state_dtype, tables["numels"]),
         tables.get("stream_ids", tables["numels"]),
         tables["numels"],
         tables["block_tensors"],

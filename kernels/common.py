@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from adawarm.quantization import FIRST_MOMENT, QUANTIZATION_BLOCK, SECOND_MOMENT
 from adawarm.rounding import EXP_AVG_ROLE, EXP_AVG_SQ_ROLE, SWITCH_ROLE
 from adawarm.schedule import RECTIFICATION_THRESHOLD
 
@@ -43,8 +44,15 @@ _RECTIFICATION_THRESHOLD = tl.constexpr(RECTIFICATION_THRESHOLD)
 _FIRST_STATE_ROLE = tl.constexpr(EXP_AVG_ROLE)
 _SECOND_STATE_ROLE = tl.constexpr(EXP_AVG_SQ_ROLE)
 _SWITCH_ROLE = tl.constexpr(SWITCH_ROLE)
+# Elements per scale of 8-bit states.
+_QUANTIZATION_BLOCK = tl.constexpr(QUANTIZATION_BLOCK)
 
-TRITON_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+TRITON_DTYPES = {
+    torch.float32: tl.float32,
+    torch.bfloat16: tl.bfloat16,
+    torch.float16: tl.float16,
+    torch.uint8: tl.uint8,  # 8-bit states' codes
+}
 
 
 @triton.jit
@@ -67,9 +75,15 @@ def mix32(x):
 
 
 @triton.jit
+def random_bits(base, offsets):
+    """``adawarm.rounding.random_bits`` of the elements at ``offsets``: 16 bits each."""
+    return mix32(base + offsets.to(tl.uint32) * 0x9E3779B9) & 0xFFFF
+
+
+@triton.jit
 def stochastic_round_to_bf16(value, base, offsets):
     """``adawarm.rounding.stochastic_round_to_bf16`` for one block: the same random bits."""
-    noise = mix32(base + offsets.to(tl.uint32) * 0x9E3779B9) & 0xFFFF
+    noise = random_bits(base, offsets)
     # Finite values cannot carry past bit 31 (the largest is 0x7F7FFFFF, or 0xFF7FFFFF with the
     # sign); non-finite ones are restored below.
     bits = (value.to(tl.uint32, bitcast=True) + noise) & 0xFFFF0000
@@ -209,6 +223,87 @@ def store_state(
     tl.store(state_ptr + offsets, stored, mask=mask)
 
 
+@triton.jit
+def block_offsets(start, SIZE: tl.constexpr, EIGHT_BIT: tl.constexpr):
+    """The element offsets of a program's ``SIZE`` elements from ``start``: a row, or, for
+    8-bit states, rows of one quantization block each (``adawarm.quantization``), whose
+    maxima are the blocks' scales."""
+    if EIGHT_BIT:
+        rows = tl.arange(0, SIZE // _QUANTIZATION_BLOCK)[:, None] * _QUANTIZATION_BLOCK
+        offsets = start + rows + tl.arange(0, _QUANTIZATION_BLOCK)[None, :]
+    else:
+        offsets = start + tl.arange(0, SIZE)
+    return offsets
+
+
+@triton.jit
+def load_state(
+    state_ptr, scales_ptr, offsets, mask, code_ptr, STATE_DTYPE: tl.constexpr, ROOT: tl.constexpr
+):
+    """A state's fp32 values at ``offsets``: 8-bit codes (``STATE_DTYPE`` uint8) decoded by
+    ``adawarm.quantization.dequantize`` from their table at ``code_ptr`` and their blocks'
+    scales (squared for a ``ROOT`` code), others cast."""
+    if STATE_DTYPE == tl.uint8:
+        codes = tl.load(state_ptr + offsets, mask=mask)
+        scales = tl.load(scales_ptr + offsets // _QUANTIZATION_BLOCK, mask=mask)
+        value = tl.load(code_ptr + codes.to(tl.int32)) * scales
+        if ROOT:
+            value = value * value
+    else:
+        value = tl.load(state_ptr + offsets, mask=mask).to(tl.float32)
+    return value
+
+
+@triton.jit
+def store_codes(
+    codes_ptr, scales_ptr, offsets, numel, mask, value, base, code_ptr,
+    ROOT: tl.constexpr, STOCHASTIC: tl.constexpr,
+):  # fmt: skip
+    """``adawarm.quantization.quantize`` of a program's rows of fp32 ``value`` (one block a
+    row, :func:`block_offsets`): each row's largest magnitude (of the square root for a
+    ``ROOT`` code) is its scale, and each element takes the lower or upper of its neighbouring
+    codes -- the upper with probability its distance from the lower over the gap, from the
+    stream ``base`` (``STOCHASTIC``), else the nearer. The codes are found by a binary search of
+    the table, 8 halvings."""
+    stored = value
+    if ROOT:
+        stored = tl.sqrt_rn(value)
+    if mask is not None:  # masked lanes hold what the masked loads left: not part of a block
+        stored = tl.where(mask, stored, 0.0)
+    scales = tl.max(tl.abs(stored), axis=1)
+    scaled = stored / tl.where(scales > 0.0, scales, 1.0)[:, None]
+    # the last entry <= the value (0 below the first), at most 254 so that a next one exists
+    lower = tl.zeros(scaled.shape, dtype=tl.int32)
+    for halving in tl.static_range(8):
+        candidate = lower + (128 >> halving)
+        lower = tl.where(tl.load(code_ptr + candidate) <= scaled, candidate, lower)
+    lower = tl.minimum(lower, 254)
+    low = tl.load(code_ptr + lower)
+    gap = tl.load(code_ptr + lower + 1) - low
+    above = tl.where(gap > 0.0, (scaled - low) / tl.where(gap > 0.0, gap, 1.0), 0.0)
+    if STOCHASTIC:
+        up = random_bits(base, offsets).to(tl.float32) / 65536.0 < above
+    else:
+        up = above >= 0.5
+    tl.store(codes_ptr + offsets, (lower + up.to(tl.int32)).to(tl.uint8), mask=mask)
+    # The rows' block indices reduced from their offsets, so that they share the layout of
+    # the scales (a tl.arange of rows would be laid out otherwise, and converting either
+    # layout goes through shared memory).
+    firsts = tl.min(offsets, axis=1)
+    tl.store(scales_ptr + firsts // _QUANTIZATION_BLOCK, scales, mask=firsts < numel)
+
+
+def code_tables(
+    state_dtype: torch.dtype, placeholder: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The code tables (fp32, on the launch's device) of 8-bit states' first and second
+    moment; ``placeholder`` twice for other states, which read none."""
+    if state_dtype != torch.uint8:
+        return placeholder, placeholder
+    device = placeholder.device
+    return FIRST_MOMENT.table_on(device), SECOND_MOMENT.table_on(device)
+
+
 def float_bits(value: float) -> int:
     """The IEEE fp64 bit pattern of ``value`` as a signed int64, for exact fp64 kernel arguments."""
     return struct.unpack("<q", struct.pack("<d", float(value)))[0]
@@ -271,13 +366,22 @@ def launch_tables(
     if pointers is None:
         pointers = tuple(tuple(t.data_ptr() for t in tensors) for tensors in lists.values())
     state = next(name for name in lists if name in STATE_LISTS)
-    param_align, state_align = vector_alignments(lists["param"][0].dtype, lists[state][0].dtype)
+    param_dtype = lists["param"][0].dtype
+    param_align, state_align = vector_alignments(param_dtype, lists[state][0].dtype)
+    # Every streamed array moves as many elements an access: an 8-bit exp_avg_sq beside an
+    # fp32 z (schedule-free) a quarter of z's bytes.
+    elements = param_align // torch.empty((), dtype=param_dtype).element_size()
+    alignments = {
+        name: param_align if name in PARAM_LISTS else elements * lists[name][0].element_size()
+        for name in lists
+        if name in PARAM_LISTS or name in STATE_LISTS
+    }
     # Alignment is checked, never assumed: one pointer off (a view at an odd storage offset)
     # and the whole launch takes the variant without alignment hints.
     aligned = all(
-        pointer % (param_align if name in PARAM_LISTS else state_align) == 0
+        pointer % alignments[name] == 0
         for name, row in zip(lists, pointers, strict=True)
-        if name in PARAM_LISTS or name in STATE_LISTS
+        if name in alignments
         for pointer in row
     )
     numels = [param.numel() for param in lists["param"]]

@@ -51,10 +51,11 @@ def apply_measured_factor(rate, moving_rate, group_sums_ptr, cap_bits, factor_pt
 def sum_of_squares(values, mask, FULL: tl.constexpr):
     """A block's sum of squares of ``values`` (fp32); a ``FULL`` block has no masked lanes,
     others hold whatever the masked load left there."""
+    # over every axis: a block is a row, or rows of 8-bit states' blocks
     if FULL:
-        total = tl.sum(values * values, axis=0)
+        total = tl.sum(values * values, axis=None)
     else:
-        total = tl.sum(tl.where(mask, values * values, 0.0), axis=0)
+        total = tl.sum(tl.where(mask, values * values, 0.0), axis=None)
     return total
 
 

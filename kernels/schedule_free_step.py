@@ -34,12 +34,16 @@ import triton.language as tl
 from adawarm.kernels.common import (
     ENABLE_FP_FUSION,
     TRITON_DTYPES,
+    block_offsets,
+    code_tables,
     default_num_warps,
     float_bits,
     from_bits,
+    load_state,
     power,
     ramp,
     rectification,
+    store_codes,
     store_param,
     store_state,
     stream_bases,
@@ -97,6 +101,8 @@ def _update_block(
     z_ptr,
     exp_avg_sq_ptr,
     compensation_ptr,
+    exp_avg_sq_scales_ptr,
+    second_code_ptr,
     offsets,
     numel,
     lr_t,
@@ -113,6 +119,7 @@ def _update_block(
     exp_avg_sq_base,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
+    SECOND_STATE_DTYPE: tl.constexpr,
     KAHAN: tl.constexpr,
     STOCHASTIC_PARAM: tl.constexpr,
     STOCHASTIC_STATE: tl.constexpr,
@@ -122,8 +129,10 @@ def _update_block(
     FULL: tl.constexpr,
 ):
     """Update the elements at ``offsets``: load, compute in fp32, store in the tensors' dtypes
-    (``FULL`` blocks need no mask, as in ``adawarm_step``). Returns ``z``'s sums of the
-    measured warmup (``adawarm.kernels.measured.block_sums``) when ``MEASURED``, else zeros."""
+    (``FULL`` blocks need no mask, as in ``adawarm_step``; ``exp_avg_sq`` in
+    ``SECOND_STATE_DTYPE``, which is uint8 for 8-bit codes beside an fp32 ``z``). Returns
+    ``z``'s sums of the measured warmup (``adawarm.kernels.measured.block_sums``) when
+    ``MEASURED``, else zeros."""
     if FULL:
         mask = None
     else:
@@ -131,7 +140,10 @@ def _update_block(
     y = tl.load(param_ptr + offsets, mask=mask).to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=mask).to(tl.float32)
     z = tl.load(z_ptr + offsets, mask=mask).to(tl.float32)
-    exp_avg_sq = tl.load(exp_avg_sq_ptr + offsets, mask=mask).to(tl.float32)
+    exp_avg_sq = load_state(
+        exp_avg_sq_ptr, exp_avg_sq_scales_ptr, offsets, mask, second_code_ptr,
+        SECOND_STATE_DTYPE, True,
+    )  # fmt: skip
     if HAS_GRAD_SCALE:
         grad = grad / tl.load(grad_scale_ptr)
     if MAXIMIZE:
@@ -157,10 +169,18 @@ def _update_block(
         param_ptr, compensation_ptr, offsets, mask, new_y, y, carried, param_base,
         PARAM_DTYPE, KAHAN, STOCHASTIC_PARAM,
     )  # fmt: skip
-    store_state(z_ptr, offsets, mask, z, z_base, STATE_DTYPE, STOCHASTIC_STATE)
-    store_state(
-        exp_avg_sq_ptr, offsets, mask, exp_avg_sq, exp_avg_sq_base, STATE_DTYPE, STOCHASTIC_STATE
-    )
+    if SECOND_STATE_DTYPE == tl.uint8:  # z stays fp32
+        store_state(z_ptr, offsets, mask, z, z_base, STATE_DTYPE, False)
+        store_codes(
+            exp_avg_sq_ptr, exp_avg_sq_scales_ptr, offsets, numel, mask, exp_avg_sq,
+            exp_avg_sq_base, second_code_ptr, True, STOCHASTIC_STATE,
+        )  # fmt: skip
+    else:
+        store_state(z_ptr, offsets, mask, z, z_base, STATE_DTYPE, STOCHASTIC_STATE)
+        store_state(
+            exp_avg_sq_ptr, offsets, mask, exp_avg_sq, exp_avg_sq_base, STATE_DTYPE,
+            STOCHASTIC_STATE,
+        )  # fmt: skip
     return moved_sq, old_sq
 
 
@@ -188,6 +208,8 @@ def _schedule_free_step_kernel(
     weight_sum_ptrs,
     lr_max_ptrs,
     compensation_ptrs,
+    exp_avg_sq_scales_ptrs,
+    second_code_ptr,
     stream_ids,
     numels,
     block_tensors,
@@ -211,6 +233,7 @@ def _schedule_free_step_kernel(
     cap_bits,
     PARAM_DTYPE: tl.constexpr,
     STATE_DTYPE: tl.constexpr,
+    SECOND_STATE_DTYPE: tl.constexpr,
     KAHAN: tl.constexpr,
     STOCHASTIC_PARAM: tl.constexpr,
     STOCHASTIC_STATE: tl.constexpr,
@@ -262,19 +285,28 @@ def _schedule_free_step_kernel(
     param_ptr = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
     grad_ptr = tl.load(grad_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
     z_ptr = tl.load(z_ptrs + tensor).to(tl.pointer_type(STATE_DTYPE))
-    exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(STATE_DTYPE))
+    exp_avg_sq_ptr = tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(SECOND_STATE_DTYPE))
     compensation_ptr = param_ptr  # read and written only when KAHAN
     if KAHAN:
         compensation_ptr = tl.load(compensation_ptrs + tensor).to(tl.pointer_type(PARAM_DTYPE))
+    eight_bit: tl.constexpr = SECOND_STATE_DTYPE == tl.uint8
+    exp_avg_sq_scales_ptr = second_code_ptr  # read and written only by 8-bit states
+    if eight_bit:
+        exp_avg_sq_scales_ptr = tl.load(exp_avg_sq_scales_ptrs + tensor).to(
+            tl.pointer_type(tl.float32)
+        )
     if ALIGNED:
         # The launcher checked every streamed pointer of this launch against these alignments.
         param_ptr = tl.multiple_of(param_ptr, PARAM_ALIGN)
         grad_ptr = tl.multiple_of(grad_ptr, PARAM_ALIGN)
         compensation_ptr = tl.multiple_of(compensation_ptr, PARAM_ALIGN)
         z_ptr = tl.multiple_of(z_ptr, STATE_ALIGN)
-        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, STATE_ALIGN)
+        # the same elements an access as z's: 8-bit codes take a quarter of its bytes
+        exp_avg_sq_ptr = tl.multiple_of(
+            exp_avg_sq_ptr, STATE_ALIGN // 4 if eight_bit else STATE_ALIGN
+        )
         start = tl.multiple_of(start, BLOCK)
-    offsets = start + tl.arange(0, BLOCK)
+    offsets = block_offsets(start, BLOCK, eight_bit)
     param_base, z_base, exp_avg_sq_base = stream_bases(
         rounding_seed, stream_ids, tensor, step, STOCHASTIC_PARAM, STOCHASTIC_STATE
     )
@@ -295,21 +327,22 @@ def _schedule_free_step_kernel(
     # instead (sm_80, bf16 parameters and moments). MACHINE_CODE_VARIANTS=all checks each.
     if start + BLOCK <= numel and (ALIGNED or not MEASURED or not KAHAN):
         moved_sq, old_sq = _update_block(
-            param_ptr, grad_ptr, z_ptr, exp_avg_sq_ptr, compensation_ptr, offsets, numel,
-            *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
-            KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, MEASURED, True,
+            param_ptr, grad_ptr, z_ptr, exp_avg_sq_ptr, compensation_ptr, exp_avg_sq_scales_ptr,
+            second_code_ptr, offsets, numel, *scalars, grad_scale_ptr, *bases, PARAM_DTYPE,
+            STATE_DTYPE, SECOND_STATE_DTYPE, KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE,
+            HAS_GRAD_SCALE, MEASURED, True,
         )  # fmt: skip
     else:
         # The masked tail in two halves (4 elements a thread), as in adawarm_step.
         moved_sq = 0.0
         old_sq = 0.0
         for half in range(2):
-            half_offsets = start + half * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
+            half_offsets = block_offsets(start + half * (BLOCK // 2), BLOCK // 2, eight_bit)
             half_moved_sq, half_old_sq = _update_block(
-                param_ptr, grad_ptr, z_ptr, exp_avg_sq_ptr, compensation_ptr, half_offsets,
-                numel, *scalars, grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE,
-                KAHAN, STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, MEASURED,
-                False,
+                param_ptr, grad_ptr, z_ptr, exp_avg_sq_ptr, compensation_ptr,
+                exp_avg_sq_scales_ptr, second_code_ptr, half_offsets, numel, *scalars,
+                grad_scale_ptr, *bases, PARAM_DTYPE, STATE_DTYPE, SECOND_STATE_DTYPE, KAHAN,
+                STOCHASTIC_PARAM, STOCHASTIC_STATE, MAXIMIZE, HAS_GRAD_SCALE, MEASURED, False,
             )  # fmt: skip
             moved_sq += half_moved_sq
             old_sq += half_old_sq
@@ -421,6 +454,7 @@ def launch_schedule_free_step(
     *,
     param_dtype: torch.dtype,
     state_dtype: torch.dtype,
+    second_state_dtype: torch.dtype | None = None,
     lr: float | torch.Tensor,
     beta1: float,
     beta2: float,
@@ -444,7 +478,10 @@ def launch_schedule_free_step(
     (``adawarm.kernels.common.launch_tables`` of the lists "param", "z", "exp_avg_sq", "grad",
     "step", "weight_sum", "lr_max" and, for Kahan-compensated parameters, "compensation").
     ``group_sums`` and ``cap``: the measured warmup, measured on ``z``, as in
-    ``adawarm_step.launch_adawarm_step``."""
+    ``adawarm_step.launch_adawarm_step``. ``second_state_dtype``: ``exp_avg_sq``'s, where it
+    differs from ``z``'s ``state_dtype`` (uint8: 8-bit codes, with a table of their scales in
+    ``tables``)."""
+    second_state_dtype = second_state_dtype or state_dtype
     lr_is_tensor = isinstance(lr, torch.Tensor)
     grid = (tables["block_tensors"].numel(),)
     _schedule_free_step_kernel[grid](
@@ -456,6 +493,8 @@ def launch_schedule_free_step(
         tables["weight_sum_ptrs"],
         tables["lr_max_ptrs"],
         tables.get("compensation_ptrs", tables["numels"]),
+        tables.get("exp_avg_sq_scales_ptrs", tables["numels"]),
+        code_tables(second_state_dtype, tables["numels"])[1],
         tables.get("stream_ids", tables["numels"]),
         tables["numels"],
         tables["block_tensors"],
@@ -479,6 +518,7 @@ def launch_schedule_free_step(
         float_bits(cap),
         PARAM_DTYPE=TRITON_DTYPES[param_dtype],
         STATE_DTYPE=TRITON_DTYPES[state_dtype],
+        SECOND_STATE_DTYPE=TRITON_DTYPES[second_state_dtype],
         KAHAN="compensation_ptrs" in tables,
         STOCHASTIC_PARAM=stochastic_params,
         STOCHASTIC_STATE=stochastic_state,

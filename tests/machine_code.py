@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from adawarm.kernels import adawarm_step, common, schedule_free_step
+from adawarm.quantization import QUANTIZATION_BLOCK
 
 BLOCK = common.BLOCK_SIZE
 # Integer arguments the launcher passes (hyper-parameters as fp64 bit patterns, and counts).
@@ -74,10 +75,22 @@ class Variant:
 
     @property
     def stochastic_state(self) -> bool:
-        return self.state_dtype == torch.bfloat16 and not self.nearest_state
+        return self.state_dtype in (torch.bfloat16, torch.uint8) and not self.nearest_state
+
+    @property
+    def eight_bit(self) -> bool:
+        return self.state_dtype == torch.uint8
+
+    @property
+    def first_state_dtype(self) -> torch.dtype:
+        """The first state's dtype: the schedule-free step's ``z`` stays fp32 beside an 8-bit
+        ``exp_avg_sq``."""
+        return torch.float32 if self.eight_bit and self.kernel != "adamw" else self.state_dtype
 
     def constexprs(self) -> dict:
-        param_align, state_align = common.vector_alignments(self.param_dtype, self.state_dtype)
+        param_align, state_align = common.vector_alignments(
+            self.param_dtype, self.first_state_dtype
+        )
         if self.kernel == "switch":
             return {
                 "PARAM_DTYPE": common.TRITON_DTYPES[self.param_dtype],
@@ -91,7 +104,7 @@ class Variant:
             }
         constexprs = {
             "PARAM_DTYPE": common.TRITON_DTYPES[self.param_dtype],
-            "STATE_DTYPE": common.TRITON_DTYPES[self.state_dtype],
+            "STATE_DTYPE": common.TRITON_DTYPES[self.first_state_dtype],
             "KAHAN": self.kahan,
             "STOCHASTIC_PARAM": self.stochastic,
             "STOCHASTIC_STATE": self.stochastic_state,
@@ -106,19 +119,27 @@ class Variant:
             "BLOCK": BLOCK,
         }
         constexprs["MEASURED"] = self.measured  # both steps (the switch returned above)
+        if self.kernel == "schedule-free":
+            constexprs["SECOND_STATE_DTYPE"] = common.TRITON_DTYPES[self.state_dtype]
         return constexprs
 
     def expected_vector_accesses(self) -> Counter:
         """The vector accesses of the full-block path, as PTX names them: per streamed array,
         ``elements per thread / elements per access`` accesses of 16 (``v4.b32``) or 8
         (``v2.b32``) bytes."""
-        param_align, state_align = common.vector_alignments(self.param_dtype, self.state_dtype)
+        first_state = self.first_state_dtype
+        param_align, state_align = common.vector_alignments(self.param_dtype, first_state)
         elements = BLOCK // (common.default_num_warps(self.aligned) * 32)
         per_access = common.VECTOR_BYTES // max(
-            torch.empty((), dtype=d).element_size() for d in (self.param_dtype, self.state_dtype)
+            torch.empty((), dtype=d).element_size() for d in (self.param_dtype, first_state)
         )
         if self.kernel == "switch":
             loads, stores = [param_align, state_align], [param_align]  # p, z; p
+        elif self.eight_bit and self.kernel == "schedule-free":
+            # p, g, z (fp32); p, z: the codes take 4 bytes an access, which PTX names no vector
+            loads, stores = [param_align, param_align, state_align], [param_align, state_align]
+        elif self.eight_bit and state_align < 8:  # codes 4 bytes an access: no vector in PTX
+            loads, stores = [param_align, param_align], [param_align]
         else:  # the steps: param, grad and the two states; param and the two states
             loads = [param_align, param_align, state_align, state_align]
             stores = [param_align, state_align, state_align]
@@ -219,9 +240,25 @@ def compile_variant(variant: Variant) -> MachineCode:
         registers=int(resources.group(1)),
         shared_bytes=int(resources.group(2)),
         local_bytes=int(resources.group(3)),
-        layout_conversions=ttgir.count("convert_layout") + ttgir.count("local_alloc"),
+        layout_conversions=tile_conversions(ttgir),
         fp64_instructions=sum(n for op, n in opcodes.items() if re.match(r"D[A-Z]", op)),
     )
+
+
+def tile_conversions(ttgir: str) -> int:
+    """Layout conversions (and shared-memory allocations) of tensors of more than
+    ``BLOCK // QUANTIZATION_BLOCK`` elements: a block's tiles, which would go through shared
+    memory. The 8-bit states' per-row scales (4 a block) are converted to the layout of their
+    store, and their maxima reduced across warps: small, and inherent to block-wise scales."""
+    count = 0
+    for line in re.findall(r".*(?:convert_layout|local_alloc).*", ttgir):
+        shape = re.search(r"tensor<((?:\d+x)*)", line)
+        elements = 1
+        for size in shape.group(1).rstrip("x").split("x") if shape and shape.group(1) else []:
+            elements *= int(size)
+        if elements > BLOCK // QUANTIZATION_BLOCK:
+            count += 1
+    return count
 
 
 # fp64 instructions a program may hold: the schedule of its tensor's step, in scalar registers,

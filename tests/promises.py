@@ -133,7 +133,7 @@ TORCH_ONLY = {"AdaWarm": TORCH_ADAWARM, "AdaWarmScheduleFree": TORCH_SCHEDULE_FR
 PROMISES: dict[str, dict[str, tuple[str, ...]]] = {
     "fp32, bf16 and fp16 parameters": ALL,
     "bf16 state, Kahan and stochastic rounding": ALL,
-    "8-bit state": TORCH_ONLY,
+    "8-bit state": ALL,
     "fp64 parameters": TORCH_ONLY,
     "complex parameters": TORCH_ONLY,
     "the update of the optimizer it replaces": ALL,

@@ -12,27 +12,47 @@ import torch
 from helpers import assert_bit_identical, count_calls
 
 from adawarm import adawarm, triton_backend
-from adawarm.state import first_relative_update
+from adawarm.quantization import MIN_8BIT_SIZE, scales_key
+from adawarm.state import first_relative_update, moment_entries
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SIZES = (0, 1, 1023, 1025)
 STEPS = 8  # past RAdam's rectification threshold (step 6)
 
 
-def functional_state(seed: int, measured: bool = False) -> dict[str, list]:
+# The variants of the functional state: a ramp, the measured warmup, and 8-bit moments.
+KINDS = ("ramp", "measured", "8-bit")
+
+
+def functional_state(seed: int, kind: str = "ramp") -> dict[str, list]:
     """fp32 tensors of odd sizes and one bf16 tensor with a Kahan buffer, and their states
-    (with ``measured``, the measured warmup's entries)."""
+    (``"measured"``: with the measured warmup's entries; ``"8-bit"``: and a tensor of 4097
+    elements with 8-bit moments, a launch of its own)."""
     generator = torch.Generator().manual_seed(seed)
     params = [torch.randn(n, generator=generator).to(DEVICE) for n in SIZES]
     params.append(torch.randn(5, generator=generator).to(DEVICE, torch.bfloat16))
+    eight_bit = kind == "8-bit"
+    if eight_bit:
+        params.append(torch.randn(MIN_8BIT_SIZE + 1, generator=generator).to(DEVICE))
+    moments = [
+        {
+            **moment_entries(p, "exp_avg", torch.uint8, MIN_8BIT_SIZE),
+            **moment_entries(p, "exp_avg_sq", torch.uint8, MIN_8BIT_SIZE),
+        }
+        for p in params
+    ]
     state = {
         "params": params,
-        "exp_avgs": [torch.zeros_like(p, dtype=torch.float32) for p in params],
-        "exp_avg_sqs": [torch.zeros_like(p, dtype=torch.float32) for p in params],
+        "exp_avgs": [entries["exp_avg"] for entries in moments],
+        "exp_avg_sqs": [entries["exp_avg_sq"] for entries in moments],
         "state_steps": [torch.zeros((), device=DEVICE) for _ in params],
-        "compensations": [None] * len(SIZES) + [torch.zeros_like(params[-1])],
+        "compensations": [None] * len(params),
     }
-    if measured:
+    state["compensations"][len(SIZES)] = torch.zeros_like(params[len(SIZES)])
+    if eight_bit:
+        for key in ("exp_avg", "exp_avg_sq"):
+            state[scales_key(key)] = [entries.get(scales_key(key)) for entries in moments]
+    if kind == "measured":
         state["relative_updates"] = [first_relative_update(p, DEVICE) for p in params]
     return state
 
@@ -59,6 +79,8 @@ def functional_step(state: dict[str, list], grads: list[torch.Tensor], lr: torch
         backend="triton",
         compensations=state["compensations"],
         relative_updates=state.get("relative_updates"),
+        exp_avg_scales=state.get("exp_avg_scales"),
+        exp_avg_sq_scales=state.get("exp_avg_sq_scales"),
     )
 
 
@@ -66,15 +88,15 @@ def every_tensor(state: dict[str, list]) -> list[torch.Tensor]:
     return [t for tensors in state.values() for t in tensors if t is not None]
 
 
-@pytest.mark.parametrize("measured", [False, True], ids=["ramp", "measured"])
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
-def test_compiled_functional_step_is_one_op_and_updates_like_eager(compiler, measured):
+def test_compiled_functional_step_is_one_op_and_updates_like_eager(compiler, kind):
     from torch._dynamo.testing import CompileCounterWithBackend
 
     torch._dynamo.reset()
     counter = CompileCounterWithBackend(compiler)
     compiled_step = torch.compile(functional_step, backend=counter, fullgraph=True)
-    eager, compiled = functional_state(3, measured), functional_state(3, measured)
+    eager, compiled = functional_state(3, kind), functional_state(3, kind)
     for step in range(STEPS):
         lr = torch.tensor(1e-2 / (step + 1), device=DEVICE)  # a new rate every step
         functional_step(eager, gradients(step, eager["params"]), lr)
@@ -92,9 +114,9 @@ def test_compiled_functional_step_is_one_op_and_updates_like_eager(compiler, mea
     assert all(float(step) == STEPS for step in compiled["state_steps"])
 
 
-@pytest.mark.parametrize("measured", [False, True], ids=["ramp", "measured"])
-def test_custom_op_declares_exactly_what_it_mutates(measured):
-    args = op_arguments(functional_state(4, measured))
+@pytest.mark.parametrize("kind", KINDS)
+def test_custom_op_declares_exactly_what_it_mutates(kind):
+    args = op_arguments(functional_state(4, kind))
     # Checks the schema against the op's real mutations, its fake kernel, and AOT dispatch.
     results = torch.library.opcheck(torch.ops.adawarm.triton_step_.default, args)
     assert set(results.values()) == {"SUCCESS"}, results
@@ -110,16 +132,26 @@ def test_backend_choice_traces_without_a_graph_break(requested):
     assert choose(params) == select_backend(requested, params)
 
 
+def present(tensors: list) -> tuple[list, list[int]]:
+    """The tensors of a list with None entries, and their positions: how the op takes them."""
+    positions = [i for i, tensor in enumerate(tensors) if tensor is not None]
+    return [tensors[i] for i in positions], positions
+
+
 def op_arguments(state: dict[str, list]) -> tuple:
     params = state["params"]
+    first_scales, scales_positions = present(state.get("exp_avg_scales", []))
+    second_scales, _ = present(state.get("exp_avg_sq_scales", []))
     return (
         params,
         gradients(0, params),
         state["exp_avgs"],
         state["exp_avg_sqs"],
         state["state_steps"],
-        [state["compensations"][-1]],
-        [len(params) - 1],
+        *present(state["compensations"]),
+        first_scales,
+        second_scales,
+        scales_positions,
         1e-2,
         None,
         0.9,

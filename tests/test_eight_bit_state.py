@@ -261,28 +261,6 @@ def test_a_step_that_fails_storing_8_bit_moments_leaves_codes_scales_and_counter
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"capturable": True}, r"capturable=True .* \(8-bit states run on the torch backend"),
-    ],
-)
-def test_an_execution_that_cannot_step_8_bit_states_is_refused_before_any_change(
-    name, options, message
-):
-    params = make_params(SHAPES)
-    values = [param.detach().clone() for param in params]
-    optimizer = KINDS[name][0](params, state_dtype=EIGHT_BIT, **options)
-    if name == "AdaWarmScheduleFree":
-        optimizer.train()
-    set_gradients(params, 1)
-    with pytest.raises(RuntimeError, match=message):
-        optimizer.step()
-    assert not optimizer.state
-    assert all(map(torch.equal, params, values))
-
-
-@pytest.mark.parametrize("name", KINDS)
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
         ({"state_dtype": torch.int8}, r"Invalid state_dtype: torch.int8, expected None, .*uint8"),
         ({"min_8bit_size": -1}, r"Invalid min_8bit_size: -1, expected an int >= 0"),
         ({"min_8bit_size": True}, r"Invalid min_8bit_size: True, expected an int >= 0"),
@@ -292,22 +270,6 @@ def test_an_execution_that_cannot_step_8_bit_states_is_refused_before_any_change
 def test_bad_8_bit_options_are_refused(name, options, message):
     with pytest.raises(ValueError, match=message):
         KINDS[name][0](make_params(SHAPES[:1]), **options)
-
-
-def test_the_functional_step_refuses_8_bit_moments_on_the_triton_backend():
-    param = torch.zeros(MIN_8BIT_SIZE)
-    moments = {}
-    for key in ("exp_avg", "exp_avg_sq"):
-        moments.update(moment_entries(param, key, EIGHT_BIT, MIN_8BIT_SIZE))
-    with pytest.raises(RuntimeError, match="8-bit states"):
-        adawarm(
-            [param], [torch.ones_like(param)], [moments["exp_avg"]], [moments["exp_avg_sq"]],
-            [torch.tensor(0.0)], lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-            warmup_steps=0, rectify=False, backend="triton",
-            exp_avg_scales=[moments["exp_avg_scales"]],
-            exp_avg_sq_scales=[moments["exp_avg_sq_scales"]],
-        )  # fmt: skip
-    assert torch.equal(param, torch.zeros(MIN_8BIT_SIZE))
 
 
 DTENSOR_REFUSAL = """

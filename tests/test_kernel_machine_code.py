@@ -1,6 +1,7 @@
 """The Triton kernels' machine code, compiled for sm_90 and sm_80 on this CPU machine: 128-bit
-accesses for every streamed array on the full-block path, no spills, bounded registers, no layout
-conversions through shared memory, fp64 only per program.
+accesses for every streamed array on the full-block path (8-bit codes: 4 a 32-bit access), no
+spills, bounded registers, no layout conversions of a block's tiles through shared memory, fp64
+only per program.
 
 By default a representative set of variants; ``MACHINE_CODE_VARIANTS=all pytest
 tests/test_kernel_machine_code.py`` compiles every variant the backends can launch (CI runs it).
@@ -28,6 +29,16 @@ REPRESENTATIVE = [
     Variant(param_dtype=torch.bfloat16, state_dtype=torch.bfloat16, stochastic=True),
     Variant(aligned=False),
     Variant(arch=80),
+    # 8-bit moments: codes, a table search and block maxima; with the most else live
+    Variant(state_dtype=torch.uint8),
+    Variant(
+        param_dtype=torch.bfloat16,
+        state_dtype=torch.uint8,
+        stochastic=True,
+        flags=True,
+        measured=True,
+        arch=80,
+    ),
     Variant(measured=True),
     # the measured warmup with the most else live: every flag, stochastic rounding, sm_80
     Variant(param_dtype=torch.bfloat16, stochastic=True, flags=True, measured=True, arch=80),
@@ -41,6 +52,16 @@ REPRESENTATIVE = [
     ),
     Variant(kernel="schedule-free", param_dtype=torch.float16, kahan=True, arch=80),
     Variant(kernel="schedule-free", measured=True),
+    Variant(kernel="schedule-free", state_dtype=torch.uint8),  # an 8-bit exp_avg_sq, fp32 z
+    Variant(
+        kernel="schedule-free",
+        param_dtype=torch.bfloat16,
+        state_dtype=torch.uint8,
+        stochastic=True,
+        flags=True,
+        measured=True,
+        arch=80,
+    ),
     Variant(
         kernel="schedule-free",
         param_dtype=torch.bfloat16,
@@ -63,7 +84,7 @@ def every_variant() -> list[Variant]:
     for kernel, param, state, rectify, aligned, flags, arch in itertools.product(
         ("adamw", "schedule-free", "switch"),
         (torch.float32, torch.bfloat16, torch.float16),
-        (torch.float32, torch.bfloat16),
+        (torch.float32, torch.bfloat16, torch.uint8),
         (True, False),
         (True, False),
         (False, True),
@@ -71,8 +92,10 @@ def every_variant() -> list[Variant]:
     ):
         if kernel == "switch" and (not rectify or flags):
             continue
+        if state == torch.uint8 and kernel == "switch":  # the switch reads z, never 8-bit
+            continue
         modes = [{}]
-        if state == torch.bfloat16 and kernel != "switch":
+        if state != torch.float32 and kernel != "switch":
             modes.append({"nearest_state": True})  # rounding_seed=None
         if param != torch.float32:
             modes.append({"kahan": True})
