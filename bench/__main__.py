@@ -1,4 +1,5 @@
-"""``python -m bench [speed|quality|collapse|schedule|tune|gpu|adaptive|quantization|state8bit]``:
+"""``python -m bench <command>`` (speed, quality, collapse, schedule, tune, gpu, adaptive,
+quantization, state8bit, memory):
 AdaWarm against AdamW, here.
 
 Without a sub-command: a short tour -- a quick speed table, a quick quality run and the measured
@@ -17,6 +18,7 @@ from bench import (
     adaptive,
     collapse,
     gpu,
+    memory,
     quality,
     quantization,
     schedule,
@@ -35,6 +37,7 @@ SUBCOMMANDS = {
     "adaptive": adaptive.main,
     "quantization": quantization.main,
     "state8bit": state8bit.main,
+    "memory": memory.main,
 }
 
 
