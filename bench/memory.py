@@ -143,10 +143,10 @@ def report(rows: list[Row], missing: list[tuple[Row, str]], heading: str) -> lis
         heading,
         "",
         f"{numel / 1e6:.1f}M parameters in {len(SHAPES)} tensors (GPT-2 small's layout at a "
-        "quarter of its width); bytes per parameter of the parameters and every state tensor "
+        "quarter of its width and vocabulary); bytes per parameter of the parameters and every state tensor "
         "after one step, counted from the tensors.",
         "",
-        "<!-- memory:start -->",
+        "<!-- --8<-- [start:memory] -->",
         "| optimizer | parameters | compensation | state | bytes / parameter |",
         "| --- | --- | --- | --- | ---: |",
     ]
@@ -155,7 +155,7 @@ def report(rows: list[Row], missing: list[tuple[Row, str]], heading: str) -> lis
             f"| {row.optimizer} | {row.params} | {row.compensation} | {row.state} | "
             f"{row.bytes_per_param:.2f} |"
         )
-    lines.append("<!-- memory:end -->")
+    lines.append("<!-- --8<-- [end:memory] -->")
     goal = next(
         row
         for row in rows
