@@ -143,8 +143,8 @@ def report(rows: list[Row], missing: list[tuple[Row, str]], heading: str) -> lis
         heading,
         "",
         f"{numel / 1e6:.1f}M parameters in {len(SHAPES)} tensors (GPT-2 small's layout at a "
-        "quarter of its width and vocabulary); bytes per parameter of the parameters and every state tensor "
-        "after one step, counted from the tensors.",
+        "quarter of its width and vocabulary); bytes per parameter of the parameters and every "
+        "state tensor after one step, counted from the tensors.",
         "",
         "<!-- --8<-- [start:memory] -->",
         "| optimizer | parameters | compensation | state | bytes / parameter |",
