@@ -73,7 +73,8 @@ def store_in_eight_bits(optimizer: Optimizer, entries: tuple[str, ...], seed: in
 class Variant:
     """A method with 8-bit state: the committed grid's ``trained_as`` (else ``reference``) with
     ``entries`` stored in 8 bits, compared with ``reference`` at ``margin``, in the cells
-    ``precision_only`` restricts it to."""
+    ``precision_only`` restricts it to. ``option``: by the optimizer's own
+    ``state_dtype=torch.uint8`` (which stores ``entries``), else by the prototype's stores."""
 
     name: str
     reference: str
@@ -82,6 +83,7 @@ class Variant:
     precision_only: bool = False
     # the grid's method it trains as, with 8-bit entries (default: the reference)
     trained_as: str | None = None
+    option: bool = False
 
 
 VARIANTS = (
@@ -108,6 +110,30 @@ VARIANTS = (
         precision_only=True,
         trained_as=f"{DEFAULT_NAME}, bf16 params + stochastic rounding",
     ),
+    # the option itself
+    Variant(
+        f"{DEFAULT_NAME}, state_dtype=torch.uint8",
+        DEFAULT_NAME,
+        ("exp_avg", "exp_avg_sq"),
+        MARGIN,
+        option=True,
+    ),
+    Variant(
+        f"{SCHEDULE_FREE_DEFAULT}, state_dtype=torch.uint8",
+        SCHEDULE_FREE_DEFAULT,
+        ("exp_avg_sq",),
+        MARGIN,
+        option=True,
+    ),
+    Variant(
+        f"{DEFAULT_NAME}, bf16 params + stochastic rounding + state_dtype=torch.uint8",
+        DEFAULT_NAME,
+        ("exp_avg", "exp_avg_sq"),
+        PRECISION_LIMIT,
+        precision_only=True,
+        trained_as=f"{DEFAULT_NAME}, bf16 params + stochastic rounding",
+        option=True,
+    ),
 )
 
 
@@ -115,10 +141,11 @@ def method_of(variant: Variant, cell: Cell) -> Method:
     """The grid's method ``variant`` trains as in ``cell``, with 8-bit ``entries``."""
     name = variant.trained_as or variant.reference
     reference = next(m for m in (*methods_for(cell), *precision_methods()) if m.name == name)
+    storage = {"state_dtype": "uint8"} if variant.option else {"eight_bit": variant.entries}
     return replace(
         reference,
         name=variant.name,
-        eight_bit=variant.entries,
+        **storage,
         is_default=False,
         is_schedule_free_default=False,
     )

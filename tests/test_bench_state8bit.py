@@ -65,6 +65,17 @@ def test_a_variant_is_its_reference_method_with_8_bit_entries():
     assert "eight_bit" not in reference.settings(cell)  # saved runs keep matching
 
 
+def test_a_variant_of_the_option_trains_its_reference_with_8_bit_state():
+    cell = full_grid()[0]
+    variant = next(v for v in state8bit.VARIANTS if v.option)
+    method = state8bit.method_of(variant, cell)
+    reference = next(m for m in methods_for(cell) if m.name == variant.reference)
+    assert method.eight_bit == () and method.state_dtype == "uint8"
+    settings = method.settings(cell)
+    assert settings.pop("state_dtype") == "uint8"
+    assert settings == {k: v for k, v in reference.settings(cell).items() if k != "state_dtype"}
+
+
 def test_a_variant_is_compared_seed_by_seed_at_its_margin():
     cell = "LSTM, beta2 0.95, 300 steps, cosine"
     variant = state8bit.VARIANTS[0]
