@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adawarm.functional import has_dtensors, local_tensors
 from adawarm.quantization import (
     EIGHT_BIT,
     FIRST_MOMENT,
@@ -178,18 +179,48 @@ def loaded_moment(
     param: Tensor, saved: dict[str, Any], key: str, group: dict[str, Any]
 ) -> dict[str, Tensor]:
     """The state entries of the moment ``key`` of ``param`` loaded from ``saved`` into
-    ``group``'s state dtype: the moment, and its scales where that is 8-bit."""
+    ``group``'s state dtype: the moment, and its scales where that is 8-bit. A DTensor's codes
+    come from its shard's values (checkpoints hold sharded 8-bit moments as their values:
+    :func:`portable_state`)."""
     target = moment_like(param, group["state_dtype"], group["min_8bit_size"])
     value, code = saved[key], MOMENT_CODES[key]
     if value.dtype == EIGHT_BIT:
         scales = saved[scales_key(key)].to(target.device)
-        if target.dtype == EIGHT_BIT:
+        if target.dtype == EIGHT_BIT and not has_dtensors([target]):
             return {key: target.copy_(value), scales_key(key): scales.clone()}
         value = dequantize(value.to(target.device), scales, code)
     if target.dtype != EIGHT_BIT:
         return {key: target.copy_(value)}
-    codes, scales = quantize(value.to(target.device, torch.float32), code)
-    return {key: target.copy_(codes), scales_key(key): scales}
+    codes_shard, value_shard = local_tensors([target, value.to(target.device)])
+    codes, scales = quantize(value_shard.to(torch.float32), code)
+    codes_shard.copy_(codes)
+    return {key: target, scales_key(key): scales}
+
+
+def portable_state(state: dict[str, Any]) -> dict[str, Any]:
+    """A parameter's saved state: as held, but that the 8-bit moments of a DTensor parameter
+    (FSDP2) become DTensors of their values, without scales. Its codes are blocked by this
+    sharding; its values are what torch.distributed.checkpoint can reshard, and loading them
+    codes them again (to the nearest codes: the same codes and values under the same sharding,
+    since a block's largest element is stored exactly and every code's value is its own
+    nearest)."""
+    moments = [
+        key
+        for key, code in MOMENT_CODES.items()
+        if scales_key(key) in state and has_dtensors([state[key]])
+    ]
+    if not moments:
+        return state
+    from torch.distributed.tensor import DTensor
+
+    state = dict(state)
+    for key in moments:
+        codes = state[key]
+        values = dequantize(codes.to_local(), state.pop(scales_key(key)), MOMENT_CODES[key])
+        state[key] = DTensor.from_local(
+            values, codes.device_mesh, codes.placements, shape=codes.shape, stride=codes.stride()
+        )
+    return state
 
 
 def loaded_relative_update(

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from adawarm.checkpoint import portable_state
 from adawarm.functional import checked_execution, has_dtensors, local_tensors
-from adawarm.quantization import EIGHT_BIT, scales_key
+from adawarm.quantization import scales_key
 from adawarm.rollback import StepSnapshot, failed_step_error
 from adawarm.schedule import AUTO, MEASURED, measured_factor, resolve_warmup_steps, step_schedule
 from adawarm.shards import measured_sums_of_shards, not_measured_like, sum_over_shards
@@ -174,6 +175,16 @@ class WarmupOptimizer(Optimizer):
             for key, value in self.defaults.items():  # groups pickled by older versions
                 group.setdefault(key, value)
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch.optim's state_dict, but that the 8-bit moments of DTensor parameters are held
+        as their values (``adawarm.checkpoint.portable_state``), which distributed
+        checkpoints can reshard."""
+        state_dict = super().state_dict()
+        state_dict["state"] = {
+            index: portable_state(state) for index, state in state_dict["state"].items()
+        }
+        return state_dict
+
     def _collect(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor]]:
         """The group's parameters that have gradients and those gradients, after checking them.
 
@@ -244,11 +255,6 @@ class WarmupOptimizer(Optimizer):
             return None
         sharded = has_dtensors(params)
         shards = local_tensors(params) if sharded else params
-        if group["state_dtype"] == EIGHT_BIT and sharded:
-            raise RuntimeError(
-                "state_dtype=torch.uint8: 8-bit states of DTensor parameters (FSDP2, tensor "
-                "parallel) are not supported yet; pass state_dtype=torch.bfloat16 or None"
-            )
         backend, implementation = checked_execution(
             group["backend"],
             shards,

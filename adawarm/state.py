@@ -10,7 +10,10 @@ With ``state_dtype=torch.uint8``, a moment of a tensor of at least ``min_8bit_si
 8-bit (``adawarm.quantization``): ``exp_avg`` holds a uint8 code per element (contiguous, in the
 parameter's shape; blocks of ``QUANTIZATION_BLOCK`` run through its elements in row-major
 order) and ``exp_avg_scales`` a float32 scale per block, and so for ``exp_avg_sq``. A block
-whose scale is 0 holds zeros, whatever its codes: a new state is zeros throughout.
+whose scale is 0 holds zeros, whatever its codes: a new state is zeros throughout. The codes of
+a DTensor parameter (FSDP2) are a DTensor of its sharding, and its scales a plain tensor of its
+local shard's blocks: blocks never straddle a shard boundary (``adawarm.checkpoint`` says how
+such states are saved).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from adawarm.functional import local_tensors
 from adawarm.quantization import EIGHT_BIT, MIN_8BIT_SIZE, block_count, scales_key
 from adawarm.torch_backend import compute_dtype
 
@@ -43,8 +47,8 @@ def moment_like(
     """A zero moment buffer for ``param`` in the state dtype: its shape and strides, or, 8-bit,
     its shape, contiguous (see the module's docstring)."""
     dtype = state_dtype_for(param, state_dtype, min_8bit_size)
-    if dtype == EIGHT_BIT:
-        return torch.zeros(param.shape, dtype=dtype, device=param.device)
+    if dtype == EIGHT_BIT:  # a DTensor's codes: a DTensor of its sharding
+        return torch.zeros_like(param, dtype=dtype, memory_format=torch.contiguous_format)
     return torch.zeros_like(param, dtype=dtype, memory_format=torch.preserve_format)
 
 
@@ -55,8 +59,10 @@ def iterate_like(param: Tensor, state_dtype: torch.dtype | None) -> Tensor:
 
 
 def scales_like(moment: Tensor) -> Tensor:
-    """The zero block scales of the 8-bit ``moment``."""
-    return torch.zeros(block_count(moment.numel()), dtype=torch.float32, device=moment.device)
+    """The zero block scales of the 8-bit ``moment``: of its local shard where it is a DTensor
+    (blocks never straddle a shard boundary), a plain tensor."""
+    local = local_tensors([moment])[0]
+    return torch.zeros(block_count(local.numel()), dtype=torch.float32, device=local.device)
 
 
 def moment_entries(

@@ -29,9 +29,16 @@ MEASURED_OPTIMIZERS = {
 }
 
 
+# 8-bit moments for every tensor (the model's are small), blocked by each rank's shard.
+EIGHT_BIT_OPTIMIZERS = {
+    f"{kind} 8-bit": (cls, {**defaults, "state_dtype": torch.uint8, "min_8bit_size": 0})
+    for kind, (cls, defaults) in OPTIMIZERS.items()
+}
+
+
 def make_optimizer(kind: str, params, **options) -> torch.optim.Optimizer:
     """The optimizer of ``kind``, ready to train (a schedule-free one in train mode)."""
-    cls, defaults = {**OPTIMIZERS, **MEASURED_OPTIMIZERS}[kind]
+    cls, defaults = {**OPTIMIZERS, **MEASURED_OPTIMIZERS, **EIGHT_BIT_OPTIMIZERS}[kind]
     optimizer = cls(params, **defaults, **options)
     if cls is AdaWarmScheduleFree:
         optimizer.train()
@@ -127,11 +134,23 @@ def fsdp_worker(rank: int, world: int, port: int, out: str, kind: str, backend: 
     # read on each rank alone, before any step (0 on a rectified first step)
     assert all(rate >= 0.0 for rate in optimizer.effective_lr())
     train(model, optimizer, range(STEPS), rank, world)
+    check_blocks_within_shards(optimizer)
     final_point(optimizer)
     full = [p.full_tensor().detach() for p in model.parameters()]
     if rank == 0:
         torch.save(full, out)
     _finish()
+
+
+def check_blocks_within_shards(optimizer: torch.optim.Optimizer) -> None:
+    """Each 8-bit moment of a sharded parameter has the scales of its local shard's blocks."""
+    from adawarm.quantization import block_count
+
+    for state in optimizer.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if f"{key}_scales" in state:
+                local = state[key].to_local()
+                assert state[f"{key}_scales"].shape == (block_count(local.numel()),), key
 
 
 def checkpoint_worker(
@@ -179,4 +198,77 @@ def checkpoint_worker(
     steps = {float(s["step"]) for s in resumed_optimizer.state.values()}
     if rank == 0:
         torch.save({"uninterrupted": uninterrupted, "resumed": resumed, "steps": steps}, out)
+    _finish()
+
+
+def reshard_save_worker(
+    rank: int, world: int, port: int, out: str, kind: str, directory: str
+) -> None:
+    """Train 5 steps sharded over ``world`` ranks and save with torch.distributed.checkpoint;
+    rank 0 also keeps every parameter's state as the checkpoint holds it (8-bit moments as their
+    values), whole."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import DTensor
+
+    _init(rank, world, port)
+    model = _fully_sharded(world)
+    optimizer = make_optimizer(kind, model.parameters())
+    train(model, optimizer, range(5), rank, world)
+    dcp.save(
+        {
+            "model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, optimizer),
+        },
+        checkpoint_id=directory,
+    )
+    saved = [
+        {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
+        for state in optimizer.state_dict()["state"].values()
+    ]
+    if rank == 0:
+        torch.save(saved, out)
+    _finish()
+
+
+def reshard_load_worker(
+    rank: int, world: int, port: int, out: str, kind: str, directory: str
+) -> None:
+    """Load the checkpoint of :func:`reshard_save_worker` sharded over ``world`` ranks (another
+    count), and train on; rank 0 keeps the loaded states, whole, and the steps."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+    from torch.distributed.tensor import DTensor
+
+    _init(rank, world, port)
+    model = _fully_sharded(world)
+    optimizer = make_optimizer(kind, model.parameters())
+    state = {
+        "model": get_model_state_dict(model),
+        "optimizer": get_optimizer_state_dict(model, optimizer),
+    }
+    dcp.load(state, checkpoint_id=directory)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+    params = list(model.parameters())
+    loaded = [  # copies: training on changes the states in place
+        {
+            key: (value.full_tensor() if isinstance(value, DTensor) else value).clone()
+            for key, value in optimizer.state[param].items()
+        }
+        for param in params
+    ]
+    check_blocks_within_shards(optimizer)
+    train(model, optimizer, range(5, STEPS), rank, world)
+    steps = {float(s["step"]) for s in optimizer.state.values()}
+    if rank == 0:
+        torch.save({"loaded": loaded, "steps": steps}, out)
     _finish()

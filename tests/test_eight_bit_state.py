@@ -1,12 +1,11 @@
 """8-bit states (``state_dtype=torch.uint8``) of both optimizers on the torch backend: their
-layout, drift, checkpoints and their conversions, refusals, skipped and failed steps (each step
-against fp32 states decoded from them is in the promise matrix, tests/test_promises.py)."""
+layout, drift, checkpoints and their conversions, bad options, skipped and failed steps, bytes
+held (each step against fp32 states decoded from them is in the promise matrix,
+tests/test_promises.py; FSDP2 and distributed checkpoints in tests/test_distributed.py)."""
 
 from __future__ import annotations
 
 import copy
-import subprocess
-import sys
 from unittest import mock
 
 import pytest
@@ -270,40 +269,6 @@ def test_a_step_that_fails_storing_8_bit_moments_leaves_codes_scales_and_counter
 def test_bad_8_bit_options_are_refused(name, options, message):
     with pytest.raises(ValueError, match=message):
         KINDS[name][0](make_params(SHAPES[:1]), **options)
-
-
-DTENSOR_REFUSAL = """
-import os, torch, torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import Shard, distribute_tensor
-import adawarm
-dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-mesh = init_device_mesh("cpu", (1,))
-param = torch.nn.Parameter(distribute_tensor(torch.ones(8192), mesh, [Shard(0)]))
-param.grad = distribute_tensor(torch.ones(8192), mesh, [Shard(0)])
-for optimizer in (adawarm.AdaWarm([param], state_dtype=torch.uint8),
-                  adawarm.AdaWarmScheduleFree([param], state_dtype=torch.uint8)):
-    if hasattr(optimizer, "train"):
-        optimizer.train()
-    try:
-        optimizer.step()
-    except RuntimeError as error:
-        print(error)
-    print(dict(optimizer.state), bool((param.full_tensor() == 1).all()))
-dist.destroy_process_group()
-"""
-
-
-def test_8_bit_states_of_dtensor_parameters_are_refused_before_any_change():
-    result = subprocess.run(
-        [sys.executable, "-c", DTENSOR_REFUSAL], capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert len(lines) == 4, result.stdout
-    for refusal, unchanged in (lines[:2], lines[2:]):
-        assert "8-bit states of DTensor parameters" in refusal
-        assert unchanged == "{} True"
 
 
 @pytest.mark.parametrize(
