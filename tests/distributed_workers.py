@@ -153,45 +153,58 @@ def check_blocks_within_shards(optimizer: torch.optim.Optimizer) -> None:
                 assert state[f"{key}_scales"].shape == (block_count(local.numel()),), key
 
 
+def _checkpoint_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    return {
+        "model": get_model_state_dict(model),
+        "optimizer": get_optimizer_state_dict(model, optimizer),
+    }
+
+
+def save_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """Save the model and optimizer with torch.distributed.checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_checkpoint_state(model, optimizer), checkpoint_id=directory)
+
+
+def load_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, directory: str) -> None:
+    """Load what :func:`save_checkpoint` saved into a new model and optimizer (a schedule-free
+    optimizer in train mode: DCP initializes a fresh optimizer's state with a step at rate 0,
+    which an eval-mode AdaWarmScheduleFree refuses, docs/schedule-free.md)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    state = _checkpoint_state(model, optimizer)
+    dcp.load(state, checkpoint_id=directory)
+    set_model_state_dict(model, state["model"])
+    set_optimizer_state_dict(model, optimizer, state["optimizer"])
+
+
 def checkpoint_worker(
     rank: int, world: int, port: int, out: str, kind: str, directory: str
 ) -> None:
     """Train 5 steps (mid-warmup), save with torch.distributed.checkpoint, train on; then
     rebuild from the checkpoint and train on again: both continuations must agree."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-
     _init(rank, world, port)
     model = _fully_sharded(world)
     optimizer = make_optimizer(kind, model.parameters())
     train(model, optimizer, range(5), rank, world)
-    dcp.save(
-        {
-            "model": get_model_state_dict(model),
-            "optimizer": get_optimizer_state_dict(model, optimizer),
-        },
-        checkpoint_id=directory,
-    )
+    save_checkpoint(model, optimizer, directory)
     train(model, optimizer, range(5, STEPS), rank, world)
     final_point(optimizer)
     uninterrupted = [p.full_tensor().detach() for p in model.parameters()]
 
     resumed_model = _fully_sharded(world)
-    # A schedule-free optimizer in train mode: DCP initializes a fresh optimizer's state with a
-    # step at rate 0, which an eval-mode AdaWarmScheduleFree refuses (docs/schedule-free.md).
     resumed_optimizer = make_optimizer(kind, resumed_model.parameters())
-    state = {
-        "model": get_model_state_dict(resumed_model),
-        "optimizer": get_optimizer_state_dict(resumed_model, resumed_optimizer),
-    }
-    dcp.load(state, checkpoint_id=directory)
-    set_model_state_dict(resumed_model, state["model"])
-    set_optimizer_state_dict(resumed_model, resumed_optimizer, state["optimizer"])
+    load_checkpoint(resumed_model, resumed_optimizer, directory)
     train(resumed_model, resumed_optimizer, range(5, STEPS), rank, world)
     final_point(resumed_optimizer)
     resumed = [p.full_tensor().detach() for p in resumed_model.parameters()]
@@ -201,34 +214,28 @@ def checkpoint_worker(
     _finish()
 
 
+def whole(state: dict) -> dict:
+    """Copies of a state's entries, DTensors gathered whole."""
+    from torch.distributed.tensor import DTensor
+
+    return {
+        key: (value.full_tensor() if isinstance(value, DTensor) else value).clone()
+        for key, value in state.items()
+    }
+
+
 def reshard_save_worker(
     rank: int, world: int, port: int, out: str, kind: str, directory: str
 ) -> None:
     """Train 5 steps sharded over ``world`` ranks and save with torch.distributed.checkpoint;
     rank 0 also keeps every parameter's state as the checkpoint holds it (8-bit moments as their
     values), whole."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
-    from torch.distributed.tensor import DTensor
-
     _init(rank, world, port)
     model = _fully_sharded(world)
     optimizer = make_optimizer(kind, model.parameters())
     train(model, optimizer, range(5), rank, world)
-    dcp.save(
-        {
-            "model": get_model_state_dict(model),
-            "optimizer": get_optimizer_state_dict(model, optimizer),
-        },
-        checkpoint_id=directory,
-    )
-    saved = [
-        {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in state.items()}
-        for state in optimizer.state_dict()["state"].values()
-    ]
+    save_checkpoint(model, optimizer, directory)
+    saved = [whole(state) for state in optimizer.state_dict()["state"].values()]
     if rank == 0:
         torch.save(saved, out)
     _finish()
@@ -239,33 +246,11 @@ def reshard_load_worker(
 ) -> None:
     """Load the checkpoint of :func:`reshard_save_worker` sharded over ``world`` ranks (another
     count), and train on; rank 0 keeps the loaded states, whole, and the steps."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import (
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
-    from torch.distributed.tensor import DTensor
-
     _init(rank, world, port)
     model = _fully_sharded(world)
     optimizer = make_optimizer(kind, model.parameters())
-    state = {
-        "model": get_model_state_dict(model),
-        "optimizer": get_optimizer_state_dict(model, optimizer),
-    }
-    dcp.load(state, checkpoint_id=directory)
-    set_model_state_dict(model, state["model"])
-    set_optimizer_state_dict(model, optimizer, state["optimizer"])
-    params = list(model.parameters())
-    loaded = [  # copies: training on changes the states in place
-        {
-            key: (value.full_tensor() if isinstance(value, DTensor) else value).clone()
-            for key, value in optimizer.state[param].items()
-        }
-        for param in params
-    ]
+    load_checkpoint(model, optimizer, directory)
+    loaded = [whole(optimizer.state[param]) for param in model.parameters()]
     check_blocks_within_shards(optimizer)
     train(model, optimizer, range(5, STEPS), rank, world)
     steps = {float(s["step"]) for s in optimizer.state.values()}
