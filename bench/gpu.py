@@ -8,7 +8,8 @@ minutes by default, so that a rerun fits a 15-minute lease):
    stochastic rounding, odd and misaligned sizes, a GradScaler skip, a replayed CUDA graph;
 2. the headline speed rows (:mod:`bench.gpu_stages`): one fp32 tensor of 2^28, GPT-2-124M shapes
    in fp32 and bf16, 2000 tensors of 5000, host time at 500 tensors, each against
-   ``torch.optim.AdamW(fused=True)``, with the measured copy bandwidth and launches per step;
+   ``torch.optim.AdamW(fused=True)``, with the measured copy bandwidth and launches per step
+   (and, on the 2^28 tensor, AdaWarm with 8-bit moments);
 3. a GPT-2-124M training step in bf16 autocast, tokens/s, fused AdamW against AdaWarm, eager and
    replayed from a CUDA graph;
 4. the GPU-only tests and the kernel's property tests on the compiled kernel;

@@ -26,6 +26,8 @@ import torch
 from adawarm.schedule import MEASURED as MEASURED_WARMUP
 from bench import gpt2, speed, tune
 from bench.gpu_report import (
+    EIGHT_BIT,
+    EIGHT_BIT_CASES,
     MEASURED,
     MEASURED_CASES,
     SCHEDULE_FREE,
@@ -61,8 +63,11 @@ HEADLINE_OPTIMIZERS = {
 def headline_optimizers(case: speed.Case) -> dict[str, speed.OptimizerFactory]:
     """The headline rows of ``case``; the report's schedule-free cases also time the
     schedule-free kernel, and schedulefree's foreach step where that package is installed (the
-    GPU image lacks it); its measured-warmup cases AdaWarm with ``warmup_steps="measured"``."""
+    GPU image lacks it); its measured-warmup cases AdaWarm with ``warmup_steps="measured"``; its
+    8-bit cases AdaWarm with 8-bit moments."""
     table = dict(HEADLINE_OPTIMIZERS)
+    if case.name.startswith(EIGHT_BIT_CASES):
+        table[EIGHT_BIT] = speed.adawarm_factory("triton", state_dtype=torch.uint8)
     if case.name.startswith(MEASURED_CASES):
         table[MEASURED] = speed.adawarm_factory("triton", MEASURED_WARMUP)
     if case.name.startswith(SCHEDULE_FREE_CASES):

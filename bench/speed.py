@@ -41,6 +41,7 @@ from pathlib import Path
 import torch
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
+from adawarm.quantization import QUANTIZATION_BLOCK
 from adawarm.schedule import MEASURED
 from bench import RUNS
 from bench.paired import median_interval
@@ -152,10 +153,15 @@ GPU_CASES = (
 OptimizerFactory = Callable[[list[torch.Tensor]], torch.optim.Optimizer]
 
 
-def adawarm_factory(backend: str, warmup_steps: int | str = 100) -> OptimizerFactory:
+def adawarm_factory(
+    backend: str, warmup_steps: int | str = 100, state_dtype: torch.dtype | None = None
+) -> OptimizerFactory:
     """AdaWarm on ``backend``, rectified and mid-ramp (every step computes the whole schedule),
-    or with ``warmup_steps="measured"`` (every step measures its relative update)."""
-    return lambda ps: AdaWarm(ps, rectify=True, warmup_steps=warmup_steps, backend=backend)
+    or with ``warmup_steps="measured"`` (every step measures its relative update), its moments
+    in ``state_dtype``."""
+    return lambda ps: AdaWarm(
+        ps, rectify=True, warmup_steps=warmup_steps, backend=backend, state_dtype=state_dtype
+    )
 
 
 def _training(optimizer):
@@ -228,6 +234,8 @@ def low_precision_optimizers(device: torch.device) -> dict[str, OptimizerFactory
         "bf16 moments": {"state_dtype": torch.bfloat16},
         "bf16 moments + Kahan": {"state_dtype": torch.bfloat16, "compensation": "kahan"},
         "bf16 moments + SR": {"state_dtype": torch.bfloat16, "compensation": "stochastic"},
+        "8-bit moments": {"state_dtype": torch.uint8},
+        "8-bit moments + SR": {"state_dtype": torch.uint8, "compensation": "stochastic"},
     }
     table: dict[str, OptimizerFactory] = {
         "torch AdamW fused": lambda ps: torch.optim.AdamW(ps, fused=True),
@@ -244,11 +252,15 @@ def bytes_per_param(
     param_dtype: torch.dtype,
     state_dtype: torch.dtype,
     compensation_dtype: torch.dtype | None = None,
-) -> int:
+) -> float:
     """Bytes a step must move per parameter: read p, g, m, v; write p, m, v (and read and write
-    a Kahan buffer when there is one)."""
+    a Kahan buffer when there is one; an 8-bit moment is its code and its share of its block's
+    scale)."""
     param_bytes = torch.finfo(param_dtype).bits // 8
-    state_bytes = torch.finfo(state_dtype).bits // 8
+    if state_dtype == torch.uint8:  # a code, and a 4-byte scale per block
+        state_bytes = 1 + 4 / QUANTIZATION_BLOCK
+    else:
+        state_bytes = torch.finfo(state_dtype).bits // 8
     extra = 0 if compensation_dtype is None else 2 * (torch.finfo(compensation_dtype).bits // 8)
     return 3 * param_bytes + 4 * state_bytes + extra
 
@@ -334,7 +346,7 @@ class Row:
     device: str
     threads: int | None
     params: int
-    bytes_per_param: int
+    bytes_per_param: float  # 8-bit moments: their blocks' scales too
     state_bytes_per_param: int
     median_ms: float
     # The middle half of the timed steps (first and third quartile); rows of runs before this
@@ -627,7 +639,7 @@ def format_table(rows: list[Row]) -> str:
         host = "-" if r.host_us is None else f"{r.host_us:.0f}"
         lines.append(
             f"{r.case:36} {r.optimizer:{width}} {threads:>3} {r.median_ms:9.3f} "
-            f"{r.bytes_per_param:5d} {r.state_bytes_per_param:7d} {r.gb_per_s:8.1f} "
+            f"{r.bytes_per_param:5g} {r.state_bytes_per_param:7d} {r.gb_per_s:8.1f} "
             f"{r.percent_of_copy:6.1f} {ratio:7.2f}x {launches:>6} {host:>8}"
         )
     return "\n".join(lines)
@@ -704,7 +716,7 @@ def _large_table(rows: list[Row]) -> str:
             r.optimizer,
             "-" if r.threads is None else str(r.threads),
             f"{r.median_ms:.2f} [{low:.2f}, {high:.2f}]",
-            str(r.bytes_per_param),
+            f"{r.bytes_per_param:g}",
             str(r.state_bytes_per_param),
             f"{r.gb_per_s:.1f}",
             f"{r.percent_of_copy:.0f}",

@@ -61,16 +61,17 @@ def test_the_rehearsal_runs_every_stage_with_only_the_gpu_images_packages(tmp_pa
     assert any("captured_capturable" in test["test"] for test in smoke)
     assert stages["tests"]["result"]["tests"]
     rows = stages["speed"]["result"]["rows"]
-    # (b) and (c) time the schedule-free step too, (a) and (b) the measured warmup; schedulefree
-    # is not on the GPU image
+    # (b) and (c) time the schedule-free step too, (a) and (b) the measured warmup, (a) 8-bit
+    # moments; schedulefree is not on the GPU image
     assert [row["case"][:3] for row in rows] == [
-        "(a)", "(a)", "(a)", "(b)", "(b)", "(b)", "(b)", "(d)", "(d)", "(c)", "(c)", "(c)", "(e)",
-        "(e)",
+        "(a)", "(a)", "(a)", "(a)", "(b)", "(b)", "(b)", "(b)", "(d)", "(d)", "(c)", "(c)", "(c)",
+        "(e)", "(e)",
     ]  # fmt: skip
     assert {row["optimizer"] for row in rows} == {
         *gpu_stages.HEADLINE_OPTIMIZERS,
         "AdaWarmScheduleFree",
         "AdaWarm, measured warmup",
+        "AdaWarm, 8-bit moments",
     }
     assert all(row["host_us"] > 0 for row in rows)
     training = stages["training"]["result"]["rows"]
@@ -82,13 +83,13 @@ def test_the_rehearsal_runs_every_stage_with_only_the_gpu_images_packages(tmp_pa
     ]
     assert len(stages["tune"]["result"]["rows"]) == 2
     # Every target has its figure, and none is judged from a CPU's.
-    assert len(report["targets"]) == 14
+    assert len(report["targets"]) == 15
     measured = [t for t in report["targets"] if t["measured"] != "not measured"]
     assert [t["target"] for t in report["targets"] if t not in measured] == [
         "one launch per step per dtype group (each case is one group)",  # counted on a GPU only
         *(  # schedulefree is not installed there
             f"AdaWarmScheduleFree >= 3x faster than schedulefree's foreach step: {case}"
-            for case in (rows[3]["case"], rows[9]["case"])
+            for case in (rows[4]["case"], rows[10]["case"])
         ),
     ]
     assert all(target["met"] is None for target in report["targets"])
@@ -218,6 +219,7 @@ def test_targets_are_judged_from_the_rows():
         speed_row("(c) many", "schedulefree AdamWScheduleFree foreach", median_ms=2.6),
         speed_row("(b) gpt", "AdaWarmScheduleFree", median_ms=1.2),
         speed_row("(a) one", "AdaWarm, measured warmup", median_ms=1.06),
+        speed_row("(a) one", "AdaWarm, 8-bit moments", median_ms=0.74),
         speed_row("(e) host", "torch AdamW fused", host_us=30.0),
         speed_row("(e) host", "AdaWarm", host_us=30.0),
     ]
@@ -240,6 +242,7 @@ def test_targets_are_judged_from_the_rows():
         "AdaWarmScheduleFree >= 3x faster than schedulefree's foreach step: (c) many": False,
         "warmup_steps='measured' <= 1.05x AdaWarm's step: (a) one": False,  # 1.06 against 1.0
         "warmup_steps='measured' <= 1.05x AdaWarm's step: (b)": None,
+        "8-bit moments <= 0.75x AdaWarm's step with fp32 moments: (a) one": True,  # 0.74
         "GPT-2 training tokens/s no worse than fused AdamW's, eager": False,
         "GPT-2 training tokens/s no worse than fused AdamW's, replayed from a CUDA graph": None,
     }
