@@ -256,10 +256,7 @@ class WarmupOptimizer(Optimizer):
         sharded = has_dtensors(params)
         shards = local_tensors(params) if sharded else params
         backend, implementation = checked_execution(
-            group["backend"],
-            shards,
-            foreach=group["foreach"],
-            fused=group["fused"],
+            group["backend"], shards, foreach=group["foreach"], fused=group["fused"]
         )
         if group["capturable"] and backend != "triton":
             raise RuntimeError(
