@@ -286,9 +286,9 @@ def store_codes(
     else:
         up = above >= 0.5
     tl.store(codes_ptr + offsets, (lower + up.to(tl.int32)).to(tl.uint8), mask=mask)
-    # The rows' block indices reduced from their offsets, so that they share the layout of
-    # the scales (a tl.arange of rows would be laid out otherwise, and converting either
-    # layout goes through shared memory).
+    # The rows' block indices reduced from their offsets, in the layout of the scales (a
+    # tl.arange of rows is laid out otherwise); the store still converts both to a layout of its
+    # own through shared memory, 4 values a program, and no tile.
     firsts = tl.min(offsets, axis=1)
     tl.store(scales_ptr + firsts // _QUANTIZATION_BLOCK, scales, mask=firsts < numel)
 
