@@ -37,8 +37,7 @@ from torch import Tensor
 from adawarm.functional import has_dtensors, local_tensors
 from adawarm.quantization import (
     EIGHT_BIT,
-    FIRST_MOMENT,
-    SECOND_MOMENT,
+    STATE_CODES,
     block_count,
     dequantize,
     quantize,
@@ -56,8 +55,8 @@ EXECUTION_KEYS = ("backend", "foreach", "fused", "capturable")
 # Storage choices: the checkpoint's states are converted to the loading optimizer's.
 STORAGE_KEYS = ("state_dtype", "min_8bit_size", "compensation")
 MOMENT_KEYS = ("exp_avg", "exp_avg_sq")
-# The code of each moment that may be 8-bit.
-MOMENT_CODES = {"exp_avg": FIRST_MOMENT, "exp_avg_sq": SECOND_MOMENT}
+# The code of each moment that may be 8-bit: the backends' first and second state's.
+MOMENT_CODES = dict(zip(MOMENT_KEYS, STATE_CODES, strict=True))
 
 
 def loaded_group(
