@@ -19,6 +19,7 @@ from adawarm.schedule import (
     resolve_schedule_free_warmup_steps,
     resolve_warmup_steps,
 )
+from bench.peers import BY_KIND
 
 # Schedules: cosine decay to 0 and a constant rate, each after the optimizer's own warmup (if any);
 # "user warmup + cosine" is the user's linear warmup over USER_WARMUP of the run, then cosine,
@@ -61,9 +62,10 @@ class Method:
     :data:`ADAWARM_RULE`."""
 
     name: str
-    # "adamw", "radam", "adawarm", "schedulefree", "adawarm-schedulefree", or "measured" and
+    # "adamw", "radam", "adawarm", "schedulefree", "adawarm-schedulefree", "measured" and
     # "measured-schedulefree" (prototypes of a measured warmup around AdaWarm and
-    # AdaWarmScheduleFree, bench.adaptive: ``warmup`` names the rule)
+    # AdaWarmScheduleFree, bench.adaptive: ``warmup`` names the rule), or a peer's kind
+    # (bench.peers: another library's low-bit AdamW, warmed up as AdamW is)
     kind: str
     warmup: int | float | str = 0
     rectify: bool = False
@@ -77,6 +79,12 @@ class Method:
     # state entries that go through an 8-bit store after every step (bench.state8bit: a
     # prototype of 8-bit optimizer state around the torch backend)
     eight_bit: tuple[str, ...] = ()
+
+    @property
+    def adamw_like(self) -> bool:
+        """Whether the method is an AdamW (torch's, or a peer's low-bit one) that the runner's
+        scheduler warms up."""
+        return self.kind == "adamw" or self.kind in BY_KIND
 
     @property
     def schedule_free(self) -> bool:
@@ -124,6 +132,7 @@ class Method:
 
 DEFAULT_NAME = "AdaWarm default"
 ADAMW_NO_WARMUP = "AdamW no warmup"
+USER_SCHEDULE_ADAMW = "AdamW"  # AdamW in the cells of the user's own warmup (none of its own)
 SCHEDULE_FREE = "schedule-free AdamW"  # schedulefree's AdamWScheduleFree, its 5 % warmup
 SCHEDULE_FREE_NO_WARMUP = "schedule-free AdamW no warmup"
 SCHEDULE_FREE_DEFAULT = "AdaWarmScheduleFree default"
@@ -179,7 +188,7 @@ def methods_for(cell: Cell) -> list[Method]:
     )
     if cell.schedule == USER_SCHEDULE:
         return [
-            Method("AdamW", "adamw"),
+            Method(USER_SCHEDULE_ADAMW, "adamw"),
             default,
             Method("AdaWarm, its ramp on top (warmup_steps=50)", "adawarm", 50),
             *schedule_free_methods(),

@@ -12,12 +12,10 @@ the plain tensors it holds).
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -25,6 +23,7 @@ from torch import Tensor
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
 from bench import RUNS
+from bench.peers import PEERS
 from bench.speed import gpt2_small_shapes
 from bench.training import measured_heading
 
@@ -105,20 +104,14 @@ def ours() -> Iterator[tuple[Row, Callable, torch.dtype]]:
 
 
 def peers() -> Iterator[tuple[Row, Callable, torch.dtype] | tuple[Row, str]]:
-    """torch.optim.AdamW, and the 8-bit AdamWs of bitsandbytes and torchao: each a measurable
+    """torch.optim.AdamW, and the low-bit AdamWs of bitsandbytes and torchao: each a measurable
     triple, or (row, why it was not measured)."""
     yield Row("torch.optim.AdamW", "fp32", "None", "fp32", 0.0), torch.optim.AdamW, torch.float32
-    candidates = (
-        ("bitsandbytes", "bitsandbytes.optim", "AdamW8bit", "8-bit"),
-        ("torchao", "torchao.optim", "AdamW8bit", "8-bit"),
-        ("torchao", "torchao.optim", "AdamW4bit", "4-bit"),
-    )
-    for package, module_name, name, state in candidates:
-        row = Row(f"{package} {name}", "fp32", "None", state, 0.0)
+    for peer in PEERS:
+        row = Row(f"{peer.package} {peer.name}", "fp32", "None", peer.state, 0.0)
         try:
-            module = importlib.import_module(module_name)
-            row = Row(f"{package} {metadata.version(package)} {name}", "fp32", "None", state, 0.0)
-            make = getattr(module, name)
+            make = peer.load()
+            row = Row(peer.label(), "fp32", "None", peer.state, 0.0)
             bytes_per_param(make, torch.float32)  # does it step on this machine?
         except Exception as error:  # a peer that does not run here is reported, not raised
             yield row, f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"

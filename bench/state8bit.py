@@ -12,11 +12,19 @@ share seeds (the same initialisation and batches) and are compared by the paired
 of their final validation losses, with a one-sided 95 % bound against a margin (issue 27: 8-bit
 state within 0.01 nats of fp32 state in every cell, bf16 parameters with stochastic rounding
 and 8-bit state within 0.02), and by collapses.
+
+The optimizers' own ``state_dtype=torch.uint8`` trains as the same variants without the
+prototype's stores. The peers -- bitsandbytes' and torchao's 8-bit AdamW, where they install --
+train as the grid's AdamW in its place (its 5 % warmup; under the user's warmup where the cell
+has one) and are compared with it the same way. ``--extra-seeds`` trains a variant and its
+reference at seeds past the grid's, where its seeds leave a comparison undecided; reports of
+several runs are rebuilt together by ``--report-from``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import shlex
@@ -34,13 +42,18 @@ from bench.grid import (
     PRECISION_LIMIT,
     PRECISION_LR,
     SCHEDULE_FREE_DEFAULT,
+    TUNED_WARMUPS,
+    USER_SCHEDULE,
+    USER_SCHEDULE_ADAMW,
     Cell,
     Method,
     full_grid,
     methods_for,
     precision_methods,
+    tuned_name,
 )
 from bench.paired import paired_difference
+from bench.peers import BY_KIND, EIGHT_BIT_PEERS
 from bench.quality import Result, collapses_more, load_runs
 from bench.quantization import stored
 from bench.training import Run, measured_heading, train_methods
@@ -53,6 +66,8 @@ CODES = {
     "exp_avg_sq": (SECOND_MOMENT, EXP_AVG_SQ_ROLE),
 }
 MARGIN = 0.01  # nats: 8-bit state against fp32 state
+# The peers warm up as the grid's AdamW with the shorter of its tuned warmups.
+PEER_WARMUP = TUNED_WARMUPS[0]
 
 
 def store_in_eight_bits(optimizer: Optimizer, entries: tuple[str, ...], seed: int, step: int):
@@ -84,6 +99,19 @@ class Variant:
     # the grid's method it trains as, with 8-bit entries (default: the reference)
     trained_as: str | None = None
     option: bool = False
+    # a peer's kind (bench.peers): another library's 8-bit AdamW, trained as the grid's AdamW of
+    # ``reference`` in its place, or as its plain AdamW where the user's schedule warms it up
+    peer: str | None = None
+
+    def reference_in(self, cell: str) -> str:
+        """The grid's method it is compared with in ``cell`` (a cell's name)."""
+        return USER_SCHEDULE_ADAMW if self.peer and USER_SCHEDULE in cell else self.reference
+
+    def against(self) -> str:
+        """What it is compared with, as a report heading says it."""
+        if self.peer:
+            return f"{self.reference} ({USER_SCHEDULE_ADAMW} in the {USER_SCHEDULE} cells)"
+        return self.reference
 
 
 VARIANTS = (
@@ -134,16 +162,30 @@ VARIANTS = (
         trained_as=f"{DEFAULT_NAME}, bf16 params + stochastic rounding",
         option=True,
     ),
+    # the peers, on the grid's AdamW with its shorter tuned warmup
+    *(
+        Variant(f"{peer.package} {peer.name}", tuned_name(PEER_WARMUP), (), MARGIN, peer=peer.kind)
+        for peer in EIGHT_BIT_PEERS
+    ),
 )
+
+
+def grid_method(name: str, cell: Cell) -> Method:
+    """The committed grid's method ``name`` in ``cell``."""
+    return next(m for m in (*methods_for(cell), *precision_methods()) if m.name == name)
 
 
 def method_of(variant: Variant, cell: Cell) -> Method:
     """The grid's method ``variant`` trains as in ``cell``, with 8-bit ``entries``."""
-    name = variant.trained_as or variant.reference
-    reference = next(m for m in (*methods_for(cell), *precision_methods()) if m.name == name)
-    storage = {"state_dtype": "uint8"} if variant.option else {"eight_bit": variant.entries}
+    trained_as = grid_method(variant.trained_as or variant.reference_in(cell.name), cell)
+    if variant.peer:
+        storage = {"kind": variant.peer}
+    elif variant.option:
+        storage = {"state_dtype": "uint8"}
+    else:
+        storage = {"eight_bit": variant.entries}
     return replace(
-        reference,
+        trained_as,
         name=variant.name,
         **storage,
         is_default=False,
@@ -167,7 +209,7 @@ def compare(
     for run in [*saved, *runs]:
         losses.setdefault((run.cell, run.method, run.lr), {})[run.seed] = run.final_loss
     lines = [
-        f"### {variant.name}, against {variant.reference} (margin {variant.margin})",
+        f"### {variant.name}, against {variant.against()} (margin {variant.margin})",
         "",
         "| cell | lr | mean, 8-bit | mean, reference | 8-bit - reference | verdict | "
         "collapsed (8-bit / reference) |",
@@ -177,7 +219,9 @@ def compare(
     for cell, _, lr in sorted({(r.cell, r.method, r.lr) for r in runs if r.method == variant.name}):
         mine = losses[(cell, variant.name, lr)]
         theirs = {
-            s: x for s, x in losses.get((cell, variant.reference, lr), {}).items() if s in mine
+            s: x
+            for s, x in losses.get((cell, variant.reference_in(cell), lr), {}).items()
+            if s in mine
         }
         limit = collapse_at.get(cell, math.inf)
         results = [
@@ -211,27 +255,51 @@ def _mean(losses: dict[int, float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
+def seeds_to_train(cell: Cell, extra: int) -> range:
+    """The cell's seeds, or ``extra`` seeds past them."""
+    return range(cell.seeds, cell.seeds + extra) if extra else range(cell.seeds)
+
+
+def unavailable(variant: Variant) -> str | None:
+    """Why a peer's variant cannot train here (its package does not import), else None."""
+    if not variant.peer:
+        return None
+    try:
+        BY_KIND[variant.peer].load()
+    except Exception as error:  # the package's own import errors too
+        return f"{type(error).__name__}: {str(error).splitlines()[0][:120]}"
+    return None
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m bench state8bit", description=__doc__)
     parser.add_argument(
         "--variants",
         nargs="+",
-        default=[v.name for v in VARIANTS],
         choices=[v.name for v in VARIANTS],
         metavar="VARIANT",
-        help=f"what to train (default: all): {'; '.join(v.name for v in VARIANTS)}",
+        help="what to train (default: all, the peers where they install): "
+        + "; ".join(v.name for v in VARIANTS),
     )
     parser.add_argument(
         "--only", action="append", help="cells whose name contains this text (repeatable)"
     )
+    parser.add_argument("--lrs", type=float, nargs="+", help="only these learning rates")
     parser.add_argument("--seeds", type=int, help="at most this many seeds per cell")
+    parser.add_argument(
+        "--extra-seeds",
+        type=int,
+        metavar="N",
+        help="train N seeds past the saved grid's, each variant's reference too",
+    )
     parser.add_argument("--workers", type=int, default=2, help="processes, 1 thread each")
     parser.add_argument("--baseline", type=Path, default=COMMITTED_GRID, help="the saved grid")
     parser.add_argument(
         "--report-from",
         type=Path,
+        nargs="+",
         metavar="JSON",
-        help="train nothing: rebuild the report from a run's state8bit.json",
+        help="train nothing: rebuild the report from runs' state8bit.json files, together",
     )
     parser.add_argument(
         "--out", type=Path, default=RUNS, help=f"folder for the results (default: {RUNS})"
@@ -243,22 +311,34 @@ def main(argv: list[str] | None = None) -> str:
     cells = [c for c in full_grid() if any(s.name == c.name for s in saved_cells)]
     if args.only:
         cells = [c for c in cells if any(text in c.name for text in args.only)]
+    if args.lrs:
+        cells = [replace(c, lrs=tuple(lr for lr in c.lrs if lr in args.lrs)) for c in cells]
+    if args.seeds and args.extra_seeds:
+        parser.error("--seeds and --extra-seeds: the extra seeds follow all the grid's")
     if args.seeds:
         cells = [replace(c, seeds=min(c.seeds, args.seeds)) for c in cells]
-    variants = [v for v in VARIANTS if v.name in args.variants]
+    if args.variants:
+        variants = [v for v in VARIANTS if v.name in args.variants]
+        for variant in variants:
+            if (why := unavailable(variant)) is not None:
+                parser.error(f"{variant.name} cannot train here: {why}")
+    else:
+        variants = [v for v in VARIANTS if unavailable(v) is None]
     if args.report_from:
-        saved_run = json.loads(args.report_from.read_text())
-        heading = saved_run["heading"]
-        runs = [Run(**run) for run in saved_run["runs"]]
+        saved_runs = [json.loads(path.read_text()) for path in args.report_from]
+        heading = " ".join(saved_run["heading"] for saved_run in saved_runs)
+        runs = [Run(**run) for saved_run in saved_runs for run in saved_run["runs"]]
         variants = [v for v in VARIANTS if any(run.method == v.name for run in runs)]
     else:
-        pairs = [
-            (cell, method_of(variant, cell))
-            for variant in variants
-            for cell in cells_of(variant, cells, precision_cell)
-        ]
+        trained = [(v, c) for v in variants for c in cells_of(v, cells, precision_cell)]
+        pairs = [(cell, method_of(variant, cell)) for variant, cell in trained]
+        extra = args.extra_seeds or 0
+        if extra:  # the references' runs at the new seeds, once each
+            references = dict.fromkeys((c, v.reference_in(c.name)) for v, c in trained)
+            pairs += [(cell, grid_method(name, cell)) for cell, name in references]
         start = time.perf_counter()
-        runs = train_methods(pairs, args.workers, "state8bit")
+        seeds_of = functools.partial(seeds_to_train, extra=extra)
+        runs = train_methods(pairs, args.workers, "state8bit", seeds_of)
         heading = measured_heading(
             args.workers,
             len(runs),

@@ -21,6 +21,7 @@ from adawarm.schedule import MEASURED, WARMUP_NAMES
 from bench import RUNS
 from bench.grid import USER_SCHEDULE, USER_WARMUP, Cell, Method
 from bench.lm import ModelConfig, batches, fine_tuning_corpus, loss_on, make_model, stdlib_corpus
+from bench.peers import BY_KIND
 
 MODEL = ModelConfig(d_model=32, n_layers=2, context=32)
 BATCH_SIZE = 12
@@ -112,7 +113,8 @@ def make_optimizer(method: Method, params, lr: float, cell: Cell) -> torch.optim
             weight_decay=WEIGHT_DECAY,
             warmup_steps=method.warmup_steps(cell),
         )
-    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=WEIGHT_DECAY)
+    adamw = BY_KIND[method.kind].load() if method.kind in BY_KIND else torch.optim.AdamW
+    return adamw(params, lr=lr, betas=betas, weight_decay=WEIGHT_DECAY)
 
 
 def lr_multiplier(method: Method, cell: Cell) -> Callable[[int], float]:
@@ -126,7 +128,7 @@ def lr_multiplier(method: Method, cell: Cell) -> Callable[[int], float]:
         return lambda s: 1.0
     steps = cell.steps
     user_warmup = round(USER_WARMUP * steps) if cell.schedule == USER_SCHEDULE else 0
-    own_warmup = method.warmup_steps(cell) if method.kind == "adamw" else 0
+    own_warmup = method.warmup_steps(cell) if method.adamw_like else 0
 
     def factor(s: int) -> float:
         warm = min(1.0, s / user_warmup) if user_warmup else 1.0  # HF: 0 at the first step
@@ -243,14 +245,20 @@ def train_all(jobs: list[Job], workers: int, desc: str) -> list[Run]:
         return list(tqdm(pool.map(train_one, jobs), total=len(jobs), desc=desc, unit="run"))
 
 
-def train_methods(pairs: list[tuple[Cell, Method]], workers: int, desc: str) -> list[Run]:
-    """Every run of each (cell, method) of ``pairs``, at the cell's rates and seeds (the long
-    runs first: the pool ends together)."""
+def train_methods(
+    pairs: list[tuple[Cell, Method]],
+    workers: int,
+    desc: str,
+    seeds_of: Callable[[Cell], range] = lambda cell: range(cell.seeds),
+) -> list[Run]:
+    """Every run of each (cell, method) of ``pairs``, at the cell's rates and at the seeds
+    ``seeds_of`` gives it (the cell's, by default; the long runs first: the pool ends
+    together)."""
     jobs = [
         (cell, method, lr, seed, RUNS / "cache")
         for cell, method in pairs
         for lr in cell.lrs
-        for seed in range(cell.seeds)
+        for seed in seeds_of(cell)
     ]
     jobs.sort(key=lambda job: -job[0].steps)
     if any(cell.fine_tune for cell, _ in pairs):

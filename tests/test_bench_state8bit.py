@@ -3,15 +3,22 @@ the methods it trains, and the paired comparison with a saved grid."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
 from adawarm import AdaWarm, AdaWarmScheduleFree
 from adawarm.quantization import FIRST_MOMENT, MIN_8BIT_SIZE, SECOND_MOMENT, dequantize, quantize
 from adawarm.rounding import EXP_AVG_SQ_ROLE, random_bits, stream_base
-from bench import state8bit
-from bench.grid import DEFAULT_NAME, full_grid, methods_for
+from bench import state8bit, training
+from bench.grid import DEFAULT_NAME, USER_SCHEDULE, full_grid, methods_for
+from bench.peers import EIGHT_BIT_PEERS, Peer
 from bench.training import Run
+
+
+def variant_named(name):
+    return next(v for v in state8bit.VARIANTS if v.name == name)
 
 
 def stepped(kind, **options):
@@ -111,7 +118,66 @@ def test_the_command_trains_each_variant_and_writes_its_report(tmp_path):
 
 
 def test_bf16_parameters_with_8_bit_moments_train_as_bf16_and_compare_with_fp32():
-    variant = state8bit.VARIANTS[-1]
+    variant = variant_named(
+        "AdaWarm default, bf16 params + stochastic rounding + state_dtype=torch.uint8"
+    )
     method = state8bit.method_of(variant, full_grid()[0])
     assert method.param_dtype == "bfloat16" and method.compensation == "stochastic"
     assert variant.reference == DEFAULT_NAME and variant.margin == 0.02
+
+
+@pytest.mark.parametrize("peer", EIGHT_BIT_PEERS, ids=lambda peer: peer.kind)
+def test_a_peer_trains_as_the_grids_adamw_with_its_optimizer_in_every_cell(peer):
+    variant = variant_named(peer.kind)
+    for cell in full_grid():
+        reference = next(m for m in methods_for(cell) if m.name == variant.reference_in(cell.name))
+        method = state8bit.method_of(variant, cell)
+        assert method.kind == peer.kind and method.adamw_like
+        settings = method.settings(cell)
+        assert settings.pop("kind") == peer.kind
+        assert settings == {k: v for k, v in reference.settings(cell).items() if k != "kind"}
+        # its own warmup where the cell has no user's warmup, as AdamW has it
+        own = round(state8bit.PEER_WARMUP * cell.steps)
+        assert settings["warmup_steps"] == (0 if USER_SCHEDULE in cell.name else own)
+
+
+def test_a_peer_steps_with_its_class_under_adamws_warmup(monkeypatch):
+    torch_as_peer = Peer("torch", "torch.optim", "Adam", "8-bit")
+    monkeypatch.setitem(training.BY_KIND, "bitsandbytes AdamW8bit", torch_as_peer)
+    cell = full_grid()[0]
+    method = state8bit.method_of(variant_named("bitsandbytes AdamW8bit"), cell)
+    params = [torch.zeros(3, requires_grad=True)]
+    optimizer = training.make_optimizer(method, params, 0.1, cell)
+    assert type(optimizer) is torch.optim.Adam
+    assert optimizer.defaults["weight_decay"] == training.WEIGHT_DECAY
+    factor = training.lr_multiplier(method, cell)
+    assert factor(0) == pytest.approx(1 / round(state8bit.PEER_WARMUP * cell.steps))
+
+
+def test_a_peer_that_does_not_install_is_left_out_or_refused_by_name(monkeypatch, tmp_path):
+    missing = Peer("bitsandbytes", "no_such_module_here", "AdamW8bit", "8-bit")
+    monkeypatch.setitem(state8bit.BY_KIND, "bitsandbytes AdamW8bit", missing)
+    variant = variant_named("bitsandbytes AdamW8bit")
+    assert "ModuleNotFoundError" in state8bit.unavailable(variant)
+    assert state8bit.unavailable(variant_named(DEFAULT_NAME + ", 8-bit moments")) is None
+    with pytest.raises(SystemExit):
+        state8bit.main(["--variants", variant.name, "--out", str(tmp_path)])
+
+
+def test_extra_seeds_train_the_variant_and_its_reference_past_the_grids_seeds(tmp_path):
+    pytest.importorskip("tqdm", reason="the bench extra: pip install -e '.[bench]'")
+    name = "AdaWarm default, 8-bit moments"
+    argv = ["--variants", name, "--only", "LSTM, beta2 0.95", "--lrs", "0.3", "--workers", "1"]
+    state8bit.main([*argv, "--extra-seeds", "1", "--out", str(tmp_path / "extra")])
+    record = json.loads((tmp_path / "extra" / "state8bit.json").read_text())
+    assert {(r["method"], r["lr"], r["seed"]) for r in record["runs"]} == {
+        (name, 0.3, 10),
+        (DEFAULT_NAME, 0.3, 10),
+    }
+    state8bit.main([*argv, "--seeds", "1", "--out", str(tmp_path / "first")])
+    paths = [str(tmp_path / folder / "state8bit.json") for folder in ("first", "extra")]
+    text = state8bit.main(["--report-from", *paths, "--out", str(tmp_path / "both")])
+    row = next(line for line in text.splitlines() if "| 0.3 |" in line)
+    assert ", 2 seeds |" in row  # seed 0 against the saved grid, seed 10 against its own run
+    with pytest.raises(SystemExit):
+        state8bit.main([*argv, "--seeds", "1", "--extra-seeds", "1"])
