@@ -14,6 +14,10 @@ TOLERANCES: dict[torch.dtype, tuple[float, float]] = {
     torch.float16: (1e-3, 1e-4),
     torch.bfloat16: (1.6e-2, 1e-3),
 }
+# 8-bit moments (uint8 codes): the share of codes that may differ, by one level, between two
+# computations of the same step -- a GPU kernel's fp32 division is approximate, and can move a
+# value across a rounding boundary of the code table (under the interpreter none differ).
+CODE_FLIPS = 0.01
 
 ODD_SHAPES: tuple[tuple[int, ...], ...] = (
     (0,),

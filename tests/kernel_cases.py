@@ -5,11 +5,12 @@ from __future__ import annotations
 import copy
 
 import torch
-from helpers import TOLERANCES, assert_close, gradient_stream, make_params
+from helpers import CODE_FLIPS, TOLERANCES, assert_close, gradient_stream, make_params
 from hypothesis import strategies as st
 
 from adawarm import AdaWarm, AdaWarmScheduleFree, adawarm
 from adawarm.kernels.common import BLOCK_SIZE
+from adawarm.quantization import EIGHT_BIT, scales_key
 from adawarm.schedule import MEASURED, MEASURED_CAP
 from adawarm.state import first_relative_update, moment_like, needs_compensation
 
@@ -129,14 +130,19 @@ def assert_same_params_and_state(actual, expected, dtype):
         zip(actual[0], actual[1], expected[0], expected[1], strict=True)
     ):
         assert set(state) == set(ref_state), f"state keys of tensor {index}"
-        state_dtype = state["exp_avg"].dtype
-        assert state_dtype == ref_state["exp_avg"].dtype == state["exp_avg_sq"].dtype
-        loosest = torch.bfloat16 if torch.bfloat16 in (dtype, state_dtype) else dtype
+        moment_dtypes = {state[key].dtype for key in ("exp_avg", "exp_avg_sq")}
+        assert moment_dtypes == {ref_state[key].dtype for key in ("exp_avg", "exp_avg_sq")}
+        # a level of an 8-bit code is coarser than a bf16 ulp: bf16 tolerances for them too
+        low = {torch.bfloat16, EIGHT_BIT}
+        loosest = torch.bfloat16 if low & {dtype, *moment_dtypes} else dtype
         assert_close(param.detach().cpu(), ref_param.detach().cpu(), loosest, f"param {index}")
         assert float(state["step"]) == float(ref_state["step"]), f"step of tensor {index}"
         assert state["step"].dtype == torch.float32
         for key in ("exp_avg", "exp_avg_sq"):
-            assert_close(state[key].cpu(), ref_state[key].cpu(), loosest, f"{key} {index}")
+            if state[key].dtype == EIGHT_BIT:
+                assert_same_codes(state, ref_state, key, f"{key} {index}")
+            else:
+                assert_close(state[key].cpu(), ref_state[key].cpu(), loosest, f"{key} {index}")
         if "relative_update" in state:
             # A move is a difference of parameters: their relative error over the relative
             # update (at most the cap).
@@ -153,6 +159,19 @@ def assert_same_params_and_state(actual, expected, dtype):
             total = param.detach().float() + state["compensation"].float()
             ref_total = ref_param.detach().float() + ref_state["compensation"].float()
             assert_close(total.cpu(), ref_total.cpu(), loosest, f"compensated param {index}")
+
+
+def assert_same_codes(state, ref_state, key, what):
+    """An 8-bit moment: its blocks' scales agree at fp32 tolerance, and its codes are the same
+    but for at most ``CODE_FLIPS`` of them, one level apart."""
+    scales = scales_key(key)
+    assert_close(state[scales].cpu(), ref_state[scales].cpu(), torch.float32, f"{what} scales")
+    codes, ref_codes = state[key].cpu().int(), ref_state[key].cpu().int()
+    levels = (codes - ref_codes).abs()
+    if levels.numel():
+        assert levels.max().item() <= 1, f"{what}: codes {levels.max().item()} levels apart"
+    flips = levels.count_nonzero().item()
+    assert flips <= CODE_FLIPS * codes.numel(), f"{what}: {flips} of {codes.numel()} codes differ"
 
 
 def schedule_free_trajectory(

@@ -51,6 +51,12 @@ CASES = {
         {"compensation": "stochastic", "state_dtype": torch.bfloat16},
     ),
     "fp16 Kahan": (torch.float16, {"compensation": "kahan"}),
+    # every tensor coded (min_8bit_size 0): blocks of 256 straddled by the odd sizes
+    "fp32, 8-bit moments": (torch.float32, {"state_dtype": torch.uint8, "min_8bit_size": 0}),
+    "bf16 stochastic, 8-bit moments": (
+        torch.bfloat16,
+        {"compensation": "stochastic", "state_dtype": torch.uint8, "min_8bit_size": 0},
+    ),
 }
 
 
@@ -105,7 +111,9 @@ def test_misaligned_views_match_the_torch_backend(dtype):
 
 @pytest.mark.parametrize("warmup", [4, "measured"], ids=["ramp", "measured"])
 @pytest.mark.parametrize(
-    "state_dtype", [None, torch.bfloat16], ids=["fp32 moments", "bf16 moments"]
+    "state_dtype",
+    [None, torch.bfloat16, torch.uint8],
+    ids=["fp32 moments", "bf16 moments", "8-bit moments"],
 )
 def test_captured_capturable_step_replays_like_eager_steps(state_dtype, warmup):
     # On a GPU the step is replayed from a CUDA graph; on a CPU (CI, the rehearsal) the same
@@ -116,7 +124,7 @@ def test_captured_capturable_step_replays_like_eager_steps(state_dtype, warmup):
     captured_params = [p.clone().to(DEVICE).requires_grad_() for p in start]
     eager_params = [p.clone().to(DEVICE).requires_grad_() for p in start]
     lr = torch.tensor(1e-2, device=DEVICE)
-    options = {**BASE, "state_dtype": state_dtype, "warmup_steps": warmup}
+    options = {**BASE, "state_dtype": state_dtype, "warmup_steps": warmup, "min_8bit_size": 0}
     del options["lr"]
     captured = AdaWarm(captured_params, lr=lr, backend="triton", capturable=True, **options)
     eager = AdaWarm(eager_params, lr=1e-2, backend="torch", **options)
@@ -156,6 +164,10 @@ SCHEDULE_FREE_CASES = {
         {"compensation": "stochastic", "state_dtype": torch.bfloat16},
     ),
     "schedule-free fp16 Kahan, rectified": (torch.float16, {"compensation": "kahan"}),
+    "schedule-free bf16 stochastic, 8-bit state": (
+        torch.bfloat16,
+        {"compensation": "stochastic", "state_dtype": torch.uint8, "min_8bit_size": 0},
+    ),
 }
 
 
