@@ -30,7 +30,6 @@ import triton.language as tl
 from adawarm.kernels.common import (
     ENABLE_FP_FUSION,
     TRITON_DTYPES,
-    block_offsets,
     code_tables,
     default_num_warps,
     float_bits,
@@ -285,7 +284,7 @@ def _adawarm_step_kernel(
         exp_avg_ptr = tl.multiple_of(exp_avg_ptr, STATE_ALIGN)
         exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, STATE_ALIGN)
         start = tl.multiple_of(start, BLOCK)
-    offsets = block_offsets(start, BLOCK, eight_bit)
+    offsets = start + tl.arange(0, BLOCK)
     param_base, exp_avg_base, exp_avg_sq_base = stream_bases(
         rounding_seed, stream_ids, tensor, step, STOCHASTIC_PARAM, STOCHASTIC_STATE
     )
@@ -319,7 +318,7 @@ def _adawarm_step_kernel(
         old_sq = 0.0
         for half in range(2):
             half_start = start + half * (BLOCK // 2)
-            half_offsets = block_offsets(half_start, BLOCK // 2, eight_bit)
+            half_offsets = half_start + tl.arange(0, BLOCK // 2)
             half_moved_sq, half_old_sq = _update_block(
                 param_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, compensation_ptr, *states,
                 half_offsets, numel, *scalars, grad_scale_ptr, *bases, PARAM_DTYPE,

@@ -224,19 +224,6 @@ def store_state(
 
 
 @triton.jit
-def block_offsets(start, SIZE: tl.constexpr, EIGHT_BIT: tl.constexpr):
-    """The element offsets of a program's ``SIZE`` elements from ``start``: a row, or, for
-    8-bit states, rows of one quantization block each (``adawarm.quantization``), whose
-    maxima are the blocks' scales."""
-    if EIGHT_BIT:
-        rows = tl.arange(0, SIZE // _QUANTIZATION_BLOCK)[:, None] * _QUANTIZATION_BLOCK
-        offsets = start + rows + tl.arange(0, _QUANTIZATION_BLOCK)[None, :]
-    else:
-        offsets = start + tl.arange(0, SIZE)
-    return offsets
-
-
-@triton.jit
 def load_state(
     state_ptr, scales_ptr, offsets, mask, code_ptr, STATE_DTYPE: tl.constexpr, ROOT: tl.constexpr
 ):
@@ -259,19 +246,26 @@ def store_codes(
     codes_ptr, scales_ptr, offsets, numel, mask, value, base, code_ptr,
     ROOT: tl.constexpr, STOCHASTIC: tl.constexpr,
 ):  # fmt: skip
-    """``adawarm.quantization.quantize`` of a program's rows of fp32 ``value`` (one block a
-    row, :func:`block_offsets`): each row's largest magnitude (of the square root for a
-    ``ROOT`` code) is its scale, and each element takes the lower or upper of its neighbouring
-    codes -- the upper with probability its distance from the lower over the gap, from the
-    stream ``base`` (``STOCHASTIC``), else the nearer. The codes are found by a binary search of
-    the table, 8 halvings."""
+    """``adawarm.quantization.quantize`` of a program's fp32 ``value``, whole blocks from a
+    block's first element (its start is a multiple of the block): each block's largest
+    magnitude (of the square root for a ``ROOT`` code) is its scale, and each element takes
+    the lower or upper of its neighbouring codes -- the upper with probability its distance
+    from the lower over the gap, from the stream ``base`` (``STOCHASTIC``), else the nearer.
+    The codes are found by a binary search of the table, 8 halvings."""
     stored = value
     if ROOT:
         stored = tl.sqrt_rn(value)
     if mask is not None:  # masked lanes hold what the masked loads left: not part of a block
         stored = tl.where(mask, stored, 0.0)
-    scales = tl.max(tl.abs(stored), axis=1)
-    scaled = stored / tl.where(scales > 0.0, scales, 1.0)[:, None]
+    # The blocks as rows only where their maxima are taken: element-wise work on a 2-D tile made
+    # triton 3.6 lay the table's gathers out column-major (no contiguity along either axis) and
+    # convert every tile to and from that layout through shared memory; in 1-D the gathers take
+    # the vector accesses' layout.
+    rows: tl.constexpr = value.shape[0] // _QUANTIZATION_BLOCK
+    scales = tl.max(tl.reshape(tl.abs(stored), (rows, _QUANTIZATION_BLOCK)), axis=1)
+    safe = tl.where(scales > 0.0, scales, 1.0)
+    each = tl.reshape(tl.broadcast_to(safe[:, None], (rows, _QUANTIZATION_BLOCK)), value.shape)
+    scaled = stored / each
     # the last entry <= the value (0 below the first), at most 254 so that a next one exists
     lower = tl.zeros(scaled.shape, dtype=tl.int32)
     for halving in tl.static_range(8):
@@ -289,7 +283,7 @@ def store_codes(
     # The rows' block indices reduced from their offsets, in the layout of the scales (a
     # tl.arange of rows is laid out otherwise); the store still converts both to a layout of its
     # own through shared memory, 4 values a program, and no tile.
-    firsts = tl.min(offsets, axis=1)
+    firsts = tl.min(tl.reshape(offsets, (rows, _QUANTIZATION_BLOCK)), axis=1)
     tl.store(scales_ptr + firsts // _QUANTIZATION_BLOCK, scales, mask=firsts < numel)
 
 

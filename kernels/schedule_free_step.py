@@ -34,7 +34,6 @@ import triton.language as tl
 from adawarm.kernels.common import (
     ENABLE_FP_FUSION,
     TRITON_DTYPES,
-    block_offsets,
     code_tables,
     default_num_warps,
     float_bits,
@@ -306,7 +305,7 @@ def _schedule_free_step_kernel(
             exp_avg_sq_ptr, STATE_ALIGN // 4 if eight_bit else STATE_ALIGN
         )
         start = tl.multiple_of(start, BLOCK)
-    offsets = block_offsets(start, BLOCK, eight_bit)
+    offsets = start + tl.arange(0, BLOCK)
     param_base, z_base, exp_avg_sq_base = stream_bases(
         rounding_seed, stream_ids, tensor, step, STOCHASTIC_PARAM, STOCHASTIC_STATE
     )
@@ -337,7 +336,7 @@ def _schedule_free_step_kernel(
         moved_sq = 0.0
         old_sq = 0.0
         for half in range(2):
-            half_offsets = block_offsets(start + half * (BLOCK // 2), BLOCK // 2, eight_bit)
+            half_offsets = start + half * (BLOCK // 2) + tl.arange(0, BLOCK // 2)
             half_moved_sq, half_old_sq = _update_block(
                 param_ptr, grad_ptr, z_ptr, exp_avg_sq_ptr, compensation_ptr,
                 exp_avg_sq_scales_ptr, second_code_ptr, half_offsets, numel, *scalars,
