@@ -326,7 +326,8 @@ def main(argv: list[str] | None = None) -> str:
         variants = [v for v in VARIANTS if unavailable(v) is None]
     if args.report_from:
         saved_runs = [json.loads(path.read_text()) for path in args.report_from]
-        heading = " ".join(saved_run["heading"] for saved_run in saved_runs)
+        headings = [saved_run["heading"] for saved_run in saved_runs]
+        heading = headings[0] if len(headings) == 1 else "\n".join(f"- {h}" for h in headings)
         runs = [Run(**run) for saved_run in saved_runs for run in saved_run["runs"]]
         variants = [v for v in VARIANTS if any(run.method == v.name for run in runs)]
     else:
@@ -350,9 +351,12 @@ def main(argv: list[str] | None = None) -> str:
         record = {"heading": heading, "runs": [asdict(run) for run in runs]}
         (args.out / "state8bit.json").write_text(json.dumps(record) + "\n")
     lines = [
-        heading + f" Compared with {args.baseline.name}, seed by seed: each difference is the "
-        "8-bit run's final validation loss minus the reference's, the mean over the seeds with "
-        "Student's t 90 % interval (each bound one-sided 95 %).",
+        heading,
+        "",
+        f"Compared with {args.baseline.name}, seed by seed: each difference is the 8-bit run's "
+        "final validation loss minus the reference's (a peer's: its run minus the grid's AdamW "
+        "run), the mean over the seeds with Student's t 90 % interval (each bound one-sided "
+        "95 %).",
     ]
     for variant in variants:
         lines += ["", *compare(variant, runs, saved, collapse_at)]
