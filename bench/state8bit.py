@@ -346,6 +346,9 @@ def main(argv: list[str] | None = None) -> str:
             time.perf_counter() - start,
             " ".join(["python -m bench state8bit", shlex.join(argv or [])]).strip(),
         )
+        versions = [BY_KIND[v.peer].label() for v in variants if v.peer]
+        if versions:
+            heading += f" Peers: {', '.join(versions)}."
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.report_from:
         record = {"heading": heading, "runs": [asdict(run) for run in runs]}

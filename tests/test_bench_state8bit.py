@@ -181,3 +181,16 @@ def test_extra_seeds_train_the_variant_and_its_reference_past_the_grids_seeds(tm
     assert ", 2 seeds |" in row  # seed 0 against the saved grid, seed 10 against its own run
     with pytest.raises(SystemExit):
         state8bit.main([*argv, "--seeds", "1", "--extra-seeds", "1"])
+
+
+def test_a_peers_run_is_compared_with_the_grids_adamw_and_names_its_version(monkeypatch, tmp_path):
+    pytest.importorskip("tqdm", reason="the bench extra: pip install -e '.[bench]'")
+    torch_as_peer = Peer("torch", "torch.optim", "Adam", "8-bit")
+    for module in (state8bit, training):  # the pool's processes are forked with the patch
+        monkeypatch.setitem(module.BY_KIND, "bitsandbytes AdamW8bit", torch_as_peer)
+    argv = ["--variants", "bitsandbytes AdamW8bit", "--only", "LSTM, beta2 0.95", "--lrs", "0.3"]
+    text = state8bit.main([*argv, "--seeds", "2", "--workers", "1", "--out", str(tmp_path)])
+    assert f"Peers: torch {torch.__version__} Adam." in text
+    assert "### bitsandbytes AdamW8bit, against AdamW warmup 5% (AdamW in the" in text
+    row = next(line for line in text.splitlines() if line.startswith("| LSTM, beta2 0.95"))
+    assert ", 2 seeds |" in row  # paired with the saved grid's AdamW runs
