@@ -271,6 +271,18 @@ def unavailable(variant: Variant) -> str | None:
     return None
 
 
+def trained_variants(parser: argparse.ArgumentParser, names: list[str] | None) -> list[Variant]:
+    """The variants ``--variants`` names, each able to train here (else a parser error), or
+    all of those that can."""
+    if not names:
+        return [v for v in VARIANTS if unavailable(v) is None]
+    variants = [v for v in VARIANTS if v.name in names]
+    for variant in variants:
+        if (why := unavailable(variant)) is not None:
+            parser.error(f"{variant.name} cannot train here: {why}")
+    return variants
+
+
 def main(argv: list[str] | None = None) -> str:
     parser = argparse.ArgumentParser(prog="python -m bench state8bit", description=__doc__)
     parser.add_argument(
@@ -317,20 +329,14 @@ def main(argv: list[str] | None = None) -> str:
         parser.error("--seeds and --extra-seeds: the extra seeds follow all the grid's")
     if args.seeds:
         cells = [replace(c, seeds=min(c.seeds, args.seeds)) for c in cells]
-    if args.variants:
-        variants = [v for v in VARIANTS if v.name in args.variants]
-        for variant in variants:
-            if (why := unavailable(variant)) is not None:
-                parser.error(f"{variant.name} cannot train here: {why}")
-    else:
-        variants = [v for v in VARIANTS if unavailable(v) is None]
-    if args.report_from:
+    if args.report_from:  # the runs say what they trained: nothing to import
         saved_runs = [json.loads(path.read_text()) for path in args.report_from]
         headings = [saved_run["heading"] for saved_run in saved_runs]
         heading = headings[0] if len(headings) == 1 else "\n".join(f"- {h}" for h in headings)
         runs = [Run(**run) for saved_run in saved_runs for run in saved_run["runs"]]
         variants = [v for v in VARIANTS if any(run.method == v.name for run in runs)]
     else:
+        variants = trained_variants(parser, args.variants)
         trained = [(v, c) for v in variants for c in cells_of(v, cells, precision_cell)]
         pairs = [(cell, method_of(variant, cell)) for variant, cell in trained]
         extra = args.extra_seeds or 0

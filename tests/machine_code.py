@@ -159,7 +159,7 @@ class MachineCode:
     ptx_accesses: Counter
     sass: Counter
     registers: int
-    stack_bytes: int  # the call frame: registers saved across a call (the fp64 division's)
+    stack_bytes: int  # the call frame: registers saved across a subroutine call
     local_bytes: int
     shared_bytes: int
     layout_conversions: int
